@@ -1,0 +1,76 @@
+import { z } from 'zod';
+
+/** Every setting keyferry reads, with its default. Parsed once at start; a bad value stops the process. */
+const boolFromEnv = z
+  .enum(['true', 'false', '1', '0'])
+  .transform((v) => v === 'true' || v === '1');
+
+const masterKey = z
+  .string()
+  .refine((v) => decodeKey(v) !== undefined, '32 bytes, as 64 hex characters or base64')
+  .transform((v) => decodeKey(v) as Buffer);
+
+export const configSchema = z.object({
+  /** Redis server for queues and stores. */
+  REDIS_URL: z.string().url().default('redis://127.0.0.1:6379'),
+  /** Comma-separated host:port list; when set, a Redis Cluster client is used instead of REDIS_URL. */
+  REDIS_CLUSTER_NODES: z.string().optional(),
+  /** Namespace of every Redis key keyferry writes (the BullMQ prefix is `{PREFIX}`). */
+  KEYFERRY_PREFIX: z.string().regex(/^[A-Za-z0-9_.:-]{1,64}$/).default('keyferry'),
+  /** AES-256 key (64 hex or base64) that encrypts secrets and local key material at rest. */
+  KEYFERRY_MASTER_KEY: masterKey,
+  /** HS256 secret that signs and verifies bearer tokens (at least 32 characters). */
+  JWT_SECRET: z.string().min(32),
+  /** Expected `iss` / `aud` of tokens, when set. */
+  JWT_ISSUER: z.string().optional(),
+  JWT_AUDIENCE: z.string().optional(),
+  /** API listen port and host. */
+  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+  HOST: z.string().default('0.0.0.0'),
+  /** Upper bound of `Prefer: wait=N`, seconds. */
+  MAX_PREFER_WAIT_SECONDS: z.coerce.number().int().min(0).max(60).default(60),
+  /** Jobs processed at once by one worker process. */
+  WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(8),
+  /** Attempts per upload job (first try included) for retryable failures. */
+  JOB_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(8),
+  /** Base delay of the exponential backoff between attempts, ms (jittered). */
+  JOB_BACKOFF_MS: z.coerce.number().int().min(0).max(600_000).default(1000),
+  /** Timeout of one AWS KMS call, ms. */
+  KMS_TIMEOUT_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
+  /** Wrapping key spec asked of AWS when a connection does not say. */
+  DEFAULT_WRAPPING_KEY_SPEC: z.enum(['RSA_2048', 'RSA_3072', 'RSA_4096']).default('RSA_4096'),
+  /** Allow KMS connection endpoints on http:// (emulators); production endpoints are https. */
+  ALLOW_HTTP_KMS_ENDPOINT: boolFromEnv.default(false),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+});
+
+export type Config = z.infer<typeof configSchema>;
+
+export function decodeKey(v: string): Buffer | undefined {
+  const buf = /^[0-9a-fA-F]{64}$/.test(v) ? Buffer.from(v, 'hex') : Buffer.from(v, 'base64');
+  return buf.length === 32 ? buf : undefined;
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** Parses the environment; throws a ConfigError naming every bad variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const parsed = configSchema.safeParse(env);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`);
+    throw new ConfigError(`invalid configuration:\n  ${lines.join('\n  ')}`);
+  }
+  return parsed.data;
+}
+
+/** For entry points: load the config or print why not and exit 1. */
+export function loadConfigOrExit(env: NodeJS.ProcessEnv = process.env): Config {
+  try {
+    return loadConfig(env);
+  } catch (err) {
+    console.error(err instanceof Error ? err.message : String(err));
+    process.exit(1);
+  }
+}

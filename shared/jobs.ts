@@ -1,0 +1,73 @@
+import type { UploadKeyRequest } from './schemas/upload-key.js';
+
+export const UPLOAD_QUEUE = 'upload-key';
+
+export const JOB_STATUSES = ['queued', 'running', 'retrying', 'succeeded', 'failed', 'canceled'] as const;
+export type JobStatus = (typeof JOB_STATUSES)[number];
+export const FINAL_STATUSES: readonly JobStatus[] = ['succeeded', 'failed', 'canceled'];
+
+export const STEPS = ['resolve', 'create_key', 'create_alias', 'get_import_params', 'wrap', 'import', 'describe', 'record'] as const;
+export type Step = (typeof STEPS)[number];
+
+/** The BullMQ payload: only ids. Everything else, and never key material, lives in the job record. */
+export interface UploadJobData {
+  jobId: string;
+  account: string;
+}
+
+export interface JobError {
+  code: string;
+  message: string;
+  retryable: boolean;
+}
+
+/** What a retry needs to resume instead of repeating a side effect. */
+export interface JobProgress {
+  kms_key_id?: string;
+  kms_key_arn?: string;
+  alias_created?: boolean;
+  import_params?: { public_key: string; import_token: string; valid_to: string; algorithm: string; key_spec: string };
+  imported?: boolean;
+  deletion_scheduled_for?: string;
+}
+
+/** The job record in the status store: the source of truth clients poll. */
+export interface JobRecord {
+  id: string;
+  type: 'upload-key';
+  account: string;
+  status: JobStatus;
+  step: Step | null;
+  attempts: number;
+  max_attempts: number;
+  created_at: string;
+  updated_at: string;
+  finished_at: string | null;
+  batch_id: string | null;
+  error: JobError | null;
+  result: Record<string, unknown> | null;
+  request: UploadKeyRequest;
+  kms_id: string;
+  callback_url: string | null;
+  progress: JobProgress;
+}
+
+/** The job resource of the HTTP API (DESIGN.md §3). */
+export function jobResource(job: JobRecord) {
+  return {
+    id: job.id,
+    type: job.type,
+    status: job.status,
+    step: job.step,
+    attempts: job.attempts,
+    max_attempts: job.max_attempts,
+    created_at: job.created_at,
+    updated_at: job.updated_at,
+    finished_at: job.finished_at,
+    batch_id: job.batch_id,
+    error: job.error,
+    result: job.result,
+    kms_key_arn: job.progress.kms_key_arn ?? null,
+    deletion_scheduled_for: job.progress.deletion_scheduled_for ?? null,
+  };
+}

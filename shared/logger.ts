@@ -1,0 +1,31 @@
+import { pino, type Logger } from 'pino';
+
+/** Paths never written to a log line: key material, secrets, tokens, credentials. */
+export const redactPaths = [
+  'material',
+  '*.material',
+  '*.*.material',
+  'secret',
+  '*.secret',
+  '*.aws_secret_access_key',
+  'aws_secret_access_key',
+  'authorization',
+  '*.authorization',
+  'req.headers.authorization',
+  'token',
+  '*.token',
+  'importToken',
+  '*.importToken',
+  '*.ImportToken',
+  '*.EncryptedKeyMaterial',
+  '*.Plaintext',
+];
+
+export function createLogger(level = 'info', name = 'keyferry', destination?: NodeJS.WritableStream): Logger {
+  return pino(
+    { name, level, redact: { paths: redactPaths, censor: '[redacted]' }, base: { pid: process.pid } },
+    destination as never,
+  );
+}
+
+export type { Logger };

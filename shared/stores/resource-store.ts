@@ -1,0 +1,66 @@
+import type { RedisClient } from '../redis.js';
+import { ConflictError, NotFoundError } from '../errors.js';
+import type { Keyspace } from './keyspace.js';
+
+/** Claims the name and stores the record in one step (both keys share the account's hash slot). */
+const CREATE_SCRIPT = `
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1`;
+
+export interface AccountResource {
+  id: string;
+  name: string;
+  account: string;
+  created_at: string;
+  updated_at: string;
+}
+
+/**
+ * Named resources owned by one account (KMS connections, policy templates, local keys): a hash of
+ * id → JSON and a hash of name → id in one slot, so creation with a unique name is one MULTI.
+ */
+export class ResourceStore<T extends AccountResource> {
+  constructor(
+    private readonly redis: RedisClient,
+    private readonly keys: Keyspace,
+    private readonly kind: string,
+    private readonly label: string,
+  ) {}
+
+  async create(record: T): Promise<T> {
+    const claimed = await this.redis.eval(
+      CREATE_SCRIPT,
+      2,
+      this.keys.resourceNames(record.account, this.kind),
+      this.keys.resources(record.account, this.kind),
+      record.name,
+      record.id,
+      JSON.stringify(record),
+    );
+    if (claimed === 0) throw new ConflictError('name_taken', `A ${this.label} named "${record.name}" already exists.`);
+    return record;
+  }
+
+  /** Finds by id, then by name; another account's resources are not found. */
+  async find(account: string, idOrName: string): Promise<T | undefined> {
+    const hashKey = this.keys.resources(account, this.kind);
+    const byId = await this.redis.hget(hashKey, idOrName);
+    if (byId) return JSON.parse(byId) as T;
+    const id = await this.redis.hget(this.keys.resourceNames(account, this.kind), idOrName);
+    if (!id) return undefined;
+    const byName = await this.redis.hget(hashKey, id);
+    return byName ? (JSON.parse(byName) as T) : undefined;
+  }
+
+  async get(account: string, idOrName: string): Promise<T> {
+    const found = await this.find(account, idOrName);
+    if (!found) throw new NotFoundError(`The ${this.label} "${idOrName}"`);
+    return found;
+  }
+
+  async list(account: string): Promise<T[]> {
+    const all = await this.redis.hvals(this.keys.resources(account, this.kind));
+    return all.map((v) => JSON.parse(v) as T).sort((a, b) => a.created_at.localeCompare(b.created_at));
+  }
+}

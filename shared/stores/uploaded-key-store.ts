@@ -1,0 +1,25 @@
+import type { RedisClient } from '../redis.js';
+import type { Keyspace } from './keyspace.js';
+
+/** An uploaded key, in the spec's response shape, plus the owning account. */
+export interface UploadedKey extends Record<string, unknown> {
+  id: string;
+}
+
+export class UploadedKeyStore {
+  constructor(
+    private readonly redis: RedisClient,
+    private readonly keys: Keyspace,
+  ) {}
+
+  async put(account: string, key: UploadedKey): Promise<void> {
+    await this.redis.set(this.keys.uploadedKey(key.id), JSON.stringify({ owner: account, key }));
+  }
+
+  async getOwned(account: string, id: string): Promise<UploadedKey | undefined> {
+    const raw = await this.redis.get(this.keys.uploadedKey(id));
+    if (!raw) return undefined;
+    const { owner, key } = JSON.parse(raw) as { owner: string; key: UploadedKey };
+    return owner === account ? key : undefined;
+  }
+}
