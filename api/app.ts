@@ -1,0 +1,60 @@
+import express, { type Express, type RequestHandler } from 'express';
+import type { Config } from '../shared/config.js';
+import type { Stores } from '../shared/context.js';
+import type { Logger } from '../shared/logger.js';
+import type { UploadQueue } from '../shared/queues.js';
+import type { RedisClient } from '../shared/redis.js';
+import { requireAuth } from './auth.js';
+import type { Intake } from './intake.js';
+import type { JobWaiter } from './job-waiter.js';
+import { problem, problemHandler, sendProblem } from './problem.js';
+import { jobRoutes } from './routes/jobs.js';
+import { keyRoutes } from './routes/keys.js';
+import { resourceRoutes } from './routes/resources.js';
+import { uploadKeyRoutes } from './routes/upload-key.js';
+
+export interface AppDeps {
+  config: Config;
+  logger: Logger;
+  redis: RedisClient;
+  stores: Stores;
+  queue: UploadQueue;
+  intake: Intake;
+  waiter: JobWaiter;
+}
+
+/** POST bodies must be JSON. */
+const requireJson: RequestHandler = (req, res, next) => {
+  if (req.method === 'POST' && req.headers['content-length'] !== '0' && req.body === undefined && !req.is('application/json')) {
+    return sendProblem(res, problem(415, 'unsupported_media_type', 'Send the body as application/json.', { instance: req.originalUrl }));
+  }
+  next();
+};
+
+export function createApp(deps: AppDeps): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('trust proxy', false);
+  app.use(express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] }));
+
+  app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
+  app.get('/readyz', async (_req, res) => {
+    const ok = await Promise.race([
+      deps.redis.ping().then(() => true, () => false),
+      new Promise<boolean>((r) => setTimeout(() => r(false), 1000).unref()),
+    ]);
+    if (ok) return void res.json({ status: 'ready', redis: 'ok' });
+    sendProblem(res, problem(503, 'not_ready', 'Redis does not answer.', { redis: 'unreachable' }));
+  });
+
+  app.use('/api', requireAuth({ secret: deps.config.JWT_SECRET, issuer: deps.config.JWT_ISSUER, audience: deps.config.JWT_AUDIENCE }));
+  app.use('/api', requireJson);
+  app.use(uploadKeyRoutes({ intake: deps.intake, stores: deps.stores, waiter: deps.waiter, maxWait: deps.config.MAX_PREFER_WAIT_SECONDS }));
+  app.use(jobRoutes({ stores: deps.stores, queue: deps.queue }));
+  app.use(keyRoutes({ stores: deps.stores }));
+  app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT }));
+
+  app.use((req, res) => sendProblem(res, problem(404, 'not_found', `No route for ${req.method} ${req.path}.`, { instance: req.originalUrl })));
+  app.use(problemHandler(deps.logger));
+  return app;
+}

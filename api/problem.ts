@@ -1,0 +1,82 @@
+import type { ErrorRequestHandler, Response } from 'express';
+import { AppError, UnavailableError, type FieldError } from '../shared/errors.js';
+import type { Logger } from '../shared/logger.js';
+
+export const PROBLEM_TYPE = 'application/problem+json';
+
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail: string;
+  code: string;
+  instance?: string;
+  errors?: FieldError[];
+  [ext: string]: unknown;
+}
+
+const TITLES: Record<number, string> = {
+  400: 'Bad Request',
+  401: 'Unauthorized',
+  404: 'Not Found',
+  405: 'Method Not Allowed',
+  409: 'Conflict',
+  413: 'Content Too Large',
+  415: 'Unsupported Media Type',
+  422: 'Unprocessable Content',
+  500: 'Internal Server Error',
+  502: 'Bad Gateway',
+  503: 'Service Unavailable',
+};
+
+export function problem(status: number, code: string, detail: string, extra: Partial<Problem> = {}): Problem {
+  return { type: `urn:keyferry:problem:${code}`, title: TITLES[status] ?? 'Error', status, detail, code, ...extra };
+}
+
+export function sendProblem(res: Response, p: Problem): void {
+  if (p.status === 401) res.setHeader('WWW-Authenticate', 'Bearer');
+  if (p.status === 503) res.setHeader('Retry-After', '5');
+  res.status(p.status).type(PROBLEM_TYPE).send(JSON.stringify(p));
+}
+
+/** Errors a client caused, as thrown by express's body parser. */
+interface HttpError {
+  status?: number;
+  statusCode?: number;
+  type?: string;
+  expose?: boolean;
+}
+
+/** True for ioredis failures: the store is away, the request may be retried. */
+function isRedisUnavailable(err: Error): boolean {
+  return (
+    err.name === 'MaxRetriesPerRequestError' ||
+    /Connection is closed|ECONNREFUSED|Stream isn't writeable|enableOfflineQueue/.test(err.message)
+  );
+}
+
+/** The one mapping from thrown errors to problem+json. A client's mistake is never a 500. */
+export function problemHandler(logger: Logger): ErrorRequestHandler {
+  return (err: unknown, req, res, _next) => {
+    const instance = req.originalUrl;
+    if (err instanceof AppError) {
+      sendProblem(res, problem(err.status, err.code, err.message, { instance, ...(err.errors ? { errors: err.errors } : {}) }));
+      return;
+    }
+    const e = err as Error & HttpError;
+    const status = e.status ?? e.statusCode;
+    if (e.type === 'entity.parse.failed') {
+      sendProblem(res, problem(400, 'malformed_json', 'The body is not valid JSON.', { instance, errors: [{ path: '(body)', message: 'Malformed JSON.' }] }));
+    } else if (e.type === 'entity.too.large') {
+      sendProblem(res, problem(413, 'body_too_large', 'The body exceeds the size limit.', { instance }));
+    } else if (status && status >= 400 && status < 500 && e.expose !== false) {
+      sendProblem(res, problem(status, 'bad_request', e.message, { instance }));
+    } else if (err instanceof UnavailableError || (err instanceof Error && isRedisUnavailable(err))) {
+      const u = new UnavailableError();
+      sendProblem(res, problem(u.status, u.code, u.message, { instance }));
+    } else {
+      logger.error({ err, path: req.path }, 'unhandled error');
+      sendProblem(res, problem(500, 'internal_error', 'An unexpected error occurred.', { instance }));
+    }
+  };
+}

@@ -1,0 +1,51 @@
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Config } from '../shared/config.js';
+import { createStores } from '../shared/context.js';
+import { createLogger, type Logger } from '../shared/logger.js';
+import { createUploadQueue, createUploadQueueEvents } from '../shared/queues.js';
+import { createRedis } from '../shared/redis.js';
+import { createApp } from './app.js';
+import { Intake } from './intake.js';
+import { JobWaiter } from './job-waiter.js';
+
+export interface ApiServer {
+  url: string;
+  server: Server;
+  close(): Promise<void>;
+}
+
+/** Starts the API on `config.PORT` (0 = ephemeral) and returns its URL and a close function. */
+export async function startApi(config: Config, logger: Logger = createLogger(config.LOG_LEVEL, 'keyferry-api')): Promise<ApiServer> {
+  const redis = createRedis(config, { failFast: true });
+  redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
+  const stores = createStores(config, redis);
+  const queue = createUploadQueue(redis, stores.keys);
+  const events = createUploadQueueEvents(createRedis(config), stores.keys);
+  events.on('error', (err: Error) => logger.warn({ err: err.message }, 'queue events error'));
+  const waiter = new JobWaiter(events);
+  const intake = new Intake(config, redis, stores, queue);
+  const app = createApp({ config, logger, redis, stores, queue, intake, waiter });
+
+  const server = await new Promise<Server>((resolve, reject) => {
+    const s = app.listen(config.PORT, config.HOST, (err?: Error) => (err ? reject(err) : resolve(s)));
+  });
+  const addr = server.address() as AddressInfo;
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  const url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
+  logger.info({ url }, 'api listening');
+
+  return {
+    url,
+    server,
+    async close() {
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeIdleConnections();
+      });
+      await events.close();
+      await queue.close();
+      redis.disconnect();
+    },
+  };
+}

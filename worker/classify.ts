@@ -1,0 +1,62 @@
+import { PipelineError } from '../shared/errors.js';
+
+/** AWS error names whose retry can succeed: throttling, AWS-side faults, timeouts, an expired token. */
+const RETRYABLE = new Set([
+  'ThrottlingException',
+  'TooManyRequestsException',
+  'KMSInternalException',
+  'DependencyTimeoutException',
+  'ServiceUnavailable',
+  'ServiceUnavailableException',
+  'InternalFailure',
+  'RequestTimeout',
+  'RequestTimeoutException',
+  'ExpiredImportTokenException',
+  'TimeoutError',
+  'AbortError',
+]);
+
+/** Stable codes for the permanent AWS failures clients may want to act on. */
+const PERMANENT: Record<string, string> = {
+  AccessDeniedException: 'aws_access_denied',
+  UnrecognizedClientException: 'aws_credentials_invalid',
+  InvalidSignatureException: 'aws_credentials_invalid',
+  AlreadyExistsException: 'alias_taken',
+  IncorrectKeyMaterialException: 'incorrect_key_material',
+  InvalidCiphertextException: 'incorrect_key_material',
+  InvalidImportTokenException: 'invalid_import_token',
+  ValidationException: 'aws_validation_failed',
+  MalformedPolicyDocumentException: 'malformed_policy',
+  TagException: 'invalid_tags',
+  NotFoundException: 'aws_key_not_found',
+  KMSInvalidStateException: 'aws_invalid_key_state',
+  LimitExceededException: 'aws_limit_exceeded',
+  UnsupportedOperationException: 'aws_unsupported_operation',
+};
+
+const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ENOTFOUND', 'UND_ERR_SOCKET']);
+
+interface AwsLikeError {
+  name?: string;
+  message?: string;
+  code?: string;
+  $metadata?: { httpStatusCode?: number };
+}
+
+/** Maps anything thrown during the pipeline to a PipelineError: the one retry-or-fail decision. */
+export function classify(err: unknown): PipelineError {
+  if (err instanceof PipelineError) return err;
+  const e = (typeof err === 'object' && err !== null ? err : {}) as AwsLikeError;
+  const name = e.name ?? 'Error';
+  const message = e.message ?? String(err);
+  const status = e.$metadata?.httpStatusCode;
+
+  if (RETRYABLE.has(name)) return new PipelineError(name === 'ExpiredImportTokenException' ? 'import_token_expired' : 'aws_unavailable', `${name}: ${message}`, true);
+  if (e.code && NETWORK_CODES.has(e.code)) return new PipelineError('aws_unreachable', `${e.code}: ${message}`, true);
+  const permanent = PERMANENT[name];
+  if (permanent) return new PipelineError(permanent, `${name}: ${message}`, false);
+  if (status !== undefined && (status >= 500 || status === 429)) return new PipelineError('aws_unavailable', `${name} (HTTP ${status}): ${message}`, true);
+  if (status !== undefined && status >= 400) return new PipelineError('aws_request_rejected', `${name} (HTTP ${status}): ${message}`, false);
+  // Unknown failures (a bug, a dropped connection without a code) are retried: retrying is safe, giving up is not.
+  return new PipelineError('internal_error', `${name}: ${message}`, true);
+}

@@ -1,0 +1,45 @@
+import { KMSClient } from '@aws-sdk/client-kms';
+import type { SecretBox } from '../shared/crypto.js';
+import { kmsSecretContext, type KmsConnection } from '../shared/resources.js';
+
+/**
+ * One KMS client per (connection, region), reused across jobs. The SDK does not retry (maxAttempts 1):
+ * retries are the job's, with backoff, so every attempt is visible in the job record.
+ */
+export class KmsClients {
+  readonly #clients = new Map<string, KMSClient>();
+
+  constructor(
+    private readonly box: SecretBox,
+    private readonly timeoutMs: number,
+  ) {}
+
+  get(conn: KmsConnection, region: string): KMSClient {
+    const cacheKey = `${conn.id}|${region}|${conn.updated_at}`;
+    let client = this.#clients.get(cacheKey);
+    if (!client) {
+      const creds = conn.credentials;
+      client = new KMSClient({
+        region,
+        maxAttempts: 1,
+        requestHandler: { requestTimeout: this.timeoutMs, connectionTimeout: Math.min(this.timeoutMs, 5000) },
+        ...(conn.endpoint ? { endpoint: conn.endpoint } : {}),
+        ...(creds.type === 'access_key'
+          ? {
+              credentials: {
+                accessKeyId: creds.access_key_id,
+                secretAccessKey: this.box.openString(creds.secret_sealed, kmsSecretContext(conn.account, conn.id)),
+              },
+            }
+          : {}),
+      });
+      this.#clients.set(cacheKey, client);
+    }
+    return client;
+  }
+
+  destroy(): void {
+    for (const c of this.#clients.values()) c.destroy();
+    this.#clients.clear();
+  }
+}
