@@ -1,0 +1,208 @@
+import { readFileSync } from 'node:fs';
+import { SignJWT } from 'jose';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { redisValuesUnder } from './helpers/redis-dump.js';
+import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
+
+const example = JSON.parse(readFileSync(new URL('../../shared/spec/example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+
+// No worker here: jobs stay queued, so intake behaviour (and cancel) is observed alone.
+let stack: TestStack;
+let token: string;
+const upload = (body: unknown, headers: Record<string, string> = {}, t = token) =>
+  stack.call('POST', '/api/v1/cckm/aws/upload-key', { token: t, body, headers });
+const keyCount = async () => (await redisValuesUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).length;
+
+beforeAll(async () => {
+  stack = await startStack({ name: 'intake', worker: false });
+  token = await stack.token('acme');
+  await seedKms(stack, token);
+  await seedLocalKey(stack, token, 'test-key');
+});
+afterAll(async () => {
+  await stack?.close();
+});
+
+/** Jobs waiting in BullMQ's list for this test file's queue. */
+const queueSize = () => stack.redis.llen(`{${stack.config.KEYFERRY_PREFIX}}:upload-key:wait`);
+
+describe('intake: validation', () => {
+  it('when the body breaks several rules, then one 400 problem+json lists every path and Redis is untouched', async () => {
+    const before = await keyCount();
+    const res = await upload({ region: 'nowhere', kms: 'kms', extra: true, KeyExpiration: true, aws_param: { Tags: [{ TagKey: 'k', TagValue: 'bad value!' }] } });
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect(res.body).toMatchObject({ status: 400, code: 'validation_failed', type: expect.any(String), title: expect.any(String) });
+    expect(res.body.errors.map((e: { path: string }) => e.path)).toEqual(
+      expect.arrayContaining(['source_key_identifier', 'region', 'extra', 'aws_param.Tags[0].TagValue', 'aws_param.ValidTo']),
+    );
+    expect(await keyCount()).toBe(before);
+  });
+
+  it('when the JSON is malformed, then 400 problem, not 500', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, raw: '{"region": ', headers: { 'content-type': 'application/json' } });
+    expect(res.status).toBe(400);
+    expect(res.body.code).toBe('malformed_json');
+  });
+
+  it('when the content type is not JSON, then 415 problem', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, raw: 'region=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } });
+    expect(res.status).toBe(415);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+
+  it('when the KMS connection does not exist or does not serve the region, then 422 names the field', async () => {
+    const noKms = await upload({ ...example, kms: 'nope' });
+    expect(noKms.status).toBe(422);
+    expect(noKms.body.errors).toEqual([{ path: 'kms', message: expect.stringContaining('nope') }]);
+    const badRegion = await upload({ ...example, region: 'eu-north-1' });
+    expect(badRegion.status).toBe(422);
+    expect(badRegion.body.errors[0].path).toBe('region');
+    const noTemplate = await upload({ ...example, policytemplate: 'missing-template' });
+    expect(noTemplate.status).toBe(422);
+    expect(noTemplate.body.errors[0].path).toBe('policytemplate');
+  });
+
+  it('when a route does not exist, then 404 problem', async () => {
+    const res = await stack.call('GET', '/api/v1/nothing-here', { token });
+    expect(res.status).toBe(404);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+});
+
+describe('intake: accepted jobs', () => {
+  it('when the request is valid, then the job record exists and one BullMQ job waits', async () => {
+    const before = await queueSize();
+    const res = await upload(example);
+    expect(res.status).toBe(202);
+    expect(res.body.status).toBe('queued');
+    expect(await queueSize()).toBe(before + 1);
+    const polled = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token });
+    expect(polled.body).toEqual(res.body);
+  });
+
+  it('when the same Idempotency-Key and body are sent again, then the same job answers and nothing is enqueued twice', async () => {
+    const before = await queueSize();
+    const a = await upload(example, { 'idempotency-key': 'idem-1' });
+    const b = await upload({ ...example }, { 'idempotency-key': 'idem-1' });
+    expect(a.status).toBe(202);
+    expect(b.status).toBe(202);
+    expect(b.body.id).toBe(a.body.id);
+    expect(await queueSize()).toBe(before + 1);
+  });
+
+  it('when the same Idempotency-Key comes with another body, then 422', async () => {
+    await upload(example, { 'idempotency-key': 'idem-2' });
+    const res = await upload({ ...example, region: 'us-east-1' }, { 'idempotency-key': 'idem-2' });
+    expect(res.status).toBe(422);
+    expect(res.body.code).toBe('idempotency_key_reused');
+  });
+
+  it('when another account uses the same Idempotency-Key, then it gets its own job', async () => {
+    const other = await stack.token('globex');
+    await seedKms(stack, other);
+    const a = await upload(example, { 'idempotency-key': 'shared-key' });
+    const b = await upload(example, { 'idempotency-key': 'shared-key' }, other);
+    expect(b.status).toBe(202);
+    expect(b.body.id).not.toBe(a.body.id);
+  });
+
+  it('when a queued job is canceled, then it is canceled and leaves the queue; a second cancel is harmless', async () => {
+    const res = await upload(example);
+    const before = await queueSize();
+    const del = await stack.call('DELETE', `/api/v1/jobs/${res.body.id}`, { token });
+    expect(del.status).toBe(200);
+    expect(del.body.status).toBe('canceled');
+    expect(del.body.finished_at).toEqual(expect.any(String));
+    expect(await queueSize()).toBe(before - 1);
+    const again = await stack.call('DELETE', `/api/v1/jobs/${res.body.id}`, { token });
+    expect(again.body.status).toBe('canceled');
+  });
+});
+
+describe('intake: auth and ownership', () => {
+  it('when no token is sent, then 401 problem with WWW-Authenticate', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { body: example });
+    expect(res.status).toBe(401);
+    expect(res.headers.get('www-authenticate')).toBe('Bearer');
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+
+  it('when the token is signed with another secret, then 401', async () => {
+    const forged = await stack.token('acme', { secret: 'x'.repeat(40) });
+    expect((await upload(example, {}, forged)).status).toBe(401);
+  });
+
+  it('when the token has expired, then 401', async () => {
+    const expired = await stack.token('acme', { ttlSeconds: -60 });
+    expect((await upload(example, {}, expired)).status).toBe(401);
+  });
+
+  it('when the token has no exp or no acc claim, then 401', async () => {
+    const key = new TextEncoder().encode(stack.config.JWT_SECRET);
+    const noExp = await new SignJWT({ acc: 'acme' }).setProtectedHeader({ alg: 'HS256' }).sign(key);
+    const noAcc = await new SignJWT({}).setProtectedHeader({ alg: 'HS256' }).setExpirationTime('1h').sign(key);
+    expect((await upload(example, {}, noExp)).status).toBe(401);
+    expect((await upload(example, {}, noAcc)).status).toBe(401);
+  });
+
+  it("when another account asks for a job or a connection, then 404 (not 403)", async () => {
+    const res = await upload(example);
+    const other = await stack.token('initech');
+    const job = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token: other });
+    expect(job.status).toBe(404);
+    expect((await stack.call('DELETE', `/api/v1/jobs/${res.body.id}`, { token: other })).status).toBe(404);
+    const conns = await stack.call('GET', '/api/v1/cckm/aws/kms', { token: other });
+    expect(conns.body.total).toBe(0);
+    expect((await stack.call('GET', '/api/v1/cckm/aws/keys/does-not-exist', { token })).status).toBe(404);
+  });
+
+  it('when health and readiness are asked without a token, then they answer', async () => {
+    expect((await stack.call('GET', '/healthz')).status).toBe(200);
+    const ready = await stack.call('GET', '/readyz');
+    expect(ready.status).toBe(200);
+    expect(ready.body.redis).toBe('ok');
+  });
+});
+
+describe('resources: KMS connections, templates, local keys', () => {
+  it('when a connection is created, then the secret is never returned and is encrypted in Redis', async () => {
+    const list = await stack.call('GET', '/api/v1/cckm/aws/kms', { token });
+    expect(list.status).toBe(200);
+    expect(JSON.stringify(list.body)).not.toContain(EMULATOR_SECRET_KEY);
+    expect(list.body.resources[0]).toMatchObject({ name: 'kms', account_id: '123456789012', credentials_type: 'access_key' });
+    const one = await stack.call('GET', `/api/v1/cckm/aws/kms/${list.body.resources[0].id}`, { token });
+    expect(one.body.name).toBe('kms');
+    const stored = await redisValuesUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
+    expect(stored.some((v) => v.includes(EMULATOR_SECRET_KEY))).toBe(false);
+  });
+
+  it('when a connection name is reused, then 409; bad fields give 400 with paths', async () => {
+    const dup = await stack.call('POST', '/api/v1/cckm/aws/kms', { token, body: { name: 'kms', account_id: '123456789012', regions: ['us-east-1'] } });
+    expect(dup.status).toBe(409);
+    const bad = await stack.call('POST', '/api/v1/cckm/aws/kms', { token, body: { name: 'x', account_id: '12', regions: [], aws_access_key_id: 'AKIAABCDEFGHIJKLMNOP' } });
+    expect(bad.status).toBe(400);
+    expect(bad.body.errors.map((e: { path: string }) => e.path)).toEqual(expect.arrayContaining(['account_id', 'regions']));
+  });
+
+  it('when a local key is imported, then its id is 64 hex and its material never comes back', async () => {
+    const material = 'ab'.repeat(32);
+    const res = await stack.call('POST', '/api/v1/vault/keys2', { token, body: { name: 'imported-1', material } });
+    expect(res.status).toBe(201);
+    expect(res.body.id).toMatch(/^[0-9a-f]{64}$/);
+    expect(res.body.origin).toBe('imported');
+    const list = await stack.call('GET', '/api/v1/vault/keys2', { token });
+    expect(JSON.stringify(list.body)).not.toContain(material);
+    const stored = await redisValuesUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
+    expect(stored.some((v) => v.includes(material))).toBe(false);
+    const bad = await stack.call('POST', '/api/v1/vault/keys2', { token, body: { name: 'bad', algorithm: 'RSA', size: 2048, material: 'zz' } });
+    expect(bad.body.errors.map((e: { path: string }) => e.path)).toEqual(['algorithm', 'size', 'material']);
+  });
+
+  it('when a template is created, then it is listed with its policy as an object', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/templates', { token, body: { name: 't-1', policy: '{"Version":"2012-10-17","Statement":[]}' } });
+    expect(res.status).toBe(201);
+    const list = await stack.call('GET', '/api/v1/cckm/aws/templates', { token });
+    expect(list.body.resources).toEqual([expect.objectContaining({ name: 't-1', policy: { Version: '2012-10-17', Statement: [] } })]);
+  });
+});

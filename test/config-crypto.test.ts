@@ -1,0 +1,67 @@
+import { randomBytes } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../shared/config.js';
+import { SecretBox, canonicalJson, zeroize } from '../shared/crypto.js';
+
+const good = { KEYFERRY_MASTER_KEY: randomBytes(32).toString('hex'), JWT_SECRET: 'j'.repeat(32) };
+
+describe('configuration', () => {
+  it('when only the two secrets are set, then every other setting has its default', () => {
+    const c = loadConfig(good);
+    expect(c).toMatchObject({ PORT: 8080, REDIS_URL: 'redis://127.0.0.1:6379', KEYFERRY_PREFIX: 'keyferry', JOB_ATTEMPTS: 8, DEFAULT_WRAPPING_KEY_SPEC: 'RSA_4096', ALLOW_HTTP_KMS_ENDPOINT: false });
+    expect(c.KEYFERRY_MASTER_KEY).toHaveLength(32);
+  });
+
+  it('when values are bad, then the error names each variable', () => {
+    const err = (() => {
+      try {
+        loadConfig({ KEYFERRY_MASTER_KEY: 'short', JWT_SECRET: 'x', PORT: '99999', ALLOW_HTTP_KMS_ENDPOINT: 'maybe' });
+      } catch (e) {
+        return e;
+      }
+    })();
+    expect(err).toBeInstanceOf(ConfigError);
+    for (const v of ['KEYFERRY_MASTER_KEY', 'JWT_SECRET', 'PORT', 'ALLOW_HTTP_KMS_ENDPOINT']) expect((err as Error).message).toContain(v);
+  });
+
+  it('when the master key is base64, then it is accepted', () => {
+    expect(loadConfig({ ...good, KEYFERRY_MASTER_KEY: randomBytes(32).toString('base64') }).KEYFERRY_MASTER_KEY).toHaveLength(32);
+  });
+});
+
+describe('SecretBox', () => {
+  const box = new SecretBox(randomBytes(32));
+
+  it('when a value is sealed, then it opens only with the same context and shows no plaintext', () => {
+    const sealed = box.seal('top secret value', 'ctx-a');
+    expect(sealed).toMatch(/^kf1\.[0-9a-f]{8}\./);
+    expect(sealed).not.toContain('top secret');
+    expect(box.openString(sealed, 'ctx-a')).toBe('top secret value');
+    expect(() => box.open(sealed, 'ctx-b')).toThrow();
+  });
+
+  it('when the ciphertext is altered or the key differs, then opening fails', () => {
+    const sealed = box.seal(Buffer.alloc(32, 7), 'ctx');
+    const body = Buffer.from(sealed.split('.')[2] as string, 'base64');
+    body[14] = (body[14] ?? 0) ^ 1;
+    const tampered = `${sealed.split('.').slice(0, 2).join('.')}.${body.toString('base64')}`;
+    expect(() => box.open(tampered, 'ctx')).toThrow();
+    expect(() => new SecretBox(randomBytes(32)).open(sealed, 'ctx')).toThrow();
+  });
+
+  it('when a previous key is kept, then values sealed under it still open', () => {
+    const oldKey = randomBytes(32);
+    const sealed = new SecretBox(oldKey).seal('v', 'c');
+    expect(new SecretBox(randomBytes(32), [oldKey]).openString(sealed, 'c')).toBe('v');
+  });
+
+  it('zeroize overwrites buffers', () => {
+    const b = Buffer.from('abcdef');
+    zeroize(b);
+    expect([...b]).toEqual([0, 0, 0, 0, 0, 0]);
+  });
+
+  it('canonicalJson ignores key order', () => {
+    expect(canonicalJson({ b: 1, a: { d: 2, c: [3, { f: 1, e: 2 }] } })).toBe(canonicalJson({ a: { c: [3, { e: 2, f: 1 }], d: 2 }, b: 1 }));
+  });
+});
