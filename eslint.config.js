@@ -12,7 +12,7 @@ export default tseslint.config(
     },
   },
   {
-    files: ['dev/**', 'shared/token-cli.ts', 'test/**'],
+    files: ['shared/token-cli.ts', 'test/**'],
     rules: { 'no-console': 'off', '@typescript-eslint/no-explicit-any': 'off' },
   },
 );

@@ -41,6 +41,21 @@ export const configSchema = z.object({
   DEFAULT_WRAPPING_KEY_SPEC: z.enum(['RSA_2048', 'RSA_3072', 'RSA_4096']).default('RSA_4096'),
   /** Allow KMS connection endpoints on http:// (emulators); production endpoints are https. */
   ALLOW_HTTP_KMS_ENDPOINT: boolFromEnv.default(false),
+  /** Webhooks: allow http:// callback URLs (https only by default). */
+  WEBHOOK_ALLOW_HTTP: boolFromEnv.default(false),
+  /** Webhooks: comma-separated CIDRs that may be called although private/loopback/special (e.g. 127.0.0.1/32). */
+  WEBHOOK_ALLOW_CIDRS: z.string().default(''),
+  /** Webhooks: timeout of one delivery attempt, ms. */
+  WEBHOOK_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
+  /** Webhooks: delays before each retry, seconds, comma-separated (default: about a day in all). */
+  WEBHOOK_RETRY_SCHEDULE: z
+    .string()
+    .regex(/^\d+(\.\d+)?(,\d+(\.\d+)?)*$/, 'comma-separated seconds, e.g. 5,300,1800')
+    .default('5,300,1800,7200,18000,36000,36000'),
+  /** Webhooks: how long the previous secret keeps signing after a rotation, seconds. */
+  WEBHOOK_SECRET_GRACE_SECONDS: z.coerce.number().int().min(0).max(30 * 86_400).default(86_400),
+  /** Webhooks: deliveries one worker process makes at once. */
+  WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
 });
 

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { redisValuesUnder } from './helpers/redis-dump.js';
 import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
-const example = JSON.parse(readFileSync(new URL('../../shared/spec/example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 
 // No worker here: jobs stay queued, so intake behaviour (and cancel) is observed alone.
 let stack: TestStack;

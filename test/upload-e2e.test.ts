@@ -6,7 +6,7 @@ import { decryptEmulatorCiphertext } from './kms-emulator/emulator.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 import { redisValuesUnder } from './helpers/redis-dump.js';
 
-const spec = (f: string) => JSON.parse(readFileSync(new URL(`../../shared/spec/${f}`, import.meta.url), 'utf8')) as Record<string, any>;
+const spec = (f: string) => JSON.parse(readFileSync(new URL(`./fixtures/spec-${f}`, import.meta.url), 'utf8')) as Record<string, any>;
 const exampleRequest = spec('example-request.json');
 const exampleResponse = spec('example-response.json');
 

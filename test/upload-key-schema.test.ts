@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { ValidationError } from '../shared/errors.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
 
-const example = JSON.parse(readFileSync(new URL('../../shared/spec/example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 const NOW = Date.parse('2026-11-28T12:00:00Z');
 const inDays = (d: number) => new Date(NOW + d * 86_400_000).toISOString();
 

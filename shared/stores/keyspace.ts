@@ -12,8 +12,56 @@ export class Keyspace {
     return `{${this.prefix}}`;
   }
 
+  /**
+   * The hash tag of a job's keys: a batch job's id is `<batch id>.<index>`, so all of a batch's records,
+   * counters and events share one slot and are updated together in one MULTI.
+   */
+  static tagOf(id: string): string {
+    const dot = id.indexOf('.');
+    return dot === -1 ? id : id.slice(0, dot);
+  }
+
+  #tagged(kind: string, id: string): string {
+    const tag = Keyspace.tagOf(id);
+    return `${this.prefix}:${kind}:{${tag}}${tag === id ? '' : `:${id.slice(tag.length + 1)}`}`;
+  }
+
   job(id: string): string {
-    return `${this.prefix}:job:{${id}}`;
+    return this.#tagged('job', id);
+  }
+
+  /** Stream of a job's status and step changes (SSE reads it). */
+  jobEvents(id: string): string {
+    return `${this.#tagged('job', id)}:events`;
+  }
+
+  /** List of webhook delivery attempts for a job or a batch (JSON entries). */
+  deliveries(ownerId: string): string {
+    return this.#tagged('deliveries', ownerId);
+  }
+
+  batch(id: string): string {
+    return `${this.prefix}:job:{${id}}:batch`;
+  }
+
+  /** Hash of status → number of the batch's jobs in it. */
+  batchCounts(id: string): string {
+    return `${this.prefix}:job:{${id}}:batch:counts`;
+  }
+
+  /** Sorted set (score = item index) of the batch's job ids in one status, for paging by status. */
+  batchStatusIndex(id: string, status: string): string {
+    return `${this.prefix}:job:{${id}}:batch:status:${status}`;
+  }
+
+  /** Stream of a batch's job status changes and its completion (SSE and the CLI read it). */
+  batchEvents(id: string): string {
+    return `${this.prefix}:job:{${id}}:batch:events`;
+  }
+
+  /** Hash holding an account's sealed webhook secrets (current, previous + when it stops signing). */
+  webhookSecret(account: string): string {
+    return `${this.prefix}:acct:{${account}}:webhook-secret`;
   }
 
   uploadedKey(id: string): string {

@@ -12,7 +12,7 @@ import { loadConfigOrExit } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { startWorker } from '../worker/runner.js';
-import { KmsEmulator } from '../test/kms-emulator/emulator.js';
+import { KmsEmulator } from './kms-emulator/emulator.js';
 
 const DEV_ACCOUNT = process.env.DEV_ACCOUNT ?? 'kylo';
 const EMULATOR_KEY_ID = 'AKIAKEYFERRYDEV00001';
