@@ -1,16 +1,21 @@
 import { randomUUID } from 'node:crypto';
 import type { Job } from 'bullmq';
+import { BATCH_PRIORITY, batchBodySchema, type BatchRecord } from '../shared/batches.js';
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
 import { canonicalJson, sha256Hex } from '../shared/crypto.js';
-import { UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
-import type { JobRecord, UploadJobData } from '../shared/jobs.js';
+import { AppError, UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
+import { newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
+import { checkWebhookUrl } from '../shared/ssrf.js';
+import { parseOrThrow } from '../shared/validation.js';
 
 const IDEMPOTENCY_TTL_SECONDS = 86_400;
 const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,255}$/;
+/** A 400 for a huge batch lists this many errors at most (the rest are counted). */
+const MAX_REPORTED_ERRORS = 1000;
 
 export interface Submission {
   job: JobRecord;
@@ -18,7 +23,12 @@ export interface Submission {
   replayed: boolean;
 }
 
-/** Validates, authorises against the account's resources, records and enqueues upload jobs. */
+export interface BatchSubmission {
+  batchId: string;
+  replayed: boolean;
+}
+
+/** Validates, authorises against the account's resources, records and enqueues upload jobs and batches. */
 export class Intake {
   constructor(
     private readonly config: Config,
@@ -28,80 +38,182 @@ export class Intake {
   ) {}
 
   async submitUpload(account: string, body: unknown, idempotencyKey: string | undefined): Promise<Submission> {
-    if (idempotencyKey !== undefined && !IDEMPOTENCY_KEY_RE.test(idempotencyKey)) {
-      throw new ValidationError([{ path: 'header:Idempotency-Key', message: '1 to 255 printable ASCII characters.' }]);
-    }
+    checkIdempotencyKey(idempotencyKey);
     const req = parseUploadKey(body);
-    const kmsId = await this.checkReferences(account, req);
+    this.checkCallbackUrls([[req.callback_url, 'callback_url']]);
+    const [kmsId] = await this.resolveReferences(account, [req], (_i, path) => path);
     const id = randomUUID();
 
-    let idemKey: string | undefined;
-    if (idempotencyKey !== undefined) {
-      idemKey = this.stores.keys.idempotency(account, sha256Hex(idempotencyKey));
-      const fingerprint = sha256Hex(canonicalJson(req));
-      const claimed = await this.redis.set(idemKey, JSON.stringify({ fingerprint, job_id: id }), 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
-      if (claimed === null) return this.replay(account, idemKey, fingerprint);
+    const claim = await this.claimIdempotency(account, idempotencyKey, req, id);
+    if (claim.priorId) {
+      const job = await this.waitForRecord(() => this.stores.jobs.getOwned(account, claim.priorId as string));
+      return { job, bullJob: undefined, replayed: true };
     }
-
-    const now = new Date().toISOString();
-    const job: JobRecord = {
-      id,
-      type: 'upload-key',
-      account,
-      status: 'queued',
-      step: null,
-      attempts: 0,
-      max_attempts: this.config.JOB_ATTEMPTS,
-      created_at: now,
-      updated_at: now,
-      finished_at: null,
-      batch_id: null,
-      error: null,
-      result: null,
-      request: req,
-      kms_id: kmsId,
-      callback_url: req.callback_url ?? null,
-      progress: {},
-    };
+    const job = newJobRecord({ id, account, request: req, kmsId: kmsId as string, maxAttempts: this.config.JOB_ATTEMPTS });
     try {
       await this.stores.jobs.create(job);
       const bullJob = await this.queue.add('upload-key', { jobId: id, account }, { ...uploadJobOptions(this.config), jobId: id });
       return { job, bullJob, replayed: false };
     } catch (err) {
       // Nothing half-made stays behind: the client gets a 503 and may simply retry.
-      await Promise.allSettled([this.stores.jobs.delete(id), idemKey ? this.redis.del(idemKey) : Promise.resolve(0)]);
+      await Promise.allSettled([this.stores.jobs.delete(id), claim.release()]);
       throw err;
     }
   }
 
-  /** The KMS connection must exist and serve the region; a named template must exist. */
-  private async checkReferences(account: string, req: UploadKeyRequest): Promise<string> {
+  /**
+   * Validates every item first (errors named `items[i].path`), then records the batch and all its job
+   * records in one MULTI, then enqueues all jobs with one addBulk. A crash between the two leaves a
+   * recorded batch with `enqueued=0` and no answer to the client; a retry with the same Idempotency-Key
+   * enqueues it (BullMQ ignores job ids it already has).
+   */
+  async submitBatch(account: string, body: unknown, idempotencyKey: string | undefined): Promise<BatchSubmission> {
+    checkIdempotencyKey(idempotencyKey);
+    const { items: rawItems, callback_url } = parseOrThrow(batchBodySchema, body);
     const errors: FieldError[] = [];
-    const [conn, template] = await Promise.all([
-      this.stores.kmsConnections.find(account, req.kms),
-      req.policytemplate ? this.stores.templates.find(account, req.policytemplate) : Promise.resolve(null),
-    ]);
-    if (!conn) errors.push({ path: 'kms', message: `No KMS connection named or with id "${req.kms}".` });
-    else if (!conn.regions.includes(req.region)) {
-      errors.push({ path: 'region', message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
+    const items: UploadKeyRequest[] = [];
+    rawItems.forEach((raw, i) => {
+      try {
+        items.push(parseUploadKey(raw));
+      } catch (err) {
+        if (!(err instanceof ValidationError)) throw err;
+        for (const e of err.errors ?? []) errors.push({ path: e.path === '(body)' ? `items[${i}]` : `items[${i}].${e.path}`, message: e.message });
+      }
+    });
+    if (errors.length > 0) throw batchValidationError(errors);
+    this.checkCallbackUrls([[callback_url, 'callback_url'], ...items.map((it, i): [string | undefined, string] => [it.callback_url, `items[${i}].callback_url`])]);
+    const kmsIds = await this.resolveReferences(account, items, (i, path) => `items[${i}].${path}`);
+    const dupes = duplicateAliases(items, kmsIds);
+    if (dupes.length > 0) throw batchValidationError(dupes);
+
+    const batchId = randomUUID();
+    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId);
+    if (claim.priorId) {
+      const prior = await this.waitForRecord(() => this.stores.batches.getOwned(account, claim.priorId as string));
+      if (!prior.batch.enqueued) await this.enqueueBatch(prior.batch.id, account, prior.batch.total);
+      return { batchId: prior.batch.id, replayed: true };
     }
-    if (template === undefined) errors.push({ path: 'policytemplate', message: `No policy template named or with id "${req.policytemplate}".` });
-    if (errors.length > 0 || !conn) throw new UnprocessableError('unknown_reference', 'The request names resources that do not exist.', errors);
-    return conn.id;
+
+    const now = new Date().toISOString();
+    const batch: BatchRecord = {
+      id: batchId,
+      account,
+      status: 'running',
+      total: items.length,
+      created_at: now,
+      updated_at: now,
+      finished_at: null,
+      callback_url: callback_url ?? null,
+      enqueued: 0,
+      completions: 0,
+    };
+    const jobs = items.map((request, index) =>
+      newJobRecord({ id: `${batchId}.${index}`, account, request, kmsId: kmsIds[index] as string, maxAttempts: this.config.JOB_ATTEMPTS, batch: { id: batchId, index } }),
+    );
+    try {
+      await this.stores.batches.create(batch, jobs);
+    } catch (err) {
+      await claim.release();
+      throw err;
+    }
+    await this.enqueueBatch(batchId, account, items.length);
+    return { batchId, replayed: false };
   }
 
-  private async replay(account: string, idemKey: string, fingerprint: string): Promise<Submission> {
-    for (let i = 0; i < 20; i++) {
-      const raw = await this.redis.get(idemKey);
-      if (!raw) break;
-      const prior = JSON.parse(raw) as { fingerprint: string; job_id: string };
-      if (prior.fingerprint !== fingerprint) {
-        throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
-      }
-      const job = await this.stores.jobs.getOwned(account, prior.job_id);
-      if (job) return { job, bullJob: undefined, replayed: true };
-      await new Promise((r) => setTimeout(r, 50)); // the first request is still writing its record
-    }
-    throw new UnprocessableError('idempotency_key_in_flight', 'A request with this Idempotency-Key is still being accepted; retry shortly.');
+  /** Callback URLs must be https (http only with WEBHOOK_ALLOW_HTTP) and carry no credentials. */
+  private checkCallbackUrls(urls: [string | undefined, string][]): void {
+    const errors = urls.flatMap(([url, path]) => (url === undefined ? [] : checkWebhookUrl(url, { allowHttp: this.config.WEBHOOK_ALLOW_HTTP, path })));
+    if (errors.length > 0) throw batchValidationError(errors);
   }
+
+  private async enqueueBatch(batchId: string, account: string, total: number): Promise<void> {
+    const opts = { ...uploadJobOptions(this.config), priority: BATCH_PRIORITY };
+    const entries = Array.from({ length: total }, (_, i) => ({
+      name: 'upload-key',
+      data: { jobId: `${batchId}.${i}`, account },
+      opts: { ...opts, jobId: `${batchId}.${i}` },
+    }));
+    await this.queue.addBulk(entries);
+    await this.stores.batches.markEnqueued(batchId);
+  }
+
+  /** Each item's KMS connection must exist and serve its region; named templates must exist. Returns connection ids. */
+  private async resolveReferences(account: string, reqs: UploadKeyRequest[], at: (i: number, path: string) => string): Promise<string[]> {
+    const conns = new Map(
+      await Promise.all([...new Set(reqs.map((r) => r.kms))].map(async (k) => [k, await this.stores.kmsConnections.find(account, k)] as const)),
+    );
+    const templateNames = [...new Set(reqs.map((r) => r.policytemplate).filter((t): t is string => t !== undefined))];
+    const templates = new Map(await Promise.all(templateNames.map(async (t) => [t, await this.stores.templates.find(account, t)] as const)));
+    const errors: FieldError[] = [];
+    const ids = reqs.map((req, i) => {
+      const conn = conns.get(req.kms);
+      if (!conn) errors.push({ path: at(i, 'kms'), message: `No KMS connection named or with id "${req.kms}".` });
+      else if (!conn.regions.includes(req.region)) {
+        errors.push({ path: at(i, 'region'), message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
+      }
+      if (req.policytemplate && !templates.get(req.policytemplate)) {
+        errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });
+      }
+      return conn?.id ?? '';
+    });
+    if (errors.length > 0) throw new UnprocessableError('unknown_reference', 'The request names resources that do not exist.', errors.slice(0, MAX_REPORTED_ERRORS));
+    return ids;
+  }
+
+  /**
+   * Claims an Idempotency-Key for `newId`. If the key was used before with the same body, returns the
+   * earlier id; with another body, throws 422. `release` frees a claim whose request then failed.
+   */
+  private async claimIdempotency(account: string, key: string | undefined, body: unknown, newId: string): Promise<{ priorId?: string; release(): Promise<unknown> }> {
+    if (key === undefined) return { release: async () => 0 };
+    const redisKey = this.stores.keys.idempotency(account, sha256Hex(key));
+    const fingerprint = sha256Hex(canonicalJson(body));
+    const release = () => this.redis.del(redisKey);
+    const claimed = await this.redis.set(redisKey, JSON.stringify({ fingerprint, id: newId }), 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
+    if (claimed !== null) return { release };
+    const raw = await this.redis.get(redisKey);
+    const prior = raw ? (JSON.parse(raw) as { fingerprint: string; id: string }) : undefined;
+    if (!prior) return this.claimIdempotency(account, key, body, newId); // it expired just now
+    if (prior.fingerprint !== fingerprint) {
+      throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
+    }
+    return { priorId: prior.id, release };
+  }
+
+  /** The first request with an Idempotency-Key may still be writing its record: wait for it briefly. */
+  private async waitForRecord<T>(load: () => Promise<T | undefined>): Promise<T> {
+    for (let i = 0; i < 40; i++) {
+      const found = await load();
+      if (found) return found;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new AppError(409, 'idempotency_key_in_flight', 'A request with this Idempotency-Key is still being accepted; retry shortly.');
+  }
+}
+
+function checkIdempotencyKey(key: string | undefined): void {
+  if (key !== undefined && !IDEMPOTENCY_KEY_RE.test(key)) {
+    throw new ValidationError([{ path: 'header:Idempotency-Key', message: '1 to 255 printable ASCII characters.' }]);
+  }
+}
+
+function batchValidationError(errors: FieldError[]): ValidationError {
+  const shown = errors.slice(0, MAX_REPORTED_ERRORS);
+  const more = errors.length - shown.length;
+  return new ValidationError(shown, more > 0 ? `The batch is not valid: ${errors.length} errors, the first ${shown.length} listed.` : 'The batch is not valid.');
+}
+
+/** Two items may not claim one alias in the same KMS connection and region. */
+function duplicateAliases(items: UploadKeyRequest[], kmsIds: string[]): FieldError[] {
+  const seen = new Map<string, number>();
+  const errors: FieldError[] = [];
+  items.forEach((req, i) => {
+    const alias = req.aws_param.Alias;
+    if (!alias) return;
+    const key = `${kmsIds[i]}|${req.region}|${alias}`;
+    const first = seen.get(key);
+    if (first === undefined) seen.set(key, i);
+    else errors.push({ path: `items[${i}].aws_param.Alias`, message: `Duplicate of items[${first}]: an alias names one key per KMS connection and region.` });
+  });
+  return errors;
 }

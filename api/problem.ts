@@ -59,6 +59,12 @@ function isRedisUnavailable(err: Error): boolean {
 export function problemHandler(logger: Logger): ErrorRequestHandler {
   return (err: unknown, req, res, _next) => {
     const instance = req.originalUrl;
+    if (res.headersSent) {
+      // A stream (SSE) that already started cannot turn into a problem: end it.
+      logger.warn({ err: (err as Error).message, path: req.path }, 'error after the response started');
+      res.end();
+      return;
+    }
     if (err instanceof AppError) {
       sendProblem(res, problem(err.status, err.code, err.message, { instance, ...(err.errors ? { errors: err.errors } : {}) }));
       return;

@@ -2,6 +2,7 @@ import type { Config } from './config.js';
 import { SecretBox } from './crypto.js';
 import type { RedisClient } from './redis.js';
 import type { KmsConnection, LocalKey, PolicyTemplate } from './resources.js';
+import { BatchStore } from './stores/batch-store.js';
 import { JobStore } from './stores/job-store.js';
 import { Keyspace } from './stores/keyspace.js';
 import { ResourceStore } from './stores/resource-store.js';
@@ -12,6 +13,7 @@ export interface Stores {
   keys: Keyspace;
   box: SecretBox;
   jobs: JobStore;
+  batches: BatchStore;
   uploadedKeys: UploadedKeyStore;
   kmsConnections: ResourceStore<KmsConnection>;
   templates: ResourceStore<PolicyTemplate>;
@@ -24,6 +26,7 @@ export function createStores(config: Pick<Config, 'KEYFERRY_PREFIX' | 'KEYFERRY_
     keys,
     box: new SecretBox(config.KEYFERRY_MASTER_KEY),
     jobs: new JobStore(redis, keys),
+    batches: new BatchStore(redis, keys),
     uploadedKeys: new UploadedKeyStore(redis, keys),
     kmsConnections: new ResourceStore<KmsConnection>(redis, keys, 'kms', 'KMS connection'),
     templates: new ResourceStore<PolicyTemplate>(redis, keys, 'templates', 'policy template'),

@@ -44,12 +44,39 @@ export interface JobRecord {
   updated_at: string;
   finished_at: string | null;
   batch_id: string | null;
+  /** Position in its batch (the `<index>` of `<batch id>.<index>`), or null for a single upload. */
+  batch_index: number | null;
   error: JobError | null;
   result: Record<string, unknown> | null;
   request: UploadKeyRequest;
   kms_id: string;
   callback_url: string | null;
   progress: JobProgress;
+}
+
+/** A new job record, status `queued`. */
+export function newJobRecord(args: { id: string; account: string; request: UploadKeyRequest; kmsId: string; maxAttempts: number; batch?: { id: string; index: number } }): JobRecord {
+  const now = new Date().toISOString();
+  return {
+    id: args.id,
+    type: 'upload-key',
+    account: args.account,
+    status: 'queued',
+    step: null,
+    attempts: 0,
+    max_attempts: args.maxAttempts,
+    created_at: now,
+    updated_at: now,
+    finished_at: null,
+    batch_id: args.batch?.id ?? null,
+    batch_index: args.batch?.index ?? null,
+    error: null,
+    result: null,
+    request: args.request,
+    kms_id: args.kmsId,
+    callback_url: args.request.callback_url ?? null,
+    progress: {},
+  };
 }
 
 /** The job resource of the HTTP API (DESIGN.md §3). */
@@ -65,6 +92,7 @@ export function jobResource(job: JobRecord) {
     updated_at: job.updated_at,
     finished_at: job.finished_at,
     batch_id: job.batch_id,
+    ...(job.batch_index !== null ? { batch_index: job.batch_index } : {}),
     error: job.error,
     result: job.result,
     kms_key_arn: job.progress.kms_key_arn ?? null,

@@ -2,10 +2,13 @@ import { Router } from 'express';
 import type { Queue } from 'bullmq';
 import type { Stores } from '../../shared/context.js';
 import { ConflictError, NotFoundError } from '../../shared/errors.js';
-import { FINAL_STATUSES, jobResource } from '../../shared/jobs.js';
+import { FINAL_STATUSES, jobResource, type JobStatus } from '../../shared/jobs.js';
+import type { Notifier } from '../../shared/notifier.js';
+import type { RedisClient } from '../../shared/redis.js';
+import { streamEvents, type SseEvent } from '../sse.js';
 import { accountOf } from '../auth.js';
 
-export function jobRoutes(deps: { stores: Stores; queue: Queue }): Router {
+export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClient; notifier: Notifier; keepAliveMs: number }): Router {
   const router = Router();
 
   router.get('/api/v1/jobs/:id', async (req, res) => {
@@ -25,11 +28,30 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue }): Router {
     // remove() refuses a job a worker holds the lock of, so a job cannot be canceled and run at once.
     const removed = await deps.queue.remove(job.id);
     if (removed !== 1) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
-    const canceled = await deps.stores.jobs.update(job.id, (j) => {
+    const update = await deps.stores.jobs.update(job.id, (j) => {
       j.status = 'canceled';
       j.finished_at = new Date().toISOString();
     });
-    res.json(jobResource(canceled));
+    await deps.notifier.after(update);
+    res.json(jobResource(update.job));
+  });
+
+  /** Server-Sent Events of the job's status and step changes, ending after its final state. */
+  router.get('/api/v1/jobs/:id/events', async (req, res) => {
+    const account = accountOf(req);
+    const job = await deps.stores.jobs.getOwned(account, req.params.id);
+    if (!job) throw new NotFoundError(`The job "${req.params.id}"`);
+    const isFinal = (e: SseEvent) => FINAL_STATUSES.includes((JSON.parse(e.data) as { status: JobStatus }).status);
+    await streamEvents(req, res, {
+      redis: deps.redis,
+      streamKey: deps.stores.keys.jobEvents(job.id),
+      keepAliveMs: deps.keepAliveMs,
+      snapshot: async (lastId) => {
+        const now = (await deps.stores.jobs.get(job.id)) ?? job;
+        return [{ id: lastId, event: 'job', data: JSON.stringify(jobResource(now)) }];
+      },
+      isFinal,
+    });
   });
 
   return router;

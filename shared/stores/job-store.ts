@@ -1,8 +1,45 @@
 import type { RedisClient } from '../redis.js';
-import type { JobRecord } from '../jobs.js';
+import { jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
 
-/** Job records, one JSON string per job, keyed by job id. */
+/**
+ * Writes a job record and, in the same atomic step (all keys share the job's hash tag):
+ * - appends the job resource to the job's event stream when status or step changed;
+ * - for a batch job whose status changed: moves it between the batch's status counters and indexes,
+ *   appends a progress event with the new counts to the batch's stream, and, when this change finishes
+ *   the batch, marks it completed once and appends a `completed` event.
+ * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0.
+ */
+const WRITE_SCRIPT = `
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
+if ARGV[4] == '' then return 0 end
+redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('ZREM', KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[5], tonumber(ARGV[6]), ARGV[5])
+local flat = redis.call('HGETALL', KEYS[3])
+local counts = {}
+for i = 1, #flat, 2 do counts[flat[i]] = tonumber(flat[i + 1]) end
+redis.call('HSET', KEYS[7], 'updated_at', ARGV[7])
+local done = (counts['succeeded'] or 0) + (counts['failed'] or 0) + (counts['canceled'] or 0)
+local completion = 0
+if done == tonumber(redis.call('HGET', KEYS[7], 'total')) and redis.call('HGET', KEYS[7], 'status') ~= 'completed' then
+  redis.call('HSET', KEYS[7], 'status', 'completed', 'finished_at', ARGV[7])
+  completion = redis.call('HINCRBY', KEYS[7], 'completions', 1)
+end
+local progress = cjson.encode({ job_id = ARGV[5], index = tonumber(ARGV[6]), status = ARGV[4], counts = counts })
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'progress', 'data', progress)
+if completion > 0 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'completed', 'data', '') end
+return completion`;
+
+export interface JobUpdate {
+  job: JobRecord;
+  /** Non-zero when this update completed the job's batch: the batch's completion number. */
+  batchCompletion: number;
+}
+
+/** Job records, one JSON string per job, keyed by job id, with their event streams and batch counters. */
 export class JobStore {
   constructor(
     private readonly redis: RedisClient,
@@ -28,13 +65,34 @@ export class JobStore {
    * Applies a change to a record. A job has one writer at a time (the worker holding BullMQ's lock, or
    * the API before the job is enqueued or after it was removed unstarted), so read-modify-write is safe.
    */
-  async update(id: string, change: (job: JobRecord) => void): Promise<JobRecord> {
+  async update(id: string, change: (job: JobRecord) => void): Promise<JobUpdate> {
     const job = await this.get(id);
     if (!job) throw new Error(`job record ${id} is missing`);
+    const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
     job.updated_at = new Date().toISOString();
-    await this.redis.set(this.keys.job(id), JSON.stringify(job));
-    return job;
+    const changed = job.status !== before.status || job.step !== before.step;
+    const batchMove = job.batch_id !== null && job.status !== before.status;
+    const batchId = job.batch_id ?? id;
+    const completion = await this.redis.eval(
+      WRITE_SCRIPT,
+      7,
+      this.keys.job(id),
+      this.keys.jobEvents(id),
+      this.keys.batchCounts(batchId),
+      this.keys.batchStatusIndex(batchId, before.status),
+      this.keys.batchStatusIndex(batchId, job.status),
+      this.keys.batchEvents(batchId),
+      this.keys.batch(batchId),
+      JSON.stringify(job),
+      changed ? JSON.stringify(jobResource(job)) : '',
+      before.status,
+      batchMove ? job.status : '',
+      id,
+      String(job.batch_index ?? 0),
+      job.updated_at,
+    );
+    return { job, batchCompletion: Number(completion) };
   }
 
   async delete(id: string): Promise<void> {

@@ -82,6 +82,11 @@ export class Keyspace {
     return `${this.prefix}:acct:{${account}}:idem:${keyHash}`;
   }
 
+  /** Set of callback URLs that answered 410 Gone for an account (skipped from then on). */
+  webhookGone(account: string): string {
+    return `${this.prefix}:acct:{${account}}:webhook-gone`;
+  }
+
   /** Match patterns covering everything under this prefix (tests clean up with them). */
   get patterns(): string[] {
     return [`${this.prefix}:*`, `${this.bullPrefix}:*`];

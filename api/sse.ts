@@ -1,0 +1,78 @@
+import type { Request, Response } from 'express';
+import type { RedisClient } from '../shared/redis.js';
+
+export interface SseEvent {
+  id: string;
+  event: string;
+  data: string;
+}
+
+/**
+ * Streams a Redis stream as Server-Sent Events: `first` events (a snapshot) are sent, then new stream
+ * entries after `Last-Event-ID` (or after the snapshot) with blocking XREADs on a connection of the
+ * stream's own, a keep-alive comment whenever `keepAliveMs` pass quietly, until `isFinal` says the
+ * last event was sent or the client goes away.
+ */
+export async function streamEvents(
+  req: Request,
+  res: Response,
+  opts: {
+    redis: RedisClient;
+    streamKey: string;
+    keepAliveMs: number;
+    snapshot: (lastId: string) => Promise<SseEvent[]>;
+    isFinal: (e: SseEvent) => boolean;
+    /** Rewrites a stream entry before it is sent (e.g. fills in the final resource). */
+    map?: (e: SseEvent) => Promise<SseEvent>;
+  },
+): Promise<void> {
+  res.status(200).set({ 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
+  res.flushHeaders();
+  const conn = opts.redis.duplicate();
+  let open = true;
+  req.on('close', () => {
+    open = false;
+    conn.disconnect();
+  });
+  const send = (e: SseEvent) => res.write(`id: ${e.id}\nevent: ${e.event}\ndata: ${e.data}\n\n`);
+
+  try {
+    let cursor = req.get('last-event-id') ?? '';
+    if (!/^\d+-\d+$/.test(cursor)) {
+      const last = await conn.xrevrange(opts.streamKey, '+', '-', 'COUNT', 1);
+      cursor = last[0]?.[0] ?? '0-0';
+      for (const e of await opts.snapshot(cursor)) {
+        send(e);
+        if (opts.isFinal(e)) return;
+      }
+    }
+    while (open) {
+      const got = await conn.xread('COUNT', 500, 'BLOCK', opts.keepAliveMs, 'STREAMS', opts.streamKey, cursor);
+      if (!got) {
+        res.write(': keep-alive\n\n');
+        continue;
+      }
+      for (const [, entries] of got) {
+        for (const [id, fields] of entries) {
+          cursor = id;
+          const f = Object.fromEntries(pairs(fields));
+          const raw = { id, event: f.event ?? 'message', data: f.data ?? '' };
+          const e = opts.map ? await opts.map(raw) : raw;
+          send(e);
+          if (opts.isFinal(e)) return;
+        }
+      }
+    }
+  } catch (err) {
+    if (open) throw err;
+  } finally {
+    conn.disconnect();
+    res.end();
+  }
+}
+
+function pairs(fields: string[]): [string, string][] {
+  const out: [string, string][] = [];
+  for (let i = 0; i + 1 < fields.length; i += 2) out.push([fields[i] as string, fields[i + 1] as string]);
+  return out;
+}

@@ -1,0 +1,172 @@
+import { readFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { collectEvents } from './helpers/sse.js';
+import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
+
+const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+const item = (i: number, extra: Record<string, unknown> = {}) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: `batch-${i}` }, ...extra });
+
+let stack: TestStack;
+let token: string;
+const postBatch = (body: unknown, headers: Record<string, string> = {}) => stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body, headers });
+const waitingJobs = () => stack.redis.zcard(`{${stack.config.KEYFERRY_PREFIX}}:upload-key:prioritized`);
+
+async function waitForBatch(id: string, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const res = await stack.call('GET', `/api/v1/batches/${id}`, { token });
+    if (res.body.status === 'completed') return res.body;
+    if (Date.now() > deadline) throw new Error(`batch ${id} did not complete: ${JSON.stringify(res.body)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+beforeAll(async () => {
+  stack = await startStack({ name: 'batches', env: { SSE_KEEPALIVE_MS: '200' } });
+  token = await stack.token('acme');
+  await seedKms(stack, token);
+  await seedLocalKey(stack, token, 'test-key');
+});
+afterAll(async () => {
+  await stack?.close();
+});
+
+describe('batch validation', () => {
+  it('when items are invalid, then one 400 names each item index and path, and nothing is enqueued', async () => {
+    const before = await waitingJobs();
+    const res = await postBatch({ items: [item(0), { ...item(1), region: 'Mumbai' }, item(2, { aws_param: { ValidTo: 'soon' } }), 'not-an-object'] });
+    expect(res.status).toBe(400);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect(res.body.errors.map((e: { path: string }) => e.path)).toEqual(
+      expect.arrayContaining(['items[1].region', 'items[2].aws_param.ValidTo', 'items[3]']),
+    );
+    expect(res.body.errors.some((e: { path: string }) => e.path.startsWith('items[0]'))).toBe(false);
+    expect(await waitingJobs()).toBe(before);
+  });
+
+  it('when two items claim one alias in the same kms and region, then 400 names the second', async () => {
+    const res = await postBatch({ items: [item(7), item(7), item(7, { region: 'us-east-1' })] });
+    expect(res.status).toBe(400);
+    expect(res.body.errors).toEqual([{ path: 'items[1].aws_param.Alias', message: expect.stringContaining('items[0]') }]);
+  });
+
+  it('when there are no items or more than 10,000, then 400', async () => {
+    expect((await postBatch({ items: [] })).status).toBe(400);
+    expect((await postBatch({ items: Array.from({ length: 10_001 }, () => ({})) })).body.errors[0].path).toBe('items');
+  });
+
+  it('when an item names an unknown kms, then 422 names the item', async () => {
+    const res = await postBatch({ items: [item(0), item(1, { kms: 'nope' })] });
+    expect(res.status).toBe(422);
+    expect(res.body.errors).toEqual([{ path: 'items[1].kms', message: expect.any(String) }]);
+  });
+});
+
+describe('batch runs', () => {
+  let batchId: string;
+
+  it('when a batch with one bad item runs, then the events stream shows progress to completion and the counts add up', async () => {
+    const items = [item(10), item(11), { ...item(12), source_key_identifier: 'missing-key' }, item(13), item(14)];
+    const res = await postBatch({ items });
+    expect(res.status).toBe(202);
+    batchId = res.body.id;
+    expect(res.headers.get('location')).toBe(`/api/v1/batches/${batchId}`);
+    expect(res.body).toMatchObject({ status: 'running', total: 5 });
+
+    const events = await collectEvents(`${stack.api.url}/api/v1/batches/${batchId}/events`, token, { names: ['snapshot', 'progress', 'completed'], until: (e) => e.event === 'completed' });
+    expect(events[0]?.event).toBe('snapshot');
+    const last = events.at(-1);
+    expect(last?.event).toBe('completed');
+    expect(JSON.parse(last?.data ?? '{}')).toMatchObject({ status: 'completed', counts: { succeeded: 4, failed: 1, queued: 0, running: 0 } });
+    const finals = events.filter((e) => e.event === 'progress').map((e) => JSON.parse(e.data) as { status: string }).filter((p) => ['succeeded', 'failed'].includes(p.status));
+    expect(finals.length).toBeGreaterThanOrEqual(5 - (events[0] && JSON.parse(events[0].data).counts.succeeded));
+
+    const batch = await stack.call('GET', `/api/v1/batches/${batchId}`, { token });
+    expect(batch.body).toMatchObject({ status: 'completed', total: 5, counts: { succeeded: 4, failed: 1, canceled: 0 }, finished_at: expect.any(String) });
+  });
+
+  it('when the jobs are paged, then the failed filter and the cursor work', async () => {
+    const failed = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?status=failed`, { token });
+    expect(failed.body.jobs).toHaveLength(1);
+    expect(failed.body.jobs[0]).toMatchObject({ batch_id: batchId, batch_index: 2, status: 'failed', error: { code: 'source_key_not_found' } });
+    expect(failed.body.next_cursor).toBeNull();
+
+    const p1 = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?limit=2`, { token });
+    expect(p1.body.jobs.map((j: { batch_index: number }) => j.batch_index)).toEqual([0, 1]);
+    const p2 = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?limit=2&cursor=${p1.body.next_cursor}`, { token });
+    expect(p2.body.jobs.map((j: { batch_index: number }) => j.batch_index)).toEqual([2, 3]);
+    const p3 = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?limit=2&cursor=${p2.body.next_cursor}`, { token });
+    expect(p3.body.jobs.map((j: { batch_index: number }) => j.batch_index)).toEqual([4]);
+    expect(p3.body.next_cursor).toBeNull();
+    expect((await stack.call('GET', `/api/v1/batches/${batchId}/jobs?status=bogus`, { token })).status).toBe(400);
+  });
+
+  it('when the missing key exists and retry-failed is called, then the failed job succeeds and the batch completes again', async () => {
+    await seedLocalKey(stack, token, 'missing-key');
+    const res = await stack.call('POST', `/api/v1/batches/${batchId}/retry-failed`, { token });
+    expect(res.status).toBe(202);
+    expect(res.body.retried).toBe(1);
+    const done = await waitForBatch(batchId);
+    expect(done.counts).toMatchObject({ succeeded: 5, failed: 0 });
+  });
+
+  it('when another account asks for the batch, then 404', async () => {
+    const other = await stack.token('globex');
+    expect((await stack.call('GET', `/api/v1/batches/${batchId}`, { token: other })).status).toBe(404);
+    expect((await stack.call('GET', `/api/v1/batches/${batchId}/jobs`, { token: other })).status).toBe(404);
+  });
+
+  it('when the same Idempotency-Key and body are posted twice, then the same batch answers', async () => {
+    const body = { items: [item(20), item(21)] };
+    const a = await postBatch(body, { 'idempotency-key': 'batch-idem' });
+    const b = await postBatch(body, { 'idempotency-key': 'batch-idem' });
+    expect(b.body.id).toBe(a.body.id);
+    expect((await postBatch({ items: [item(22)] }, { 'idempotency-key': 'batch-idem' })).status).toBe(422);
+    await waitForBatch(a.body.id);
+  });
+
+  it('when a single upload is submitted while a big batch runs, then it finishes while batch jobs still wait', async () => {
+    stack.emulator.setLatency(10);
+    try {
+      const big = await postBatch({ items: Array.from({ length: 200 }, (_, i) => item(1000 + i)) });
+      expect(big.status).toBe(202);
+      // Let the batch fill the worker first.
+      for (let i = 0; i < 100; i++) {
+        const b = await stack.call('GET', `/api/v1/batches/${big.body.id}`, { token });
+        if (b.body.counts.running > 0) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const single = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'interactive-1' } } });
+      const job = await waitForJob(stack, token, single.body.id, 30_000);
+      expect(job.status).toBe('succeeded');
+      const batch = await stack.call('GET', `/api/v1/batches/${big.body.id}`, { token });
+      expect(batch.body.counts.queued).toBeGreaterThan(50);
+      await stack.call('DELETE', `/api/v1/batches/${big.body.id}`, { token });
+    } finally {
+      stack.emulator.setLatency(0);
+    }
+  });
+});
+
+describe('job events', () => {
+  it('when a job is watched, then its status and step changes stream until it succeeds, and Last-Event-ID resumes', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'watched-1' } } });
+    const all = await collectUntilFinal(res.body.id);
+    const statuses = all.map((e) => JSON.parse(e.data).status as string);
+    expect(statuses.at(-1)).toBe('succeeded');
+    const steps = all.map((e) => JSON.parse(e.data).step as string);
+    expect(steps).toEqual(expect.arrayContaining(['create_key', 'import', 'record']));
+    const ids = all.map((e) => e.id);
+    // Resuming after the third event replays only what came after it.
+    const resumed = await collectUntilFinal(res.body.id, ids[2]);
+    expect(resumed.map((e) => e.id)).toEqual(ids.slice(3));
+  });
+});
+
+/** The job's events until one with a final status (the server then closes the stream). */
+const collectUntilFinal = (jobId: string, lastEventId?: string) =>
+  collectEvents(`${stack.api.url}/api/v1/jobs/${jobId}/events`, token, {
+    names: ['job'],
+    until: (e) => ['succeeded', 'failed', 'canceled'].includes(JSON.parse(e.data).status),
+    ...(lastEventId ? { lastEventId } : {}),
+  });
