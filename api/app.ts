@@ -8,7 +8,12 @@ import { requireAuth } from './auth.js';
 import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
 import { problem, problemHandler, sendProblem } from './problem.js';
+import type { Notifier } from '../shared/notifier.js';
+import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
+import type { WebhookDeliveries } from '../shared/webhooks.js';
+import { batchRoutes } from './routes/batches.js';
 import { jobRoutes } from './routes/jobs.js';
+import { webhookRoutes } from './routes/webhooks.js';
 import { keyRoutes } from './routes/keys.js';
 import { resourceRoutes } from './routes/resources.js';
 import { uploadKeyRoutes } from './routes/upload-key.js';
@@ -21,6 +26,9 @@ export interface AppDeps {
   queue: UploadQueue;
   intake: Intake;
   waiter: JobWaiter;
+  notifier: Notifier;
+  webhookSecrets: WebhookSecretStore;
+  deliveries: WebhookDeliveries;
 }
 
 /** POST bodies must be JSON. */
@@ -35,7 +43,10 @@ export function createApp(deps: AppDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('trust proxy', false);
-  app.use(express.json({ limit: '1mb', type: ['application/json', 'application/*+json'] }));
+  const jsonTypes = ['application/json', 'application/*+json'];
+  // A batch of 10,000 items needs room; every other body is capped at 1 MiB.
+  app.use('/api/v1/cckm/aws/upload-key/batch', express.json({ limit: '16mb', type: jsonTypes }));
+  app.use(express.json({ limit: '1mb', type: jsonTypes }));
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
   app.get('/readyz', async (_req, res) => {
@@ -50,7 +61,18 @@ export function createApp(deps: AppDeps): Express {
   app.use('/api', requireAuth({ secret: deps.config.JWT_SECRET, issuer: deps.config.JWT_ISSUER, audience: deps.config.JWT_AUDIENCE }));
   app.use('/api', requireJson);
   app.use(uploadKeyRoutes({ intake: deps.intake, stores: deps.stores, waiter: deps.waiter, maxWait: deps.config.MAX_PREFER_WAIT_SECONDS }));
-  app.use(jobRoutes({ stores: deps.stores, queue: deps.queue }));
+  const keepAliveMs = deps.config.SSE_KEEPALIVE_MS;
+  app.use(jobRoutes({ stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs }));
+  app.use(batchRoutes({ config: deps.config, intake: deps.intake, stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs }));
+  app.use(
+    webhookRoutes({
+      stores: deps.stores,
+      secrets: deps.webhookSecrets,
+      deliveries: deps.deliveries,
+      graceSeconds: deps.config.WEBHOOK_SECRET_GRACE_SECONDS,
+      batchOwner: async (id) => (await deps.stores.batches.get(id))?.batch.account,
+    }),
+  );
   app.use(keyRoutes({ stores: deps.stores }));
   app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT }));
 

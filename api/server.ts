@@ -4,7 +4,10 @@ import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { createUploadQueue, createUploadQueueEvents } from '../shared/queues.js';
+import { Notifier } from '../shared/notifier.js';
 import { createRedis } from '../shared/redis.js';
+import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
+import { createWebhookQueue, enqueueWebhook, WebhookDeliveries } from '../shared/webhooks.js';
 import { createApp } from './app.js';
 import { Intake } from './intake.js';
 import { JobWaiter } from './job-waiter.js';
@@ -25,7 +28,20 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   events.on('error', (err: Error) => logger.warn({ err: err.message }, 'queue events error'));
   const waiter = new JobWaiter(events);
   const intake = new Intake(config, redis, stores, queue);
-  const app = createApp({ config, logger, redis, stores, queue, intake, waiter });
+  const webhookQueue = createWebhookQueue(redis, stores.keys);
+  const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
+  const app = createApp({
+    config,
+    logger,
+    redis,
+    stores,
+    queue,
+    intake,
+    waiter,
+    notifier,
+    webhookSecrets: new WebhookSecretStore(redis, stores.keys, stores.box),
+    deliveries: new WebhookDeliveries(redis, stores.keys),
+  });
 
   const server = await new Promise<Server>((resolve, reject) => {
     const s = app.listen(config.PORT, config.HOST, (err?: Error) => (err ? reject(err) : resolve(s)));
@@ -45,6 +61,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
       });
       await events.close();
       await queue.close();
+      await webhookQueue.close();
       redis.disconnect();
     },
   };

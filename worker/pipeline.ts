@@ -16,6 +16,7 @@ import type { Stores } from '../shared/context.js';
 import { wrapKeyMaterial, zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
 import type { JobRecord, Step } from '../shared/jobs.js';
+import type { JobUpdate } from '../shared/stores/job-store.js';
 import type { Logger } from '../shared/logger.js';
 import { buildKeyPolicy } from '../shared/policy.js';
 import type { KmsConnection, WrappingKeySpec } from '../shared/resources.js';
@@ -49,14 +50,14 @@ interface Resolved {
 export class UploadPipeline {
   constructor(private readonly deps: PipelineDeps) {}
 
-  async run(jobId: string): Promise<JobRecord> {
+  async run(jobId: string): Promise<JobUpdate> {
     let job = await this.load(jobId);
     const { stores } = this.deps;
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
-      job = await stores.jobs.update(jobId, (j) => {
+      ({ job } = await stores.jobs.update(jobId, (j) => {
         j.step = name;
         change?.(j);
-      });
+      }));
     };
 
     await step('resolve');

@@ -1,19 +1,22 @@
 import { UnrecoverableError, Worker, type Job } from 'bullmq';
 import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
-import { UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
+import { FINAL_STATUSES, UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
+import { Notifier } from '../shared/notifier.js';
+import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { UploadPipeline } from './pipeline.js';
+import { startWebhookWorker } from './webhook-delivery.js';
 
 export interface WorkerHandle {
   worker: Worker<UploadJobData>;
   close(): Promise<void>;
 }
 
-/** Starts one worker process's share of the upload queue. */
+/** Starts one worker process's share of the upload queue and of the webhook queue. */
 export async function startWorker(config: Config, logger: Logger = createLogger(config.LOG_LEVEL, 'keyferry-worker')): Promise<WorkerHandle> {
   const redis = createRedis(config);
   redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
@@ -26,12 +29,19 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     defaultWrappingKeySpec: config.DEFAULT_WRAPPING_KEY_SPEC,
     kmsTimeoutMs: config.KMS_TIMEOUT_MS,
   });
+  const webhookQueue = createWebhookQueue(redis, stores.keys);
+  const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
 
   const processJob = async (job: Job<UploadJobData>) => {
     const { jobId, account } = job.data;
     const log = logger.child({ job_id: jobId, account });
     const current = await stores.jobs.get(jobId);
-    if (!current || current.status === 'succeeded' || current.status === 'canceled') {
+    if (!current || FINAL_STATUSES.includes(current.status)) {
+      // Already final: an earlier run may have died before notifying; notifying again delivers once.
+      if (current) {
+        await notifier.jobFinished(current);
+        if (current.batch_id) await notifier.batchCompleted(current.account, current.batch_id);
+      }
       log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
       return;
     }
@@ -41,34 +51,39 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     });
     try {
       const done = await pipeline.run(jobId);
-      log.info({ kms_key_arn: done.progress.kms_key_arn, attempts: done.attempts }, 'upload succeeded');
+      log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
+      await notifier.after(done);
     } catch (thrown) {
       const err = classify(thrown);
       const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-      await stores.jobs.update(jobId, (j) => {
+      const failed = await stores.jobs.update(jobId, (j) => {
         j.status = final ? 'failed' : 'retrying';
         j.error = { code: err.code, message: err.message, retryable: err.retryable };
         if (err.code === 'import_token_expired') delete j.progress.import_params;
         if (final) j.finished_at = new Date().toISOString();
       });
-      log.warn({ code: err.code, retryable: err.retryable, final, step: current.step }, 'upload attempt failed');
+      log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
       if (final) {
         const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
           log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
           return undefined;
         });
         if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
+        const latest = (await stores.jobs.get(jobId)) ?? failed.job;
+        await notifier.after({ ...failed, job: latest });
       }
       throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
     }
   };
 
+  const workerConnection = createRedis(config); // BullMQ does not close a client it is given
   const worker = new Worker<UploadJobData>(UPLOAD_QUEUE, processJob, {
-    connection: createRedis(config),
+    connection: workerConnection,
     prefix: stores.keys.bullPrefix,
     concurrency: config.WORKER_CONCURRENCY,
   });
   worker.on('error', (err) => logger.warn({ err: err.message }, 'worker error'));
+  const webhooks = await startWebhookWorker(config, logger);
   await worker.waitUntilReady();
   logger.info({ concurrency: config.WORKER_CONCURRENCY }, 'worker started');
 
@@ -76,7 +91,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     worker,
     async close() {
       await worker.close();
+      await webhooks.close();
+      await webhookQueue.close();
       clients.destroy();
+      workerConnection.disconnect();
       redis.disconnect();
     },
   };
