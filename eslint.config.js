@@ -12,7 +12,7 @@ export default tseslint.config(
     },
   },
   {
-    files: ['shared/token-cli.ts', 'test/**'],
+    files: ['test/**', 'bench/**'],
     rules: { 'no-console': 'off', '@typescript-eslint/no-explicit-any': 'off' },
   },
 );
