@@ -1,4 +1,4 @@
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
@@ -46,6 +46,13 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   const server = await new Promise<Server>((resolve, reject) => {
     const s = app.listen(config.PORT, config.HOST, (err?: Error) => (err ? reject(err) : resolve(s)));
   });
+  // Event streams stay open until their job ends; on shutdown they are ended so close() does not wait on them.
+  const streams = new Set<ServerResponse>();
+  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (!req.url?.split('?')[0]?.endsWith('/events')) return;
+    streams.add(res);
+    res.on('close', () => streams.delete(res));
+  });
   const addr = server.address() as AddressInfo;
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   const url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
@@ -55,9 +62,11 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
     url,
     server,
     async close() {
+      // Stop accepting, let in-flight requests finish (idle keep-alive sockets close now), end event streams.
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();
+        for (const res of streams) res.end();
       });
       await events.close();
       await queue.close();

@@ -1,0 +1,75 @@
+import { readFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runEntry } from './helpers/child.js';
+import { seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
+
+const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+
+// The in-process stack seeds data and owns the emulator; the processes under test are real children
+// sharing its Redis prefix and secrets.
+let stack: TestStack;
+let token: string;
+let childEnv: Record<string, string>;
+
+beforeAll(async () => {
+  stack = await startStack({ name: 'shutdown', worker: false });
+  token = await stack.token('acme');
+  await seedKms(stack, token);
+  await seedLocalKey(stack, token, 'test-key');
+  childEnv = {
+    ...testEnv('shutdown'),
+    KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
+    KEYFERRY_MASTER_KEY: stack.config.KEYFERRY_MASTER_KEY.toString('hex'),
+    JWT_SECRET: stack.config.JWT_SECRET,
+    LOG_LEVEL: 'info',
+  };
+});
+afterAll(async () => {
+  await stack?.close();
+});
+
+describe('graceful shutdown', () => {
+  it('when the API gets SIGTERM during a request, then that request is answered, new ones are refused, and it exits 0', async () => {
+    const api = runEntry('api/main.ts', childEnv);
+    const { url } = (await api.waitForLog('api listening')) as { url: string };
+    // No worker runs, so Prefer: wait=2 keeps this request in flight for 2 s.
+    const inFlight = fetch(`${url}/api/v1/cckm/aws/upload-key`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', prefer: 'wait=2' },
+      body: JSON.stringify({ ...example, aws_param: { Alias: 'shutdown-api' } }),
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    api.proc.kill('SIGTERM');
+    const res = await inFlight;
+    expect(res.status).toBe(202);
+    const job = (await res.json()) as { id: string };
+    expect(await api.exited).toEqual({ code: 0, signal: null });
+    await expect(fetch(`${url}/healthz`)).rejects.toThrow();
+    // The accepted job is not lost: it is still queued for a worker.
+    expect((await stack.call('GET', `/api/v1/jobs/${job.id}`, { token })).body.status).toBe('queued');
+    await stack.call('DELETE', `/api/v1/jobs/${job.id}`, { token });
+  });
+
+  it('when a worker gets SIGTERM during a job, then the job finishes once and the worker exits 0', async () => {
+    stack.emulator.setLatency(150);
+    try {
+      const worker = runEntry('worker/main.ts', childEnv);
+      await worker.waitForLog('worker started');
+      const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'shutdown-worker' } } });
+      // Wait until the job is in the middle of the pipeline, then ask the worker to stop.
+      for (let i = 0; i < 200; i++) {
+        const j = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token });
+        if (j.body.step === 'create_alias' || j.body.step === 'get_import_params') break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      worker.proc.kill('SIGTERM');
+      expect(await worker.exited).toEqual({ code: 0, signal: null });
+      const job = await waitForJob(stack, token, res.body.id, 5000);
+      expect(job).toMatchObject({ status: 'succeeded', attempts: 1 });
+      const keys = stack.emulator.keys().filter((k) => k.tags.some((t) => t.TagValue === res.body.id));
+      expect(keys.map((k) => k.keyState)).toEqual(['Enabled']);
+    } finally {
+      stack.emulator.setLatency(0);
+    }
+  });
+});
