@@ -12,7 +12,7 @@ let token: string;
 let childEnv: Record<string, string>;
 
 beforeAll(async () => {
-  stack = await startStack({ name: 'shutdown', worker: false });
+  stack = await startStack({ name: 'shutdown', worker: false, env: { SSE_KEEPALIVE_MS: '100' } });
   token = await stack.token('acme');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'test-key');
@@ -26,6 +26,23 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await stack?.close();
+});
+
+describe('event stream keep-alive', () => {
+  it('when a watched job stays queued, then the stream sends its snapshot and then keep-alive comments', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'keepalive-1' } } });
+    const abort = new AbortController();
+    const stream = await fetch(`${stack.api.url}/api/v1/jobs/${res.body.id}/events`, { headers: { authorization: `Bearer ${token}` }, signal: abort.signal });
+    expect(stream.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    const reader = (stream.body as ReadableStream<Uint8Array>).getReader();
+    let text = '';
+    const until = Date.now() + 2000;
+    while (Date.now() < until && (text.match(/: keep-alive/g) ?? []).length < 2) text += new TextDecoder().decode((await reader.read()).value);
+    abort.abort();
+    expect(text).toMatch(/^id: \S+\nevent: job\ndata: \{.*"status":"queued"/);
+    expect((text.match(/: keep-alive/g) ?? []).length).toBeGreaterThanOrEqual(2);
+    await stack.call('DELETE', `/api/v1/jobs/${res.body.id}`, { token });
+  });
 });
 
 describe('graceful shutdown', () => {
