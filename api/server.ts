@@ -11,6 +11,7 @@ import { createWebhookQueue, enqueueWebhook, WebhookDeliveries } from '../shared
 import { createApp } from './app.js';
 import { Intake } from './intake.js';
 import { JobWaiter } from './job-waiter.js';
+import { answerClientError } from './problem.js';
 
 export interface ApiServer {
   url: string;
@@ -20,15 +21,20 @@ export interface ApiServer {
 
 /** Starts the API on `config.PORT` (0 = ephemeral) and returns its URL and a close function. */
 export async function startApi(config: Config, logger: Logger = createLogger(config.LOG_LEVEL, 'keyferry-api')): Promise<ApiServer> {
+  const warn = (what: string) => (err: Error) => logger.warn({ err: err.message }, what);
   const redis = createRedis(config, { failFast: true });
-  redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
+  redis.on('error', warn('redis connection error'));
   const stores = createStores(config, redis);
   const queue = createUploadQueue(redis, stores.keys);
-  const events = createUploadQueueEvents(createRedis(config), stores.keys);
-  events.on('error', (err: Error) => logger.warn({ err: err.message }, 'queue events error'));
+  queue.on('error', warn('upload queue error'));
+  const eventsRedis = createRedis(config);
+  eventsRedis.on('error', warn('queue events connection error'));
+  const events = createUploadQueueEvents(eventsRedis, stores.keys);
+  events.on('error', warn('queue events error'));
   const waiter = new JobWaiter(events);
   const intake = new Intake(config, redis, stores, queue);
   const webhookQueue = createWebhookQueue(redis, stores.keys);
+  webhookQueue.on('error', warn('webhook queue error'));
   const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
   const app = createApp({
     config,
@@ -53,6 +59,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
     streams.add(res);
     res.on('close', () => streams.delete(res));
   });
+  server.on('clientError', answerClientError);
   const addr = server.address() as AddressInfo;
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   const url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
@@ -68,7 +75,9 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
         server.closeIdleConnections();
         for (const res of streams) res.end();
       });
-      await events.close();
+      const eventsClosed = events.close();
+      eventsRedis.disconnect(); // close() alone waits forever for a connection that never came up
+      await eventsClosed.catch(warn('queue events close error'));
       await queue.close();
       await webhookQueue.close();
       redis.disconnect();

@@ -29,8 +29,8 @@ export async function streamEvents(
   res.status(200).set({ 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
   res.flushHeaders();
   const conn = opts.redis.duplicate();
-  let open = true;
-  req.on('close', () => {
+  let open = !res.destroyed;
+  res.on('close', () => {
     open = false;
     conn.disconnect();
   });
@@ -38,7 +38,8 @@ export async function streamEvents(
 
   try {
     let cursor = req.get('last-event-id') ?? '';
-    if (!/^\d+-\d+$/.test(cursor)) {
+    const resumed = /^\d+-\d+$/.test(cursor);
+    if (!resumed) {
       const last = await conn.xrevrange(opts.streamKey, '+', '-', 'COUNT', 1);
       cursor = last[0]?.[0] ?? '0-0';
       for (const e of await opts.snapshot(cursor)) {
@@ -46,8 +47,18 @@ export async function streamEvents(
         if (opts.isFinal(e)) return;
       }
     }
-    while (open) {
-      const got = await conn.xread('COUNT', 500, 'BLOCK', opts.keepAliveMs, 'STREAMS', opts.streamKey, cursor);
+    for (let first = resumed; open; first = false) {
+      const got = first
+        ? await conn.xread('COUNT', 500, 'STREAMS', opts.streamKey, cursor)
+        : await conn.xread('COUNT', 500, 'BLOCK', opts.keepAliveMs, 'STREAMS', opts.streamKey, cursor);
+      if (!got && first) {
+        // A client resuming after the end (or from an id past it): nothing newer will come, so a final
+        // snapshot is sent and the stream ends instead of idling forever.
+        const final = (await opts.snapshot(cursor)).filter(opts.isFinal);
+        for (const e of final) send(e);
+        if (final.length > 0) return;
+        continue;
+      }
       if (!got) {
         res.write(': keep-alive\n\n');
         continue;

@@ -23,12 +23,16 @@ export interface JobError {
 
 /** What a retry needs to resume instead of repeating a side effect. */
 export interface JobProgress {
+  /** Set before CreateKey is sent: with no kms_key_id, a later attempt looks for the key by its job tag. */
+  create_key_started_at?: string;
   kms_key_id?: string;
   kms_key_arn?: string;
   alias_created?: boolean;
   import_params?: { public_key: string; import_token: string; valid_to: string; algorithm: string; key_spec: string };
   imported?: boolean;
   deletion_scheduled_for?: string;
+  /** Id of the uploaded-key resource, fixed before it is written, so a repeated record step rewrites it. */
+  resource_id?: string;
 }
 
 /** The job record in the status store: the source of truth clients poll. */
@@ -51,6 +55,8 @@ export interface JobRecord {
   request: UploadKeyRequest;
   kms_id: string;
   callback_url: string | null;
+  /** The BullMQ job now carrying this record (`<id>` at first, `<id>-r<n>` after a retry-failed). */
+  queue_job_id: string;
   progress: JobProgress;
 }
 
@@ -75,6 +81,7 @@ export function newJobRecord(args: { id: string; account: string; request: Uploa
     request: args.request,
     kms_id: args.kmsId,
     callback_url: args.request.callback_url ?? null,
+    queue_job_id: args.id,
     progress: {},
   };
 }

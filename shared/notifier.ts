@@ -16,7 +16,7 @@ export class Notifier {
 
   async after(update: JobUpdate): Promise<void> {
     await this.jobFinished(update.job);
-    if (update.batchCompletion > 0 && update.job.batch_id) await this.batchCompleted(update.job.account, update.job.batch_id);
+    if (update.batchCompletion > 0 && update.job.batch_id) await this.batchCompleted(update.job.account, update.job.batch_id, update.batchCompletion);
   }
 
   async jobFinished(job: JobRecord): Promise<void> {
@@ -31,16 +31,17 @@ export class Notifier {
     });
   }
 
-  async batchCompleted(account: string, batchId: string): Promise<void> {
+  /** `completion` is the batch's completion number that the event is for (default: its latest). */
+  async batchCompleted(account: string, batchId: string, completion?: number): Promise<void> {
     const found = await this.stores.batches.get(batchId);
-    if (!found || found.batch.status !== 'completed' || !found.batch.callback_url) return;
+    if (!found || found.batch.completions === 0 || !found.batch.callback_url) return;
     await this.enqueue({
       type: 'batch.completed',
       account,
       url: found.batch.callback_url,
       ownerId: batchId,
       data: batchResource(found.batch, found.counts),
-      dedupeId: `batch:${batchId}:completed:${found.batch.completions}`,
+      dedupeId: `batch:${batchId}:completed:${completion ?? found.batch.completions}`,
     });
   }
 }

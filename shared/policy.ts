@@ -30,8 +30,14 @@ const ADMIN_ACTIONS = [
 const USER_ACTIONS = ['kms:Encrypt', 'kms:Decrypt', 'kms:ReEncrypt*', 'kms:GenerateDataKey*', 'kms:DescribeKey'];
 const GRANT_ACTIONS = ['kms:CreateGrant', 'kms:ListGrants', 'kms:RevokeGrant'];
 
-const arnOr = (account: string, kind: 'user' | 'role', name: string) =>
-  name.startsWith('arn:') ? name : `arn:aws:iam::${account}:${kind}/${name}`;
+/** The ARN partition of a region: aws, aws-cn, aws-us-gov, aws-iso, aws-iso-b. */
+export function partitionOf(region: string): string {
+  if (region.startsWith('cn-')) return 'aws-cn';
+  if (region.startsWith('us-gov-')) return 'aws-us-gov';
+  if (region.startsWith('us-isob-')) return 'aws-iso-b';
+  if (region.startsWith('us-iso-')) return 'aws-iso';
+  return 'aws';
+}
 
 /** One principal alone is a string, as the AWS console writes it. */
 const principal = (arns: string[]) => ({ AWS: arns.length === 1 ? (arns[0] as string) : arns });
@@ -47,14 +53,14 @@ export function buildKeyPolicy(req: UploadKeyRequest, accountId: string, templat
   if (req.aws_param.Policy !== undefined) return req.aws_param.Policy;
   if (templatePolicy !== undefined) return templatePolicy;
 
-  const admins = [
-    ...(req.key_admins ?? []).map((n) => arnOr(accountId, 'user', n)),
-    ...(req.key_admins_roles ?? []).map((n) => arnOr(accountId, 'role', n)),
-  ];
+  const partition = partitionOf(req.region);
+  const iam = (account: string, rest: string) => `arn:${partition}:iam::${account}:${rest}`;
+  const arnOr = (kind: 'user' | 'role', name: string) => (name.startsWith('arn:') ? name : iam(accountId, `${kind}/${name}`));
+  const admins = [...(req.key_admins ?? []).map((n) => arnOr('user', n)), ...(req.key_admins_roles ?? []).map((n) => arnOr('role', n))];
   const users = [
-    ...(req.key_users ?? []).map((n) => arnOr(accountId, 'user', n)),
-    ...(req.key_users_roles ?? []).map((n) => arnOr(accountId, 'role', n)),
-    ...(req.external_accounts ?? []).map((a) => `arn:aws:iam::${a}:root`),
+    ...(req.key_users ?? []).map((n) => arnOr('user', n)),
+    ...(req.key_users_roles ?? []).map((n) => arnOr('role', n)),
+    ...(req.external_accounts ?? []).map((a) => iam(a, 'root')),
   ];
   if (admins.length === 0 && users.length === 0) return undefined;
 
@@ -62,7 +68,7 @@ export function buildKeyPolicy(req: UploadKeyRequest, accountId: string, templat
     {
       Sid: 'Enable IAM User Permissions',
       Effect: 'Allow',
-      Principal: { AWS: `arn:aws:iam::${accountId}:root` },
+      Principal: { AWS: iam(accountId, 'root') },
       Action: 'kms:*',
       Resource: '*',
     },

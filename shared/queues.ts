@@ -20,7 +20,7 @@ export function createUploadQueue(redis: RedisClient, keys: Keyspace): UploadQue
   return new Queue<UploadJobData>(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix });
 }
 
-/** QueueEvents blocks on a stream read, so it gets its own connection options (not a shared client). */
+/** QueueEvents blocks on a stream read: give it a client of its own (the caller disconnects it). */
 export function createUploadQueueEvents(redis: RedisClient, keys: Keyspace): QueueEvents {
-  return new QueueEvents(UPLOAD_QUEUE, { connection: redis.duplicate(), prefix: keys.bullPrefix });
+  return new QueueEvents(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix });
 }

@@ -45,6 +45,13 @@ describe('key policy from the request', () => {
     expect(bySid['Allow attachment of persistent resources']?.Condition).toEqual({ Bool: { 'kms:GrantIsForAWSResource': true } });
   });
 
+  it('when the region is in another partition, then the ARNs use it', () => {
+    const p = buildKeyPolicy(parseUploadKey({ ...base, region: 'cn-north-1', key_users: ['bob'] }), '123456789012');
+    expect(p).toContain('arn:aws-cn:iam::123456789012:root');
+    expect(p).toContain('arn:aws-cn:iam::123456789012:user/bob');
+    expect(p).not.toContain('arn:aws:iam');
+  });
+
   it('when only users are given, then there is no administrators statement', () => {
     const sids = policyOf({ key_users: ['bob'] })?.Statement.map((s) => s.Sid);
     expect(sids).toEqual(['Enable IAM User Permissions', 'Allow use of the key', 'Allow attachment of persistent resources']);

@@ -53,28 +53,40 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     res.json({ jobs: jobs.map(jobResource), next_cursor: next === null ? null : String(next) });
   });
 
-  /** Re-enqueues the failed jobs. Each resumes from its checkpoints; a job whose key was scheduled for deletion starts over with a new key. */
+  /**
+   * Re-enqueues the failed jobs. Each move failed → queued is a compare-and-set, so concurrent calls
+   * retry a job once. Queued jobs whose BullMQ job is missing (an earlier call failed between the two
+   * writes) are enqueued again. Each job resumes from its checkpoints; one whose key was scheduled for
+   * deletion starts over.
+   */
   router.post('/api/v1/batches/:id/retry-failed', async (req, res) => {
     const account = accountOf(req);
     const { batch } = await owned(account, req.params.id);
     const failed = await stores.batches.idsIn(batch.id, 'failed');
     if (failed.length > 0) await stores.batches.reopen(batch.id);
-    const stamp = Date.now().toString(36);
+    const moved: { id: string; queueJobId: string }[] = [];
+    const run = Date.now().toString(36);
+    await inChunks(await stores.batches.idsIn(batch.id, 'queued'), 100, async (id) => {
+      const job = await stores.jobs.get(id);
+      if (job && batch.enqueued && !(await deps.queue.getJob(job.queue_job_id))) moved.push({ id, queueJobId: job.queue_job_id });
+    });
     await inChunks(failed, 100, async (id) => {
-      await stores.jobs.update(id, (j) => {
+      const update = await stores.jobs.updateIf(id, 'failed', (j) => {
         j.status = 'queued';
         j.step = null;
         j.error = null;
         j.finished_at = null;
         j.attempts = 0;
+        j.queue_job_id = `${id}-r${run}`;
         if (j.progress.deletion_scheduled_for) j.progress = {};
       });
+      if (update) moved.push({ id, queueJobId: update.job.queue_job_id });
     });
     await deps.queue.addBulk(
-      failed.map((id) => ({ name: 'upload-key', data: { jobId: id, account }, opts: { ...uploadJobOptions(deps.config), priority: BATCH_PRIORITY, jobId: `${id}-retry-${stamp}` } })),
+      moved.map(({ id, queueJobId }) => ({ name: 'upload-key', data: { jobId: id, account }, opts: { ...uploadJobOptions(deps.config), priority: BATCH_PRIORITY, jobId: queueJobId } })),
     );
     const after = await owned(account, batch.id);
-    res.status(202).location(`/api/v1/batches/${batch.id}`).json({ ...batchResource(after.batch, after.counts), retried: failed.length });
+    res.status(202).location(`/api/v1/batches/${batch.id}`).json({ ...batchResource(after.batch, after.counts), retried: moved.length });
   });
 
   /** Cancels the jobs no worker has started; running ones finish. */
@@ -84,11 +96,14 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     const queued = await stores.batches.idsIn(batch.id, 'queued');
     let canceled = 0;
     await inChunks(queued, 100, async (id) => {
-      if ((await deps.queue.remove(id)) !== 1) return; // started meanwhile, or already gone
-      const update = await stores.jobs.update(id, (j) => {
+      const job = await stores.jobs.get(id);
+      // remove() refuses a job a worker holds; a batch never enqueued (enqueued=0) has nothing to remove.
+      if (!job || (batch.enqueued && (await deps.queue.remove(job.queue_job_id)) !== 1)) return;
+      const update = await stores.jobs.updateIf(id, 'queued', (j) => {
         j.status = 'canceled';
         j.finished_at = new Date().toISOString();
       });
+      if (!update) return;
       canceled++;
       await deps.notifier.after(update);
     });

@@ -26,12 +26,15 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
       throw new ConflictError('job_started', `The job is ${job.status}; only jobs that have not started can be canceled.`);
     }
     // remove() refuses a job a worker holds the lock of, so a job cannot be canceled and run at once.
-    const removed = await deps.queue.remove(job.id);
-    if (removed !== 1) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
-    const update = await deps.stores.jobs.update(job.id, (j) => {
-      j.status = 'canceled';
-      j.finished_at = new Date().toISOString();
-    });
+    const removed = await deps.queue.remove(job.queue_job_id);
+    const update =
+      removed === 1
+        ? await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
+            j.status = 'canceled';
+            j.finished_at = new Date().toISOString();
+          })
+        : undefined;
+    if (!update) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
     await deps.notifier.after(update);
     res.json(jobResource(update.job));
   });

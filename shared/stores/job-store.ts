@@ -8,9 +8,14 @@ import type { Keyspace } from './keyspace.js';
  * - for a batch job whose status changed: moves it between the batch's status counters and indexes,
  *   appends a progress event with the new counts to the batch's stream, and, when this change finishes
  *   the batch, marks it completed once and appends a `completed` event.
- * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0.
+ * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0;
+ * -1 when an expected status was given and the stored record is not in it (nothing written).
  */
 const WRITE_SCRIPT = `
+if ARGV[8] ~= '' then
+  local current = redis.call('GET', KEYS[1])
+  if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
+end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
 if ARGV[4] == '' then return 0 end
@@ -66,8 +71,19 @@ export class JobStore {
    * the API before the job is enqueued or after it was removed unstarted), so read-modify-write is safe.
    */
   async update(id: string, change: (job: JobRecord) => void): Promise<JobUpdate> {
+    const done = await this.updateIf(id, undefined, change);
+    if (!done) throw new Error(`job record ${id} is missing`);
+    return done;
+  }
+
+  /**
+   * Like update, but only if the stored status is still `expected` when the write happens (checked inside
+   * the write script): the guard for changes that race, such as cancel or retry-failed against a worker.
+   * Undefined when the record is missing or its status moved on.
+   */
+  async updateIf(id: string, expected: JobStatus | undefined, change: (job: JobRecord) => void): Promise<JobUpdate | undefined> {
     const job = await this.get(id);
-    if (!job) throw new Error(`job record ${id} is missing`);
+    if (!job || (expected !== undefined && job.status !== expected)) return undefined;
     const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
     job.updated_at = new Date().toISOString();
@@ -91,7 +107,9 @@ export class JobStore {
       id,
       String(job.batch_index ?? 0),
       job.updated_at,
+      expected ?? '',
     );
+    if (Number(completion) === -1) return undefined;
     return { job, batchCompletion: Number(completion) };
   }
 
