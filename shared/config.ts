@@ -24,6 +24,15 @@ export const configSchema = z.object({
   /** Expected `iss` / `aud` of tokens, when set. */
   JWT_ISSUER: z.string().optional(),
   JWT_AUDIENCE: z.string().optional(),
+  /**
+   * A JSON Web Key Set URL; when set, RS256 and ES256 tokens are verified against its keys (fetched and
+   * cached by kid). HS256 tokens signed with JWT_SECRET stay accepted either way.
+   */
+  JWT_JWKS_URL: z.url({ protocol: /^https?$/, message: 'Must be an http(s) URL.' }).optional(),
+  /** Intake (POST upload-key and upload-key/batch) requests per second and account, refilling a token bucket. */
+  INTAKE_RATE_PER_SECOND: z.coerce.number().positive().max(1_000_000).default(50),
+  /** Size of that bucket: the requests an account may send at once after a quiet spell. */
+  INTAKE_BURST: z.coerce.number().int().min(1).max(1_000_000).default(100),
   /** API listen port and host. */
   PORT: z.coerce.number().int().min(0).max(65535).default(8080),
   HOST: z.string().default('0.0.0.0'),
@@ -31,6 +40,16 @@ export const configSchema = z.object({
   MAX_PREFER_WAIT_SECONDS: z.coerce.number().int().min(0).max(60).default(60),
   /** Jobs processed at once by one worker process. */
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(8),
+  /**
+   * How long a worker's lock on a running job lasts, ms; the worker renews it every half of that. A job
+   * whose worker died is taken up again within about WORKER_LOCK_DURATION_MS + WORKER_STALLED_INTERVAL_MS,
+   * and resumes from its checkpoints.
+   */
+  WORKER_LOCK_DURATION_MS: z.coerce.number().int().min(1000).max(600_000).default(30_000),
+  /** How often workers look for running jobs whose lock has expired (stalled), ms; keep it ≤ the lock duration. */
+  WORKER_STALLED_INTERVAL_MS: z.coerce.number().int().min(500).max(600_000).default(15_000),
+  /** Times a job may be taken up again after its worker died; one more and it fails with `worker_lost`. */
+  WORKER_MAX_STALLED_COUNT: z.coerce.number().int().min(0).max(100).default(2),
   /** Attempts per upload job (first try included) for retryable failures. */
   JOB_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(8),
   /** Base delay of the exponential backoff between attempts, ms (jittered). */

@@ -118,11 +118,14 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
 
   it('when KMS throttles CreateKey twice, then the job succeeds on attempt 3 with one key', async () => {
     stack.emulator.injectFault({ op: 'CreateKey', error: 'ThrottlingException', count: 2 });
+    const listKeys = stack.emulator.callCount('ListKeys');
     const res = await upload({ ...exampleRequest, aws_param: { Alias: 'after-throttle' } });
     const job = await waitForJob(stack, token, res.body.id);
     expect(job.status).toBe('succeeded');
     expect(job.attempts).toBe(3);
     expect(jobTagged(job.id)).toHaveLength(1);
+    // A refused CreateKey made no key, so the retries do not look for one by its tag.
+    expect(stack.emulator.callCount('ListKeys')).toBe(listKeys);
   });
 
   it('when ImportKeyMaterial fails with a 500 once, then the retry resumes and no second key is created', async () => {
@@ -163,6 +166,10 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     const job = await waitForJob(stack, token, res.body.id);
     expect(job).toMatchObject({ status: 'failed', attempts: 5, max_attempts: 5, error: { code: 'aws_unavailable', retryable: true } });
     expect(jobTagged(job.id).map((k) => k.keyState)).toEqual(['PendingDeletion']);
+    // Its alias was deleted with it, so the name is free for the next upload.
+    expect(jobTagged(job.id)[0]?.aliases).toEqual([]);
+    const again = await upload({ ...exampleRequest, aws_param: { Alias: 'never-imported' } }, { prefer: 'wait=20' });
+    expect(again.status).toBe(201);
   });
 
   it('after all of the above, then no Redis value and no log line holds key material or the AWS secret', async () => {

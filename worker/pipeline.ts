@@ -2,14 +2,17 @@ import { randomUUID } from 'node:crypto';
 import {
   CreateAliasCommand,
   CreateKeyCommand,
+  DeleteAliasCommand,
   DescribeKeyCommand,
   GetKeyPolicyCommand,
   GetKeyRotationStatusCommand,
   GetParametersForImportCommand,
   ImportKeyMaterialCommand,
   ListAliasesCommand,
+  ListKeysCommand,
   ListResourceTagsCommand,
   ScheduleKeyDeletionCommand,
+  type KeyMetadata,
   type KMSClient,
 } from '@aws-sdk/client-kms';
 import type { Stores } from '../shared/context.js';
@@ -20,6 +23,7 @@ import type { JobUpdate } from '../shared/stores/job-store.js';
 import type { Logger } from '../shared/logger.js';
 import { buildKeyPolicy } from '../shared/policy.js';
 import type { KmsConnection, WrappingKeySpec } from '../shared/resources.js';
+import { faultPoint } from './fault-point.js';
 import type { KmsClients } from './kms-clients.js';
 import { buildKeyResource, JOB_TAG_KEY, type DescribeOutput } from './result.js';
 import { resolveSource, type SourceKey } from './sources/index.js';
@@ -34,6 +38,17 @@ export interface PipelineDeps {
   logger: Logger;
   defaultWrappingKeySpec: WrappingKeySpec;
   kmsTimeoutMs: number;
+}
+
+/** KMS answered with a client error (4xx): it did nothing. Timeouts, network errors and 5xx leave that in doubt. */
+function rejectedByKms(err: unknown): boolean {
+  const status = (err as { $metadata?: { httpStatusCode?: number } } | undefined)?.$metadata?.httpStatusCode;
+  return status !== undefined && status >= 400 && status < 500;
+}
+
+interface KeyRef {
+  KeyId: string;
+  Arn: string;
 }
 
 interface Resolved {
@@ -64,26 +79,30 @@ export class UploadPipeline {
     const r = await this.resolve(job);
 
     if (!job.progress.kms_key_id) {
-      await step('create_key');
-      const tags = [...(job.request.aws_param.Tags ?? []), { TagKey: JOB_TAG_KEY, TagValue: job.id }];
-      const out = await r.kms.send(
-        new CreateKeyCommand({
-          Origin: 'EXTERNAL',
-          KeySpec: 'SYMMETRIC_DEFAULT',
-          KeyUsage: 'ENCRYPT_DECRYPT',
-          ...(r.policy !== undefined ? { Policy: r.policy } : {}),
-          Description: job.request.aws_param.Description ?? '',
-          Tags: tags,
-          MultiRegion: job.request.aws_param.MultiRegion ?? false,
-          BypassPolicyLockoutSafetyCheck: job.request.aws_param.BypassPolicyLockoutSafetyCheck ?? false,
-        }),
-        this.callOpts(),
-      );
-      const meta = out.KeyMetadata;
-      if (!meta?.KeyId || !meta.Arn) throw new PipelineError('aws_bad_response', 'CreateKey returned no key id.', true);
+      // An intent without a key id: an earlier attempt may have died between CreateKey and its checkpoint.
+      let key = job.progress.create_key_started_at ? await this.findCreatedKey(r.kms, job.id) : undefined;
+      if (key) {
+        this.deps.logger.info({ job_id: job.id, kms_key_id: key.KeyId }, 'resuming with the key an earlier attempt created');
+      } else {
+        await step('create_key', (j) => {
+          j.progress.create_key_started_at = new Date().toISOString();
+        });
+        faultPoint('before:create_key');
+        key = await this.createKey(r, job).catch(async (err: unknown) => {
+          // KMS refused the request, so it made no key: a retry need not look for one.
+          if (rejectedByKms(err)) {
+            await step('create_key', (j) => {
+              delete j.progress.create_key_started_at;
+            });
+          }
+          throw err;
+        });
+        faultPoint('after:create_key');
+      }
+      const { KeyId, Arn } = key;
       await step('create_key', (j) => {
-        j.progress.kms_key_id = meta.KeyId;
-        j.progress.kms_key_arn = meta.Arn;
+        j.progress.kms_key_id = KeyId;
+        j.progress.kms_key_arn = Arn;
       });
     }
     const keyId = job.progress.kms_key_id as string;
@@ -91,7 +110,9 @@ export class UploadPipeline {
     const alias = job.request.aws_param.Alias;
     if (alias && !job.progress.alias_created) {
       await step('create_alias');
+      faultPoint('before:create_alias');
       await this.createAlias(r.kms, `alias/${alias}`, keyId);
+      faultPoint('after:create_alias');
       await step('create_alias', (j) => {
         j.progress.alias_created = true;
       });
@@ -101,6 +122,7 @@ export class UploadPipeline {
       let params = job.progress.import_params;
       if (!params || Date.parse(params.valid_to) - Date.now() < IMPORT_PARAMS_MARGIN_MS) {
         await step('get_import_params');
+        faultPoint('before:get_import_params');
         const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
         const out = await r.kms.send(
           new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: WRAPPING_ALGORITHM, WrappingKeySpec: keySpec }),
@@ -109,6 +131,7 @@ export class UploadPipeline {
         if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
           throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
         }
+        faultPoint('after:get_import_params');
         params = {
           public_key: Buffer.from(out.PublicKey).toString('base64'),
           import_token: Buffer.from(out.ImportToken).toString('base64'),
@@ -132,6 +155,7 @@ export class UploadPipeline {
       }
 
       await step('import');
+      faultPoint('before:import');
       const expires = job.request.KeyExpiration;
       try {
         await r.kms.send(
@@ -147,6 +171,7 @@ export class UploadPipeline {
       } finally {
         zeroize(wrapped);
       }
+      faultPoint('after:import');
       await step('import', (j) => {
         j.progress.imported = true;
         delete j.progress.import_params;
@@ -156,10 +181,16 @@ export class UploadPipeline {
     await step('describe');
     const described = await this.describe(r.kms, keyId);
 
-    await step('record');
+    // The resource id is checkpointed first, so a repeated record step rewrites the same resource.
+    const resourceId = job.progress.resource_id ?? randomUUID();
+    await step('record', (j) => {
+      j.progress.resource_id = resourceId;
+    });
+    faultPoint('before:record');
     const now = new Date().toISOString();
-    const resource = buildKeyResource({ id: randomUUID(), account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
+    const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
     await stores.uploadedKeys.put(job.account, resource);
+    faultPoint('after:record');
     return stores.jobs.update(jobId, (j) => {
       j.status = 'succeeded';
       j.step = 'record';
@@ -169,19 +200,32 @@ export class UploadPipeline {
     });
   }
 
-  /** After a permanent failure: a key that never received material is scheduled for deletion (7 days). */
+  /**
+   * After a permanent failure: a key that never received material is scheduled for deletion (7 days), also
+   * one that an attempt created but died before recording.
+   */
   async cleanUp(jobId: string): Promise<string | undefined> {
     const job = await this.load(jobId);
-    if (!job.progress.kms_key_id || job.progress.imported || job.progress.deletion_scheduled_for) return undefined;
+    const { progress } = job;
+    if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
     const conn = await this.deps.stores.kmsConnections.find(job.account, job.kms_id);
     if (!conn) return undefined;
     const kms = this.deps.clients.get(conn, job.request.region);
-    const out = await kms.send(new ScheduleKeyDeletionCommand({ KeyId: job.progress.kms_key_id, PendingWindowInDays: 7 }), this.callOpts());
+    const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
+    if (!keyId) return undefined;
+    // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload.
+    if (progress.alias_created && job.request.aws_param.Alias) await this.deleteAliasIfOurs(kms, `alias/${job.request.aws_param.Alias}`, keyId);
+    const out = await kms.send(new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }), this.callOpts());
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
     await this.deps.stores.jobs.update(jobId, (j) => {
       j.progress.deletion_scheduled_for = when;
     });
     return when;
+  }
+
+  private async deleteAliasIfOurs(kms: KMSClient, aliasName: string, keyId: string): Promise<void> {
+    const mine = await kms.send(new ListAliasesCommand({ KeyId: keyId }), this.callOpts());
+    if (mine.Aliases?.some((a) => a.AliasName === aliasName)) await kms.send(new DeleteAliasCommand({ AliasName: aliasName }), this.callOpts());
   }
 
   /** Every KMS call carries its own deadline. */
@@ -212,6 +256,66 @@ export class UploadPipeline {
     return { conn, kms: this.deps.clients.get(conn, job.request.region), source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }
 
+  private async createKey(r: Resolved, job: JobRecord): Promise<KeyRef> {
+    const param = job.request.aws_param;
+    const out = await r.kms.send(
+      new CreateKeyCommand({
+        Origin: 'EXTERNAL',
+        KeySpec: 'SYMMETRIC_DEFAULT',
+        KeyUsage: 'ENCRYPT_DECRYPT',
+        ...(r.policy !== undefined ? { Policy: r.policy } : {}),
+        Description: param.Description ?? '',
+        Tags: [...(param.Tags ?? []), { TagKey: JOB_TAG_KEY, TagValue: job.id }],
+        MultiRegion: param.MultiRegion ?? false,
+        BypassPolicyLockoutSafetyCheck: param.BypassPolicyLockoutSafetyCheck ?? false,
+      }),
+      this.callOpts(),
+    );
+    const { KeyId, Arn } = out.KeyMetadata ?? {};
+    if (!KeyId || !Arn) throw new PipelineError('aws_bad_response', 'CreateKey returned no key id.', true);
+    return { KeyId, Arn };
+  }
+
+  /**
+   * The key an earlier attempt of this job created but did not record, found by its job tag; undefined when
+   * that attempt died before CreateKey reached KMS. It reads the tags of every key in the account and region,
+   * so it runs only when a create_key intent has no key id. Should several keys carry the tag (attempts that
+   * raced), the oldest is kept and the others are scheduled for deletion.
+   */
+  private async findCreatedKey(kms: KMSClient, jobId: string): Promise<KeyRef | undefined> {
+    const tagged: KeyMetadata[] = [];
+    let marker: string | undefined;
+    do {
+      const page = await kms.send(new ListKeysCommand(marker ? { Marker: marker } : {}), this.callOpts());
+      for (const { KeyId } of page.Keys ?? []) {
+        const meta = KeyId && (await this.describeIfTagged(kms, KeyId, jobId));
+        if (meta && meta.KeyState !== 'PendingDeletion') tagged.push(meta);
+      }
+      marker = page.Truncated ? page.NextMarker : undefined;
+    } while (marker);
+
+    const [keep, ...others] = tagged.sort((a, b) => (a.CreationDate?.getTime() ?? 0) - (b.CreationDate?.getTime() ?? 0));
+    for (const other of others) {
+      await kms.send(new ScheduleKeyDeletionCommand({ KeyId: other.KeyId, PendingWindowInDays: 7 }), this.callOpts());
+    }
+    if (others.length > 0) {
+      this.deps.logger.warn({ job_id: jobId, kept: keep?.KeyId, deleted: others.map((k) => k.KeyId) }, 'several keys carry the job tag: scheduled deletion of all but the oldest');
+    }
+    return keep?.KeyId && keep.Arn ? { KeyId: keep.KeyId, Arn: keep.Arn } : undefined;
+  }
+
+  /** DescribeKey of a key that carries this job's tag; undefined for other keys. */
+  private async describeIfTagged(kms: KMSClient, keyId: string, jobId: string): Promise<KeyMetadata | undefined> {
+    // A key has at most 50 tags: one page of ListResourceTags holds them all.
+    const out = await kms.send(new ListResourceTagsCommand({ KeyId: keyId, Limit: 50 }), this.callOpts()).catch((err: unknown) => {
+      // Other keys of the account may deny us, or be deleted while we page: neither is this job's key.
+      if (['AccessDeniedException', 'NotFoundException'].includes((err as Error).name)) return undefined;
+      throw err;
+    });
+    if (!out?.Tags?.some((t) => t.TagKey === JOB_TAG_KEY && t.TagValue === jobId)) return undefined;
+    return (await kms.send(new DescribeKeyCommand({ KeyId: keyId }), this.callOpts())).KeyMetadata;
+  }
+
   /** CreateAlias; an alias that already names this key (an earlier attempt made it) is success. */
   private async createAlias(kms: KMSClient, aliasName: string, keyId: string): Promise<void> {
     try {
@@ -231,7 +335,11 @@ export class UploadPipeline {
       kms.send(new GetKeyPolicyCommand({ KeyId: keyId, PolicyName: 'default' }), this.callOpts()),
       kms.send(new ListAliasesCommand({ KeyId: keyId }), this.callOpts()),
       kms.send(new ListResourceTagsCommand({ KeyId: keyId }), this.callOpts()),
-      kms.send(new GetKeyRotationStatusCommand({ KeyId: keyId }), this.callOpts()),
+      // AWS has answered UnsupportedOperationException here for keys with imported material: that means "not rotating".
+      kms.send(new GetKeyRotationStatusCommand({ KeyId: keyId }), this.callOpts()).catch((err: Error) => {
+        if (err.name === 'UnsupportedOperationException') return { KeyRotationEnabled: false };
+        throw err;
+      }),
     ]);
     if (!d.KeyMetadata) throw new PipelineError('aws_bad_response', 'DescribeKey returned no metadata.', true);
     return {

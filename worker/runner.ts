@@ -1,6 +1,7 @@
 import { UnrecoverableError, Worker, type Job } from 'bullmq';
 import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
+import { PipelineError } from '../shared/errors.js';
 import { FINAL_STATUSES, UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
@@ -32,6 +33,28 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
 
+  /**
+   * Records a failed attempt. A final one first schedules deletion of a key that never got material, so the
+   * failed record already says so, then notifies.
+   */
+  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger) => {
+    if (final) {
+      const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
+        log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
+        return undefined;
+      });
+      if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
+    }
+    const failed = await stores.jobs.update(jobId, (j) => {
+      j.status = final ? 'failed' : 'retrying';
+      j.error = { code: err.code, message: err.message, retryable: err.retryable };
+      if (err.code === 'import_token_expired') delete j.progress.import_params;
+      if (final) j.finished_at = new Date().toISOString();
+    });
+    log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
+    if (final) await notifier.after(failed);
+  };
+
   const processJob = async (job: Job<UploadJobData>) => {
     const { jobId, account } = job.data;
     const log = logger.child({ job_id: jobId, account });
@@ -45,10 +68,15 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
       return;
     }
-    await stores.jobs.update(jobId, (j) => {
+    // Compare-and-set: a cancel that won the race leaves the job alone.
+    const started = await stores.jobs.updateIf(jobId, current.status, (j) => {
       j.status = 'running';
       j.attempts = job.attemptsMade + 1;
     });
+    if (!started) {
+      log.info('the job changed before it started (canceled?); nothing to do');
+      return;
+    }
     try {
       const done = await pipeline.run(jobId);
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
@@ -56,22 +84,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     } catch (thrown) {
       const err = classify(thrown);
       const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-      const failed = await stores.jobs.update(jobId, (j) => {
-        j.status = final ? 'failed' : 'retrying';
-        j.error = { code: err.code, message: err.message, retryable: err.retryable };
-        if (err.code === 'import_token_expired') delete j.progress.import_params;
-        if (final) j.finished_at = new Date().toISOString();
-      });
-      log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
-      if (final) {
-        const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
-          log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
-          return undefined;
-        });
-        if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
-        const latest = (await stores.jobs.get(jobId)) ?? failed.job;
-        await notifier.after({ ...failed, job: latest });
-      }
+      await recordFailure(jobId, err, final, log);
       throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
     }
   };
@@ -81,8 +94,24 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     connection: workerConnection,
     prefix: stores.keys.bullPrefix,
     concurrency: config.WORKER_CONCURRENCY,
+    // A job whose worker died (its lock expired) is run again from its checkpoints by another worker.
+    lockDuration: config.WORKER_LOCK_DURATION_MS,
+    stalledInterval: config.WORKER_STALLED_INTERVAL_MS,
+    maxStalledCount: config.WORKER_MAX_STALLED_COUNT,
   });
   worker.on('error', (err) => logger.warn({ err: err.message }, 'worker error'));
+  // A job that stalled more than WORKER_MAX_STALLED_COUNT times is failed by BullMQ without running
+  // processJob, so its record is finished here. processJob records its own failures.
+  worker.on('failed', (job, reason) => {
+    if (!job?.deferredFailure) return;
+    const { jobId, account } = job.data;
+    const log = logger.child({ job_id: jobId, account });
+    const err = new PipelineError('worker_lost', `Workers died running this job more often than WORKER_MAX_STALLED_COUNT allows (${reason.message}).`, false);
+    stores.jobs
+      .get(jobId)
+      .then((current) => (current && !FINAL_STATUSES.includes(current.status) ? recordFailure(jobId, err, true, log) : undefined))
+      .catch((e: unknown) => log.error({ err: classify(e).message }, 'could not record the failure of a stalled job'));
+  });
   const webhooks = await startWebhookWorker(config, logger);
   await worker.waitUntilReady();
   logger.info({ concurrency: config.WORKER_CONCURRENCY }, 'worker started');

@@ -290,6 +290,15 @@ const listKeys: Operation = ({ store, caller }, input) => {
   return { Keys: page.map((key) => ({ KeyId: key.keyId, KeyArn: key.arn })), ...rest };
 };
 
+/** DeleteAlias: removes the alias (the key stays); an unknown alias is NotFoundException. */
+const deleteAlias: Operation = ({ store, caller }, input) => {
+  const aliasName = reqString(input, 'AliasName');
+  if (!store.scope(caller).aliases.delete(aliasName)) {
+    throw new KmsError('NotFoundException', `Alias ${aliasArn(caller, aliasName)} is not found.`);
+  }
+  return {};
+};
+
 const createAlias: Operation = ({ store, caller }, input) => {
   const aliasName = reqString(input, 'AliasName');
   const targetKeyId = reqString(input, 'TargetKeyId');
@@ -449,6 +458,7 @@ export const operations = new Map<string, Operation>([
   ['ListAliases', listAliases],
   ['ListKeys', listKeys],
   ['CreateAlias', createAlias],
+  ['DeleteAlias', deleteAlias],
   ['TagResource', tagResource],
   ['ScheduleKeyDeletion', scheduleKeyDeletion],
   ['GetParametersForImport', getParametersForImport],

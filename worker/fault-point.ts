@@ -1,0 +1,18 @@
+/**
+ * Crash injection, for tests only (test/crash-recovery.test.ts). When the environment variable
+ * KEYFERRY_FAULT_POINT names one of the points below, the worker process kills itself with SIGKILL on
+ * reaching it, as a crash or an OOM kill would: no cleanup, no lock released. `before:<step>` is just
+ * before the step's side effect, after the checkpoint that announces it; `after:<step>` is just after the
+ * side effect, before the checkpoint that records it. Read once at load; unset (as in production) the
+ * points do nothing. Deliberately not part of the config schema: it is not a setting.
+ */
+const STEPS_WITH_SIDE_EFFECTS = ['create_key', 'create_alias', 'get_import_params', 'import', 'record'] as const;
+
+export const FAULT_POINTS = STEPS_WITH_SIDE_EFFECTS.flatMap((s) => [`before:${s}`, `after:${s}`] as const);
+export type FaultPoint = (typeof FAULT_POINTS)[number];
+
+const armed = process.env.KEYFERRY_FAULT_POINT;
+
+export function faultPoint(point: FaultPoint): void {
+  if (point === armed) process.kill(process.pid, 'SIGKILL');
+}
