@@ -75,6 +75,14 @@ export const configSchema = z.object({
   WEBHOOK_SECRET_GRACE_SECONDS: z.coerce.number().int().min(0).max(30 * 86_400).default(86_400),
   /** Webhooks: deliveries one worker process makes at once. */
   WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
+  /** Job and batch records (and their event streams) are deleted this many days after they end. */
+  RECORD_RETENTION_DAYS: z.coerce.number().positive().max(3650).default(30),
+  /** Previous master keys (comma-separated, 64 hex or base64 each) that still open values sealed before a rotation. */
+  KEYFERRY_MASTER_KEY_PREVIOUS: z
+    .string()
+    .default('')
+    .refine((v) => v === '' || v.split(',').every((k) => decodeKey(k.trim()) !== undefined), 'comma-separated 32-byte keys (64 hex or base64)')
+    .transform((v) => (v === '' ? [] : v.split(',').map((k) => decodeKey(k.trim()) as Buffer))),
   /** Server-Sent Events: a keep-alive comment after this long without events, ms. */
   SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

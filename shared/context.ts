@@ -20,12 +20,15 @@ export interface Stores {
   localKeys: ResourceStore<LocalKey>;
 }
 
-export function createStores(config: Pick<Config, 'KEYFERRY_PREFIX' | 'KEYFERRY_MASTER_KEY'>, redis: RedisClient): Stores {
+export function createStores(
+  config: Pick<Config, 'KEYFERRY_PREFIX' | 'KEYFERRY_MASTER_KEY' | 'KEYFERRY_MASTER_KEY_PREVIOUS' | 'RECORD_RETENTION_DAYS'>,
+  redis: RedisClient,
+): Stores {
   const keys = new Keyspace(config.KEYFERRY_PREFIX);
   return {
     keys,
-    box: new SecretBox(config.KEYFERRY_MASTER_KEY),
-    jobs: new JobStore(redis, keys),
+    box: new SecretBox(config.KEYFERRY_MASTER_KEY, config.KEYFERRY_MASTER_KEY_PREVIOUS),
+    jobs: new JobStore(redis, keys, Math.round(config.RECORD_RETENTION_DAYS * 86_400)),
     batches: new BatchStore(redis, keys),
     uploadedKeys: new UploadedKeyStore(redis, keys),
     kmsConnections: new ResourceStore<KmsConnection>(redis, keys, 'kms', 'KMS connection'),

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Keyspace } from '../shared/stores/keyspace.js';
 import { collectEvents } from './helpers/sse.js';
 import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
@@ -83,6 +84,11 @@ describe('batch runs', () => {
 
     const batch = await stack.call('GET', `/api/v1/batches/${batchId}`, { token });
     expect(batch.body).toMatchObject({ status: 'completed', total: 5, counts: { succeeded: 4, failed: 1, canceled: 0 }, finished_at: expect.any(String) });
+    // Retention: a completed batch's keys and its finished jobs' records now expire (30 days by default).
+    const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    for (const key of [keys.batch(batchId), keys.batchCounts(batchId), keys.batchEvents(batchId), keys.job(`${batchId}.0`), keys.jobEvents(`${batchId}.0`)]) {
+      expect(await stack.redis.ttl(key), key).toBeGreaterThan(29 * 86_400);
+    }
   });
 
   it('when the jobs are paged, then the failed filter and the cursor work', async () => {
@@ -108,6 +114,7 @@ describe('batch runs', () => {
     expect((a?.body.retried ?? 0) + (b?.body.retried ?? 0)).toBe(1);
     const done = await waitForBatch(batchId);
     expect(done.counts).toMatchObject({ succeeded: 5, failed: 0 });
+    expect(await stack.redis.ttl(new Keyspace(stack.config.KEYFERRY_PREFIX).batch(batchId))).toBeGreaterThan(29 * 86_400);
   });
 
   it('when another account asks for the batch, then 404', async () => {

@@ -1,5 +1,5 @@
 import type { RedisClient } from '../redis.js';
-import { jobResource, type JobRecord, type JobStatus } from '../jobs.js';
+import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
 
 /**
@@ -10,6 +10,7 @@ import type { Keyspace } from './keyspace.js';
  *   the batch, marks it completed once and appends a `completed` event.
  * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0;
  * -1 when an expected status was given and the stored record is not in it (nothing written).
+ * Records and streams of finished jobs, and every key of a completed batch, expire after the retention.
  */
 const WRITE_SCRIPT = `
 if ARGV[8] ~= '' then
@@ -18,6 +19,13 @@ if ARGV[8] ~= '' then
 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
+if ARGV[10] == '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[9])
+  redis.call('EXPIRE', KEYS[2], ARGV[9])
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
 if ARGV[4] == '' then return 0 end
 redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
@@ -36,6 +44,12 @@ end
 local progress = cjson.encode({ job_id = ARGV[5], index = tonumber(ARGV[6]), status = ARGV[4], counts = counts })
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'progress', 'data', progress)
 if completion > 0 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'completed', 'data', '') end
+-- A completed batch's keys expire with the retention; a reopened one (retry-failed) keeps them.
+for i = 3, #KEYS do
+  if i ~= 4 and i ~= 5 then
+    if redis.call('HGET', KEYS[7], 'status') == 'completed' then redis.call('EXPIRE', KEYS[i], ARGV[9]) else redis.call('PERSIST', KEYS[i]) end
+  end
+end
 return completion`;
 
 export interface JobUpdate {
@@ -49,6 +63,7 @@ export class JobStore {
   constructor(
     private readonly redis: RedisClient,
     private readonly keys: Keyspace,
+    private readonly retentionSeconds: number,
   ) {}
 
   async create(job: JobRecord): Promise<void> {
@@ -90,9 +105,12 @@ export class JobStore {
     const changed = job.status !== before.status || job.step !== before.step;
     const batchMove = job.batch_id !== null && job.status !== before.status;
     const batchId = job.batch_id ?? id;
+    const batchKeys = job.batch_id
+      ? [...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(batchId, s))]
+      : [];
     const completion = await this.redis.eval(
       WRITE_SCRIPT,
-      7,
+      7 + batchKeys.length,
       this.keys.job(id),
       this.keys.jobEvents(id),
       this.keys.batchCounts(batchId),
@@ -100,6 +118,7 @@ export class JobStore {
       this.keys.batchStatusIndex(batchId, job.status),
       this.keys.batchEvents(batchId),
       this.keys.batch(batchId),
+      ...batchKeys,
       JSON.stringify(job),
       changed ? JSON.stringify(jobResource(job)) : '',
       before.status,
@@ -108,6 +127,8 @@ export class JobStore {
       String(job.batch_index ?? 0),
       job.updated_at,
       expected ?? '',
+      String(this.retentionSeconds),
+      FINAL_STATUSES.includes(job.status) ? '1' : '0',
     );
     if (Number(completion) === -1) return undefined;
     return { job, batchCompletion: Number(completion) };
