@@ -50,6 +50,17 @@ export class SecretBox {
     return Buffer.concat([decipher.update(raw.subarray(12, raw.length - 16)), decipher.final()]);
   }
 
+  /** The same value sealed under the current master key (unchanged if it already is). */
+  reseal(sealed: string, context: string): string {
+    if (sealed.startsWith(`kf1.${this.#current}.`)) return sealed;
+    const plain = this.open(sealed, context);
+    try {
+      return this.seal(plain, context);
+    } finally {
+      zeroize(plain);
+    }
+  }
+
   openString(sealed: string, context: string): string {
     const buf = this.open(sealed, context);
     const s = buf.toString('utf8');

@@ -1,0 +1,63 @@
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createStores } from '../shared/context.js';
+import { kmsSecretContext, localKeyContext } from '../shared/resources.js';
+import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
+import { runEntry } from './helpers/child.js';
+import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, testEnv, type TestStack } from './helpers/stack.js';
+
+let stack: TestStack;
+let token: string;
+const material = randomBytes(32);
+let webhookSecret: string;
+
+beforeAll(async () => {
+  stack = await startStack({ name: 'rekey', worker: false });
+  token = await stack.token('acme');
+  await seedKms(stack, token);
+  await seedLocalKey(stack, token, 'rekey-key', material.toString('hex'));
+  webhookSecret = (await stack.call('POST', '/api/v1/webhooks/secret', { token })).body.secret;
+});
+afterAll(async () => {
+  await stack?.close();
+});
+
+describe('master key rotation', () => {
+  it('when the master key is rotated and the re-encryption command runs, then every secret opens with the new key alone', async () => {
+    const oldKey = stack.config.KEYFERRY_MASTER_KEY;
+    const newKey = randomBytes(32);
+    const base = { KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX, RECORD_RETENTION_DAYS: 30 };
+    const newOnly = createStores({ ...base, KEYFERRY_MASTER_KEY: newKey, KEYFERRY_MASTER_KEY_PREVIOUS: [] }, stack.redis);
+    const conn = await newOnly.kmsConnections.get('acme', 'kms');
+    if (conn.credentials.type !== 'access_key') throw new Error('seeded connection has no secret');
+    const sealedBefore = conn.credentials.secret_sealed;
+    expect(() => newOnly.box.open(sealedBefore, kmsSecretContext('acme', conn.id))).toThrow();
+
+    // The real command, as an operator runs it: new key current, old key previous.
+    const child = runEntry('shared/rekey-main.ts', {
+      ...testEnv('rekey'),
+      KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
+      KEYFERRY_MASTER_KEY: newKey.toString('hex'),
+      KEYFERRY_MASTER_KEY_PREVIOUS: oldKey.toString('hex'),
+      JWT_SECRET: stack.config.JWT_SECRET,
+    });
+    expect(await child.exited).toEqual({ code: 0, signal: null });
+    expect(JSON.parse(child.output.find((l) => l.includes('resealed')) ?? '{}')).toEqual({ resealed: { kms_connections: 1, local_keys: 1, webhook_secrets: 1 } });
+
+    const after = await newOnly.kmsConnections.get('acme', 'kms');
+    if (after.credentials.type !== 'access_key') throw new Error('secret lost');
+    expect(newOnly.box.openString(after.credentials.secret_sealed, kmsSecretContext('acme', after.id))).toBe(EMULATOR_SECRET_KEY);
+    const key = await newOnly.localKeys.get('acme', 'rekey-key');
+    expect(newOnly.box.open(key.material_sealed, localKeyContext('acme', key.id))).toEqual(material);
+    expect(await new WebhookSecretStore(stack.redis, newOnly.keys, newOnly.box).signingSecrets('acme')).toEqual([webhookSecret]);
+
+    // Values sealed under the old key are gone: the old key alone opens nothing any more.
+    const oldOnly = createStores({ ...base, KEYFERRY_MASTER_KEY: oldKey, KEYFERRY_MASTER_KEY_PREVIOUS: [] }, stack.redis);
+    expect(() => oldOnly.box.open(key.material_sealed, localKeyContext('acme', key.id))).toThrow();
+
+    // Running it again changes nothing.
+    const again = runEntry('shared/rekey-main.ts', { ...testEnv('rekey'), KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX, KEYFERRY_MASTER_KEY: newKey.toString('hex'), JWT_SECRET: stack.config.JWT_SECRET });
+    expect(await again.exited).toEqual({ code: 0, signal: null });
+    expect(again.output.join('\n')).toContain('"kms_connections":0,"local_keys":0,"webhook_secrets":0');
+  });
+});
