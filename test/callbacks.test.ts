@@ -31,6 +31,7 @@ beforeAll(async () => {
   const res = await stack.call('POST', '/api/v1/webhooks/secret', { token });
   expect(res.status).toBe(201);
   secret = res.body.secret;
+  stack.watchForLeaks(secret);
 });
 afterAll(async () => {
   await stack?.close();

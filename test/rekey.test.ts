@@ -17,6 +17,7 @@ beforeAll(async () => {
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'rekey-key', material.toString('hex'));
   webhookSecret = (await stack.call('POST', '/api/v1/webhooks/secret', { token })).body.secret;
+  stack.watchForLeaks(webhookSecret);
 });
 afterAll(async () => {
   await stack?.close();

@@ -8,6 +8,7 @@ import { createLogger } from '../../shared/logger.js';
 import { deleteKeyspace } from '../../shared/stores/keyspace.js';
 import { startWorker, type WorkerHandle } from '../../worker/runner.js';
 import { KmsEmulator, type KmsEmulatorOptions } from '../kms-emulator/emulator.js';
+import { redisValuesUnder } from './redis-dump.js';
 
 export const TEST_REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
 export const EMULATOR_ACCESS_KEY = 'AKIAKEYFERRYTEST0001';
@@ -40,7 +41,15 @@ export interface TestStack {
   token(account?: string, opts?: { ttlSeconds?: number; secret?: string }): Promise<string>;
   call(method: string, path: string, opts?: { body?: unknown; token?: string; headers?: Record<string, string>; raw?: string }): Promise<{ status: number; headers: Headers; body: any }>;
   startWorker(env?: Record<string, string>): Promise<WorkerHandle>;
+  /** Registers secrets (key material, AWS secret keys) that must never show up in Redis or the logs. */
+  watchForLeaks(...secrets: (string | Buffer)[]): void;
+  /** Stops everything; first fails if any watched secret is in a Redis value or a log line of this stack. */
   close(): Promise<void>;
+}
+
+/** The forms a secret could leak in: as given, and key material as hex and base64. */
+function leakForms(secret: string | Buffer): string[] {
+  return typeof secret === 'string' ? [secret] : [secret.toString('hex'), secret.toString('base64'), secret.toString('base64url')];
 }
 
 export function testEnv(name: string, env: Record<string, string> = {}): Record<string, string> {
@@ -72,6 +81,7 @@ export async function startStack(opts: StackOptions): Promise<TestStack> {
   const api = await startApi(config, logger);
   const workers: WorkerHandle[] = [];
   const redis = new Redis(config.REDIS_URL);
+  const watched = new Set<string>();
 
   const stack: TestStack = {
     config,
@@ -107,12 +117,21 @@ export async function startStack(opts: StackOptions): Promise<TestStack> {
       stack.worker ??= w;
       return w;
     },
+    watchForLeaks(...secrets) {
+      for (const secret of secrets) for (const form of leakForms(secret)) watched.add(form);
+    },
     async close() {
       await Promise.all(workers.map((w) => w.close()));
       await api.close();
       await emulator.close();
-      await deleteKeyspace(redis, config.KEYFERRY_PREFIX);
-      redis.disconnect();
+      try {
+        const haystacks = [...(await redisValuesUnder(redis, config.KEYFERRY_PREFIX)), ...logs.lines];
+        const leaks = [...watched].filter((needle) => haystacks.some((h) => h.includes(needle)));
+        if (leaks.length > 0) throw new Error(`${leaks.length} watched secret(s) found in Redis values or log lines of ${opts.name}`);
+      } finally {
+        await deleteKeyspace(redis, config.KEYFERRY_PREFIX);
+        redis.disconnect();
+      }
     },
   };
   if (opts.worker !== false) await stack.startWorker();
@@ -133,6 +152,7 @@ export async function seedKms(stack: TestStack, token: string, overrides: Record
       ...overrides,
     },
   });
+  stack.watchForLeaks(String(overrides.aws_secret_access_key ?? EMULATOR_SECRET_KEY));
   if (res.status !== 201) throw new Error(`seeding kms failed: ${res.status} ${JSON.stringify(res.body)}`);
   return res.body as { id: string; name: string };
 }
@@ -143,6 +163,7 @@ export async function seedLocalKey(stack: TestStack, token: string, name: string
     body: { name, algorithm: 'AES', size: 256, ...(materialHex ? { material: materialHex } : {}) },
   });
   if (res.status !== 201) throw new Error(`seeding local key failed: ${res.status} ${JSON.stringify(res.body)}`);
+  if (materialHex) stack.watchForLeaks(Buffer.from(materialHex, 'hex'));
   return res.body as { id: string; name: string };
 }
 
