@@ -4,10 +4,12 @@ import type { Stores } from '../shared/context.js';
 import type { Logger } from '../shared/logger.js';
 import type { UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
+import { authOptions } from '../shared/auth.js';
 import { requireAuth } from './auth.js';
 import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
 import { problem, problemHandler, sendProblem } from './problem.js';
+import { accountRateLimit } from './rate-limit.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import type { WebhookDeliveries } from '../shared/webhooks.js';
@@ -43,10 +45,6 @@ export function createApp(deps: AppDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('trust proxy', false);
-  const jsonTypes = ['application/json', 'application/*+json'];
-  // A batch of 10,000 items needs room; every other body is capped at 1 MiB.
-  app.use('/api/v1/cckm/aws/upload-key/batch', express.json({ limit: '16mb', type: jsonTypes }));
-  app.use(express.json({ limit: '1mb', type: jsonTypes }));
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
   app.get('/readyz', async (_req, res) => {
@@ -58,7 +56,16 @@ export function createApp(deps: AppDeps): Express {
     sendProblem(res, problem(503, 'not_ready', 'Redis does not answer.', { redis: 'unreachable' }));
   });
 
-  app.use('/api', requireAuth({ secret: deps.config.JWT_SECRET, issuer: deps.config.JWT_ISSUER, audience: deps.config.JWT_AUDIENCE }));
+  // The caller is known, and within its rate, before any body is read.
+  app.use('/api', requireAuth(authOptions(deps.config)));
+  app.post(
+    ['/api/v1/cckm/aws/upload-key', '/api/v1/cckm/aws/upload-key/batch'],
+    accountRateLimit({ redis: deps.redis, keys: deps.stores.keys, ratePerSecond: deps.config.INTAKE_RATE_PER_SECOND, burst: deps.config.INTAKE_BURST }),
+  );
+  const jsonTypes = ['application/json', 'application/*+json'];
+  // A batch of 10,000 items needs room; every other body is capped at 1 MiB.
+  app.use('/api/v1/cckm/aws/upload-key/batch', express.json({ limit: '16mb', type: jsonTypes }));
+  app.use('/api', express.json({ limit: '1mb', type: jsonTypes }));
   app.use('/api', requireJson);
   app.use(uploadKeyRoutes({ intake: deps.intake, stores: deps.stores, waiter: deps.waiter, maxWait: deps.config.MAX_PREFER_WAIT_SECONDS }));
   const keepAliveMs = deps.config.SSE_KEEPALIVE_MS;

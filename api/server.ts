@@ -75,9 +75,9 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
         server.closeIdleConnections();
         for (const res of streams) res.end();
       });
-      const eventsClosed = events.close();
-      eventsRedis.disconnect(); // close() alone waits forever for a connection that never came up
-      await eventsClosed.catch(warn('queue events close error'));
+      // While Redis is away, QueueEvents.close() would wait forever for its connection to come back.
+      if (eventsRedis.status === 'ready') await events.close();
+      else eventsRedis.disconnect();
       await queue.close();
       await webhookQueue.close();
       redis.disconnect();

@@ -1,10 +1,16 @@
-import { SignJWT, jwtVerify } from 'jose';
+import { SignJWT, createRemoteJWKSet, jwtVerify, type JWTVerifyGetKey } from 'jose';
+import type { Config } from './config.js';
 import { UnauthorizedError } from './errors.js';
+
+/** The asymmetric algorithms a JWK set may verify; HS256 is only ever checked against JWT_SECRET. */
+const JWKS_ALGORITHMS = ['RS256', 'ES256'];
 
 export interface AuthOptions {
   secret: string;
   issuer?: string | undefined;
   audience?: string | undefined;
+  /** Keys of RS256/ES256 tokens (JWT_JWKS_URL); without it only HS256 tokens are accepted. */
+  jwks?: JWTVerifyGetKey | undefined;
 }
 
 export interface Principal {
@@ -13,26 +19,44 @@ export interface Principal {
   groups: string[];
 }
 
-/** Verifies an HS256 bearer token; the account is the `acc` claim, as in CCKM's tokens. */
+/** The API's verification settings; the JWK set, if any, is fetched on first use and cached. */
+export function authOptions(config: Pick<Config, 'JWT_SECRET' | 'JWT_ISSUER' | 'JWT_AUDIENCE' | 'JWT_JWKS_URL'>): AuthOptions {
+  return {
+    secret: config.JWT_SECRET,
+    issuer: config.JWT_ISSUER,
+    audience: config.JWT_AUDIENCE,
+    jwks: config.JWT_JWKS_URL ? createRemoteJWKSet(new URL(config.JWT_JWKS_URL)) : undefined,
+  };
+}
+
+/**
+ * Verifies a bearer token: HS256 with JWT_SECRET, or RS256/ES256 with a key of the JWK set when one is
+ * configured. The key follows from the algorithm, so an HS256 token "signed" with a public key of the set
+ * is checked against JWT_SECRET and fails. The account is the `acc` claim, as in CCKM's tokens.
+ */
 export async function verifyToken(token: string, opts: AuthOptions): Promise<Principal> {
+  const secret = new TextEncoder().encode(opts.secret);
+  const claims = {
+    requiredClaims: ['exp'],
+    ...(opts.issuer ? { issuer: opts.issuer } : {}),
+    ...(opts.audience ? { audience: opts.audience } : {}),
+  };
+  const { jwks } = opts;
   try {
-    const { payload } = await jwtVerify(token, new TextEncoder().encode(opts.secret), {
-      algorithms: ['HS256'],
-      requiredClaims: ['exp'],
-      ...(opts.issuer ? { issuer: opts.issuer } : {}),
-      ...(opts.audience ? { audience: opts.audience } : {}),
-    });
+    const { payload } = jwks
+      ? await jwtVerify(token, (header, input) => (header.alg === 'HS256' ? secret : jwks(header, input)), { algorithms: ['HS256', ...JWKS_ALGORITHMS], ...claims })
+      : await jwtVerify(token, secret, { algorithms: ['HS256'], ...claims });
     if (typeof payload.acc !== 'string' || payload.acc.length === 0) throw new Error('no acc claim');
     const cust = payload.cust as { groups?: unknown } | undefined;
     const groups = Array.isArray(cust?.groups) ? cust.groups.filter((g): g is string => typeof g === 'string') : [];
     return { account: payload.acc, subject: payload.sub, groups };
   } catch {
-    throw new UnauthorizedError('The bearer token is missing, malformed, expired or not signed by this service.');
+    throw new UnauthorizedError('The bearer token is missing, malformed, expired or not signed by a trusted key.');
   }
 }
 
 export async function signToken(
-  opts: AuthOptions & { account: string; subject?: string; ttlSeconds?: number; groups?: string[] },
+  opts: Omit<AuthOptions, 'jwks'> & { account: string; subject?: string; ttlSeconds?: number; groups?: string[] },
 ): Promise<string> {
   let jwt = new SignJWT({ acc: opts.account, cust: { groups: opts.groups ?? ['admin'] } })
     .setProtectedHeader({ alg: 'HS256', typ: 'JWT' })

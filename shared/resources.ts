@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { kmsQuotaOverridesSchema, type KmsQuotaOverrides } from './kms-quotas.js';
 import type { AccountResource } from './stores/resource-store.js';
 
 const name = z.string().min(1).max(128).regex(/^[A-Za-z0-9_.@-]+$/, 'Names allow letters, digits and _ . @ -.');
@@ -17,6 +18,8 @@ export const kmsConnectionSchema = z
     aws_secret_access_key: z.string().min(16).max(256).optional(),
     endpoint: z.url({ protocol: /^https?$/ }).optional(),
     wrapping_key_spec: z.enum(WRAPPING_KEY_SPECS).optional(),
+    /** This AWS account's own KMS request quotas (requests per second, per region), over KMS_QUOTAS. */
+    quotas: kmsQuotaOverridesSchema.optional(),
   })
   .refine((b) => (b.aws_access_key_id === undefined) === (b.aws_secret_access_key === undefined), {
     path: ['aws_secret_access_key'],
@@ -31,6 +34,8 @@ export interface KmsConnection extends AccountResource {
   credentials: KmsCredentials;
   endpoint: string | null;
   wrapping_key_spec: WrappingKeySpec | null;
+  /** Absent on connections made before quotas were configurable: the same as none. */
+  quotas?: KmsQuotaOverrides;
 }
 
 /** What the API shows: never the secret. */
@@ -44,6 +49,7 @@ export function kmsConnectionView(c: KmsConnection) {
     aws_access_key_id: c.credentials.type === 'access_key' ? c.credentials.access_key_id : null,
     endpoint: c.endpoint,
     wrapping_key_spec: c.wrapping_key_spec,
+    quotas: c.quotas ?? {},
     created_at: c.created_at,
     updated_at: c.updated_at,
   };
@@ -54,20 +60,53 @@ export const kmsSecretContext = (account: string, id: string) => `kms-secret:${a
 
 // ---- policy templates --------------------------------------------------------------------------
 
-export const templateSchema = z.strictObject({
-  name,
-  policy: z.union([
-    z.record(z.string(), z.unknown()),
-    z.string().refine((s) => {
-      try {
-        const v: unknown = JSON.parse(s);
-        return typeof v === 'object' && v !== null && !Array.isArray(v);
-      } catch {
-        return false;
-      }
-    }, 'Must be a JSON key policy document.'),
-  ]),
-});
+/** AWS's size limit of a key policy. */
+const MAX_POLICY_CHARS = 32_768;
+/** Key policies nest a few levels; the cap keeps JSON.stringify (recursive) of a hostile document within the stack. */
+const MAX_POLICY_DEPTH = 32;
+
+const jsonObject = z.record(z.string(), z.unknown());
+const POLICY_MESSAGE = 'Must be a JSON key policy document: an object, or a string holding one.';
+
+/** A key policy document, as an object or as a string holding one; the output is its compact JSON. */
+const policyDocument = z
+  .union(
+    [
+      jsonObject,
+      z.string().transform((s, ctx) => {
+        const doc = jsonObject.safeParse(parseJson(s));
+        if (doc.success) return doc.data;
+        ctx.addIssue({ code: 'custom', message: POLICY_MESSAGE });
+        return z.NEVER;
+      }),
+    ],
+    { error: POLICY_MESSAGE },
+  )
+  .refine((doc) => !nestedDeeperThan(doc, MAX_POLICY_DEPTH), `Must not nest objects and arrays more than ${MAX_POLICY_DEPTH} levels deep.`)
+  .transform((doc) => JSON.stringify(doc))
+  .refine((json) => json.length <= MAX_POLICY_CHARS, `Must be at most ${MAX_POLICY_CHARS} characters as JSON (AWS's limit).`);
+
+export const templateSchema = z.strictObject({ name, policy: policyDocument });
+
+function parseJson(s: string): unknown {
+  try {
+    return JSON.parse(s);
+  } catch {
+    return undefined;
+  }
+}
+
+/** True when objects and arrays in `value` nest more than `max` levels; iterative, so any depth is safe to ask. */
+function nestedDeeperThan(value: unknown, max: number): boolean {
+  const pending: [unknown, number][] = [[value, 1]];
+  for (let next = pending.pop(); next; next = pending.pop()) {
+    const [v, depth] = next;
+    if (typeof v !== 'object' || v === null) continue;
+    if (depth > max) return true;
+    for (const child of Object.values(v)) pending.push([child, depth + 1]);
+  }
+  return false;
+}
 
 export interface PolicyTemplate extends AccountResource {
   policy: string;

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { redisValuesUnder } from './helpers/redis-dump.js';
+import { isRateLimitBucket, keysUnder, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
 import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
@@ -11,7 +11,10 @@ let stack: TestStack;
 let token: string;
 const upload = (body: unknown, headers: Record<string, string> = {}, t = token) =>
   stack.call('POST', '/api/v1/cckm/aws/upload-key', { token: t, body, headers });
-const keyCount = async () => (await redisValuesUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).length;
+const keyCount = async () => {
+  const keys = await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
+  return (await valuesOf(stack.redis, keys.filter((k) => !isRateLimitBucket(k)))).length;
+};
 
 beforeAll(async () => {
   stack = await startStack({ name: 'intake', worker: false });

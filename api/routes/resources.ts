@@ -50,6 +50,7 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
           : { type: 'default' },
       endpoint: body.endpoint ?? null,
       wrapping_key_spec: body.wrapping_key_spec ?? null,
+      ...(body.quotas ? { quotas: body.quotas } : {}),
     };
     await stores.kmsConnections.create(record);
     res.status(201).location(`/api/v1/cckm/aws/kms/${id}`).json(kmsConnectionView(record));
@@ -66,10 +67,7 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
     const account = accountOf(req);
     const body = parseOrThrow(templateSchema, req.body);
     const id = randomUUID();
-    const record: PolicyTemplate = {
-      ...stamp(account, id, body.name),
-      policy: typeof body.policy === 'string' ? JSON.stringify(JSON.parse(body.policy)) : JSON.stringify(body.policy),
-    };
+    const record: PolicyTemplate = { ...stamp(account, id, body.name), policy: body.policy };
     await stores.templates.create(record);
     res.status(201).location(`/api/v1/cckm/aws/templates/${id}`).json(templateView(record));
   });

@@ -87,6 +87,19 @@ export class Keyspace {
     return `${this.prefix}:acct:{${account}}:webhook-gone`;
   }
 
+  /**
+   * The request-rate bucket of one KMS operation in one AWS account and region, shared by every worker. All
+   * operations of an account and region share a hash tag; the bucket's keys start with this one.
+   */
+  kmsQuota(awsAccountId: string, region: string, op: string): string {
+    return `${this.prefix}:quota:{${awsAccountId}:${region}}:${op}`;
+  }
+
+  /** Token bucket of an account's intake requests (see api/rate-limit.ts). */
+  rateLimit(account: string): string {
+    return `${this.prefix}:acct:{${account}}:ratelimit`;
+  }
+
   /** Match patterns covering everything under this prefix (tests clean up with them). */
   get patterns(): string[] {
     return [`${this.prefix}:*`, `${this.bullPrefix}:*`];
