@@ -29,6 +29,7 @@ export async function streamEvents(
   res.status(200).set({ 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
   res.flushHeaders();
   const conn = opts.redis.duplicate();
+  conn.on('error', () => undefined); // a failed read rejects the XREAD below, which ends the stream
   let open = !res.destroyed;
   res.on('close', () => {
     open = false;

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { kmsQuotaListSchema } from './kms-quotas.js';
 
 /** Every setting keyferry reads, with its default. Parsed once at start; a bad value stops the process. */
 const boolFromEnv = z
@@ -54,8 +55,21 @@ export const configSchema = z.object({
   JOB_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(8),
   /** Base delay of the exponential backoff between attempts, ms (jittered). */
   JOB_BACKOFF_MS: z.coerce.number().int().min(0).max(600_000).default(1000),
+  /** Upper bound of the delay between attempts, ms (before jitter). */
+  JOB_BACKOFF_MAX_MS: z.coerce.number().int().min(0).max(3_600_000).default(300_000),
   /** Timeout of one AWS KMS call, ms. */
   KMS_TIMEOUT_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
+  /**
+   * AWS KMS request quotas, per AWS account and region, that the workers keep to together: `Op=rate` pairs
+   * (requests per second) replacing AWS's defaults (shared/kms-quotas.ts), e.g. `GetParametersForImport=2`.
+   * A KMS connection's own `quotas` override these for its account.
+   */
+  KMS_QUOTAS: kmsQuotaListSchema.prefault(''),
+  /**
+   * A KMS call whose quota frees up within this many ms waits in place; a longer wait puts its job back in
+   * the queue (delayed, no attempt counted) until then, freeing the worker for other accounts' jobs.
+   */
+  KMS_QUOTA_MAX_SLEEP_MS: z.coerce.number().int().min(0).max(60_000).default(250),
   /** Wrapping key spec asked of AWS when a connection does not say. */
   DEFAULT_WRAPPING_KEY_SPEC: z.enum(['RSA_2048', 'RSA_3072', 'RSA_4096']).default('RSA_4096'),
   /** Allow KMS connection endpoints on http:// (emulators); production endpoints are https. */

@@ -6,11 +6,23 @@ import type { Keyspace } from './stores/keyspace.js';
 
 export type UploadQueue = Queue<UploadJobData>;
 
-/** Retries: exponential backoff with jitter; finished BullMQ jobs are trimmed (the job record stays). */
+/** The backoff type of upload jobs; the upload worker's `backoffStrategy` (below) computes its delays. */
+export const UPLOAD_BACKOFF = 'capped-exponential';
+
+/**
+ * Delay before retry n (n = attempts made so far): JOB_BACKOFF_MS × 2^(n-1), capped at JOB_BACKOFF_MAX_MS,
+ * with ±50 % jitter so that jobs failed together do not retry together.
+ */
+export function uploadBackoffDelay(attemptsMade: number, config: Pick<Config, 'JOB_BACKOFF_MS' | 'JOB_BACKOFF_MAX_MS'>, random = Math.random()): number {
+  const base = Math.min(config.JOB_BACKOFF_MAX_MS, config.JOB_BACKOFF_MS * 2 ** Math.max(0, attemptsMade - 1));
+  return Math.round(base * (0.5 + random));
+}
+
+/** Retries: capped exponential backoff with jitter; finished BullMQ jobs are trimmed (the job record stays). */
 export function uploadJobOptions(config: Pick<Config, 'JOB_ATTEMPTS' | 'JOB_BACKOFF_MS'>): JobsOptions {
   return {
     attempts: config.JOB_ATTEMPTS,
-    backoff: { type: 'exponential', delay: config.JOB_BACKOFF_MS, jitter: 0.5 },
+    backoff: { type: UPLOAD_BACKOFF, delay: config.JOB_BACKOFF_MS },
     removeOnComplete: { age: 3600, count: 10_000 },
     removeOnFail: { age: 7 * 86_400, count: 100_000 },
   };

@@ -24,6 +24,14 @@ describe('configuration', () => {
     for (const v of ['KEYFERRY_MASTER_KEY', 'JWT_SECRET', 'PORT', 'ALLOW_HTTP_KMS_ENDPOINT']) expect((err as Error).message).toContain(v);
   });
 
+  it('when KMS_QUOTAS names some operations, then their quotas replace AWS defaults and the others stay; a bad list names the variable', () => {
+    expect(loadConfig(good).KMS_QUOTAS).toMatchObject({ CreateKey: 5, GetParametersForImport: 1, DescribeKey: 2000 });
+    expect(loadConfig({ ...good, KMS_QUOTAS: 'CreateKey=10, GetParametersForImport=0.5' }).KMS_QUOTAS).toMatchObject({ CreateKey: 10, GetParametersForImport: 0.5, DescribeKey: 2000 });
+    for (const bad of ['Frobnicate=1', 'CreateKey=0', 'CreateKey', 'CreateKey=1;ListKeys=2']) {
+      expect(() => loadConfig({ ...good, KMS_QUOTAS: bad }), bad).toThrow(/KMS_QUOTAS/);
+    }
+  });
+
   it('when the master key is base64, then it is accepted', () => {
     expect(loadConfig({ ...good, KEYFERRY_MASTER_KEY: randomBytes(32).toString('base64') }).KEYFERRY_MASTER_KEY).toHaveLength(32);
   });

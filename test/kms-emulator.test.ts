@@ -572,6 +572,22 @@ describe('KMS emulator', () => {
       await kms.send(new ListAliasesCommand({}));
     });
 
+    it('records every request with its operation, caller and arrival time when asked to', async () => {
+      const recording = new KmsEmulator({ accounts: { AKIDOTHER: OTHER_ACCOUNT }, recordRequests: true });
+      const before = Date.now();
+      const other = kmsClient(await recording.start(), 'eu-west-1', 'AKIDOTHER');
+      try {
+        await other.send(new ListKeysCommand({}));
+        const [request] = recording.requests();
+        expect(request).toEqual({ op: 'ListKeys', accountId: OTHER_ACCOUNT, region: 'eu-west-1', at: expect.any(Number) });
+        expect(request?.at).toBeGreaterThanOrEqual(before);
+        expect(emulator.requests()).toEqual([]);
+      } finally {
+        other.destroy();
+        await recording.close();
+      }
+    });
+
     it('answers protocol errors like AWS', async () => {
       const post = (target: string, body: string, authorization?: string) =>
         fetch(url, {

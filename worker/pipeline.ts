@@ -13,7 +13,6 @@ import {
   ListResourceTagsCommand,
   ScheduleKeyDeletionCommand,
   type KeyMetadata,
-  type KMSClient,
 } from '@aws-sdk/client-kms';
 import type { Stores } from '../shared/context.js';
 import { wrapKeyMaterial, zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
@@ -24,7 +23,9 @@ import type { Logger } from '../shared/logger.js';
 import { buildKeyPolicy } from '../shared/policy.js';
 import type { KmsConnection, WrappingKeySpec } from '../shared/resources.js';
 import { faultPoint } from './fault-point.js';
+import { classify } from './classify.js';
 import type { KmsClients } from './kms-clients.js';
+import { KmsQuotaWait, type KmsQuota, type MeteredKms } from './kms-quota.js';
 import { buildKeyResource, JOB_TAG_KEY, type DescribeOutput } from './result.js';
 import { resolveSource, type SourceKey } from './sources/index.js';
 
@@ -35,13 +36,17 @@ const IMPORT_PARAMS_MARGIN_MS = 60_000;
 export interface PipelineDeps {
   stores: Stores;
   clients: KmsClients;
+  quota: KmsQuota;
   logger: Logger;
   defaultWrappingKeySpec: WrappingKeySpec;
-  kmsTimeoutMs: number;
 }
 
-/** KMS answered with a client error (4xx): it did nothing. Timeouts, network errors and 5xx leave that in doubt. */
-function rejectedByKms(err: unknown): boolean {
+/**
+ * The request did nothing: it waits for its quota (never sent), or KMS answered with a client error (4xx).
+ * Timeouts, network errors and 5xx leave that in doubt.
+ */
+function didNothing(err: unknown): boolean {
+  if (err instanceof KmsQuotaWait) return true;
   const status = (err as { $metadata?: { httpStatusCode?: number } } | undefined)?.$metadata?.httpStatusCode;
   return status !== undefined && status >= 400 && status < 500;
 }
@@ -53,7 +58,7 @@ interface KeyRef {
 
 interface Resolved {
   conn: KmsConnection;
-  kms: KMSClient;
+  kms: MeteredKms;
   source: SourceKey;
   policy: string | undefined;
 }
@@ -89,8 +94,8 @@ export class UploadPipeline {
         });
         faultPoint('before:create_key');
         key = await this.createKey(r, job).catch(async (err: unknown) => {
-          // KMS refused the request, so it made no key: a retry need not look for one.
-          if (rejectedByKms(err)) {
+          // The request made no key: a retry need not look for one.
+          if (didNothing(err)) {
             await step('create_key', (j) => {
               delete j.progress.create_key_started_at;
             });
@@ -125,8 +130,8 @@ export class UploadPipeline {
         faultPoint('before:get_import_params');
         const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
         const out = await r.kms.send(
+          'GetParametersForImport',
           new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: WRAPPING_ALGORITHM, WrappingKeySpec: keySpec }),
-          this.callOpts(),
         );
         if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
           throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
@@ -159,6 +164,7 @@ export class UploadPipeline {
       const expires = job.request.KeyExpiration;
       try {
         await r.kms.send(
+          'ImportKeyMaterial',
           new ImportKeyMaterialCommand({
             KeyId: keyId,
             ImportToken: Buffer.from(params.import_token, 'base64'),
@@ -166,7 +172,6 @@ export class UploadPipeline {
             ExpirationModel: expires ? 'KEY_MATERIAL_EXPIRES' : 'KEY_MATERIAL_DOES_NOT_EXPIRE',
             ...(expires && job.request.aws_param.ValidTo ? { ValidTo: new Date(job.request.aws_param.ValidTo) } : {}),
           }),
-          this.callOpts(),
         );
       } finally {
         zeroize(wrapped);
@@ -210,12 +215,13 @@ export class UploadPipeline {
     if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
     const conn = await this.deps.stores.kmsConnections.find(job.account, job.kms_id);
     if (!conn) return undefined;
-    const kms = this.deps.clients.get(conn, job.request.region);
+    // A failing job cannot be put back to wait for a slot: it waits here.
+    const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: false });
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
     // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload.
     if (progress.alias_created && job.request.aws_param.Alias) await this.deleteAliasIfOurs(kms, `alias/${job.request.aws_param.Alias}`, keyId);
-    const out = await kms.send(new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }), this.callOpts());
+    const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
     await this.deps.stores.jobs.update(jobId, (j) => {
       j.progress.deletion_scheduled_for = when;
@@ -223,14 +229,9 @@ export class UploadPipeline {
     return when;
   }
 
-  private async deleteAliasIfOurs(kms: KMSClient, aliasName: string, keyId: string): Promise<void> {
-    const mine = await kms.send(new ListAliasesCommand({ KeyId: keyId }), this.callOpts());
-    if (mine.Aliases?.some((a) => a.AliasName === aliasName)) await kms.send(new DeleteAliasCommand({ AliasName: aliasName }), this.callOpts());
-  }
-
-  /** Every KMS call carries its own deadline. */
-  private callOpts() {
-    return { abortSignal: AbortSignal.timeout(this.deps.kmsTimeoutMs) };
+  private async deleteAliasIfOurs(kms: MeteredKms, aliasName: string, keyId: string): Promise<void> {
+    const mine = await kms.send('ListAliases', new ListAliasesCommand({ KeyId: keyId }));
+    if (mine.Aliases?.some((a) => a.AliasName === aliasName)) await kms.send('DeleteAlias', new DeleteAliasCommand({ AliasName: aliasName }));
   }
 
   private async load(jobId: string): Promise<JobRecord> {
@@ -253,12 +254,14 @@ export class UploadPipeline {
       templatePolicy = t.policy;
     }
     const source = await resolveSource(stores, job.account, job.request);
-    return { conn, kms: this.deps.clients.get(conn, job.request.region), source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
+    const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: true });
+    return { conn, kms, source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }
 
   private async createKey(r: Resolved, job: JobRecord): Promise<KeyRef> {
     const param = job.request.aws_param;
     const out = await r.kms.send(
+      'CreateKey',
       new CreateKeyCommand({
         Origin: 'EXTERNAL',
         KeySpec: 'SYMMETRIC_DEFAULT',
@@ -269,7 +272,6 @@ export class UploadPipeline {
         MultiRegion: param.MultiRegion ?? false,
         BypassPolicyLockoutSafetyCheck: param.BypassPolicyLockoutSafetyCheck ?? false,
       }),
-      this.callOpts(),
     );
     const { KeyId, Arn } = out.KeyMetadata ?? {};
     if (!KeyId || !Arn) throw new PipelineError('aws_bad_response', 'CreateKey returned no key id.', true);
@@ -282,11 +284,11 @@ export class UploadPipeline {
    * so it runs only when a create_key intent has no key id. Should several keys carry the tag (attempts that
    * raced), the oldest is kept and the others are scheduled for deletion.
    */
-  private async findCreatedKey(kms: KMSClient, jobId: string): Promise<KeyRef | undefined> {
+  private async findCreatedKey(kms: MeteredKms, jobId: string): Promise<KeyRef | undefined> {
     const tagged: KeyMetadata[] = [];
     let marker: string | undefined;
     do {
-      const page = await kms.send(new ListKeysCommand(marker ? { Marker: marker } : {}), this.callOpts());
+      const page = await retryInPlace(() => kms.send('ListKeys', new ListKeysCommand(marker ? { Marker: marker } : {})));
       for (const { KeyId } of page.Keys ?? []) {
         const meta = KeyId && (await this.describeIfTagged(kms, KeyId, jobId));
         if (meta && meta.KeyState !== 'PendingDeletion') tagged.push(meta);
@@ -296,7 +298,7 @@ export class UploadPipeline {
 
     const [keep, ...others] = tagged.sort((a, b) => (a.CreationDate?.getTime() ?? 0) - (b.CreationDate?.getTime() ?? 0));
     for (const other of others) {
-      await kms.send(new ScheduleKeyDeletionCommand({ KeyId: other.KeyId, PendingWindowInDays: 7 }), this.callOpts());
+      await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: other.KeyId, PendingWindowInDays: 7 }));
     }
     if (others.length > 0) {
       this.deps.logger.warn({ job_id: jobId, kept: keep?.KeyId, deleted: others.map((k) => k.KeyId) }, 'several keys carry the job tag: scheduled deletion of all but the oldest');
@@ -305,38 +307,38 @@ export class UploadPipeline {
   }
 
   /** DescribeKey of a key that carries this job's tag; undefined for other keys. */
-  private async describeIfTagged(kms: KMSClient, keyId: string, jobId: string): Promise<KeyMetadata | undefined> {
+  private async describeIfTagged(kms: MeteredKms, keyId: string, jobId: string): Promise<KeyMetadata | undefined> {
     // A key has at most 50 tags: one page of ListResourceTags holds them all.
-    const out = await kms.send(new ListResourceTagsCommand({ KeyId: keyId, Limit: 50 }), this.callOpts()).catch((err: unknown) => {
+    const out = await retryInPlace(() => kms.send('ListResourceTags', new ListResourceTagsCommand({ KeyId: keyId, Limit: 50 }))).catch((err: unknown) => {
       // Other keys of the account may deny us, or be deleted while we page: neither is this job's key.
       if (['AccessDeniedException', 'NotFoundException'].includes((err as Error).name)) return undefined;
       throw err;
     });
     if (!out?.Tags?.some((t) => t.TagKey === JOB_TAG_KEY && t.TagValue === jobId)) return undefined;
-    return (await kms.send(new DescribeKeyCommand({ KeyId: keyId }), this.callOpts())).KeyMetadata;
+    return (await retryInPlace(() => kms.send('DescribeKey', new DescribeKeyCommand({ KeyId: keyId })))).KeyMetadata;
   }
 
   /** CreateAlias; an alias that already names this key (an earlier attempt made it) is success. */
-  private async createAlias(kms: KMSClient, aliasName: string, keyId: string): Promise<void> {
+  private async createAlias(kms: MeteredKms, aliasName: string, keyId: string): Promise<void> {
     try {
-      await kms.send(new CreateAliasCommand({ AliasName: aliasName, TargetKeyId: keyId }), this.callOpts());
+      await kms.send('CreateAlias', new CreateAliasCommand({ AliasName: aliasName, TargetKeyId: keyId }));
     } catch (err) {
       if ((err as Error).name !== 'AlreadyExistsException') throw err;
-      const mine = await kms.send(new ListAliasesCommand({ KeyId: keyId }), this.callOpts());
+      const mine = await kms.send('ListAliases', new ListAliasesCommand({ KeyId: keyId }));
       if (!mine.Aliases?.some((a) => a.AliasName === aliasName)) {
         throw new PipelineError('alias_taken', `The alias ${aliasName} already names another key in this account and region.`, false);
       }
     }
   }
 
-  private async describe(kms: KMSClient, keyId: string): Promise<DescribeOutput> {
+  private async describe(kms: MeteredKms, keyId: string): Promise<DescribeOutput> {
     const [d, p, a, t, rot] = await Promise.all([
-      kms.send(new DescribeKeyCommand({ KeyId: keyId }), this.callOpts()),
-      kms.send(new GetKeyPolicyCommand({ KeyId: keyId, PolicyName: 'default' }), this.callOpts()),
-      kms.send(new ListAliasesCommand({ KeyId: keyId }), this.callOpts()),
-      kms.send(new ListResourceTagsCommand({ KeyId: keyId }), this.callOpts()),
+      kms.send('DescribeKey', new DescribeKeyCommand({ KeyId: keyId })),
+      kms.send('GetKeyPolicy', new GetKeyPolicyCommand({ KeyId: keyId, PolicyName: 'default' })),
+      kms.send('ListAliases', new ListAliasesCommand({ KeyId: keyId })),
+      kms.send('ListResourceTags', new ListResourceTagsCommand({ KeyId: keyId })),
       // AWS has answered UnsupportedOperationException here for keys with imported material: that means "not rotating".
-      kms.send(new GetKeyRotationStatusCommand({ KeyId: keyId }), this.callOpts()).catch((err: Error) => {
+      kms.send('GetKeyRotationStatus', new GetKeyRotationStatusCommand({ KeyId: keyId })).catch((err: Error) => {
         if (err.name === 'UnsupportedOperationException') return { KeyRotationEnabled: false };
         throw err;
       }),
@@ -349,5 +351,20 @@ export class UploadPipeline {
       tags: t.Tags ?? [],
       rotationEnabled: rot.KeyRotationEnabled ?? false,
     };
+  }
+}
+
+/**
+ * The key lookup makes one call per key of the account: a whole job retry per transient failure would
+ * rarely get through a large account, so its calls retry in place (a few times, briefly) first.
+ */
+async function retryInPlace<T>(call: () => Promise<T>, tries = 5): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      if (attempt >= tries || !classify(err).retryable) throw err;
+      await new Promise((r) => setTimeout(r, 20 * 2 ** attempt));
+    }
   }
 }

@@ -1,14 +1,17 @@
-import { UnrecoverableError, Worker, type Job } from 'bullmq';
+import { DelayedError, UnrecoverableError, Worker, type Job } from 'bullmq';
 import type { Config } from '../shared/config.js';
+import { RESUMED_BATCH_PRIORITY } from '../shared/batches.js';
 import { createStores } from '../shared/context.js';
 import { PipelineError } from '../shared/errors.js';
-import { FINAL_STATUSES, UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
+import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
+import { uploadBackoffDelay } from '../shared/queues.js';
 import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
+import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
 import { UploadPipeline } from './pipeline.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
@@ -26,9 +29,9 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   const pipeline = new UploadPipeline({
     stores,
     clients,
+    quota: new KmsQuota({ redis, keys: stores.keys, quotas: config.KMS_QUOTAS, maxSleepMs: config.KMS_QUOTA_MAX_SLEEP_MS, timeoutMs: config.KMS_TIMEOUT_MS }),
     logger,
     defaultWrappingKeySpec: config.DEFAULT_WRAPPING_KEY_SPEC,
-    kmsTimeoutMs: config.KMS_TIMEOUT_MS,
   });
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
@@ -55,7 +58,26 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     if (final) await notifier.after(failed);
   };
 
-  const processJob = async (job: Job<UploadJobData>) => {
+  /**
+   * A KMS call's slot is further off than a worker should sleep: the job goes back to the queue until then,
+   * without counting an attempt, and resumes from its checkpoints. A queued job that has made nothing in AWS
+   * yet goes back to `queued` (so it can still be canceled), any other is `retrying`, at the step it will
+   * resume. The record is written first, so the job cannot come back before it. A batch job comes back before
+   * the batch jobs that have not started, so that its slot is not taken late.
+   */
+  const delayForQuota = async (job: Job<UploadJobData>, token: string | undefined, before: JobRecord, wait: KmsQuotaWait, log: Logger): Promise<never> => {
+    await stores.jobs.update(job.data.jobId, (j) => {
+      const madeNothing = !j.progress.kms_key_id && !j.progress.create_key_started_at;
+      j.status = madeNothing && before.status === 'queued' ? 'queued' : 'retrying';
+      if (madeNothing) j.attempts = before.attempts;
+    });
+    if (job.priority > 0) await job.changePriority({ priority: RESUMED_BATCH_PRIORITY });
+    await job.moveToDelayed(Date.now() + wait.waitMs, token);
+    log.debug({ op: wait.op, wait_ms: wait.waitMs }, 'waiting for the KMS quota of the AWS account and region');
+    throw new DelayedError();
+  };
+
+  const processJob = async (job: Job<UploadJobData>, token?: string) => {
     const { jobId, account } = job.data;
     const log = logger.child({ job_id: jobId, account });
     const current = await stores.jobs.get(jobId);
@@ -82,6 +104,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
       await notifier.after(done);
     } catch (thrown) {
+      if (thrown instanceof KmsQuotaWait) return delayForQuota(job, token, current, thrown, log);
       const err = classify(thrown);
       const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
       await recordFailure(jobId, err, final, log);
@@ -90,6 +113,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   };
 
   const workerConnection = createRedis(config); // BullMQ does not close a client it is given
+  workerConnection.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const worker = new Worker<UploadJobData>(UPLOAD_QUEUE, processJob, {
     connection: workerConnection,
     prefix: stores.keys.bullPrefix,
@@ -98,6 +122,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     lockDuration: config.WORKER_LOCK_DURATION_MS,
     stalledInterval: config.WORKER_STALLED_INTERVAL_MS,
     maxStalledCount: config.WORKER_MAX_STALLED_COUNT,
+    settings: { backoffStrategy: (attemptsMade: number) => uploadBackoffDelay(attemptsMade, config) },
   });
   worker.on('error', (err) => logger.warn({ err: err.message }, 'worker error'));
   // A job that stalled more than WORKER_MAX_STALLED_COUNT times is failed by BullMQ without running

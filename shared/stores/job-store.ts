@@ -10,8 +10,10 @@ import type { Keyspace } from './keyspace.js';
  *   the batch, marks it completed once and appends a `completed` event.
  * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0;
  * -1 when an expected status was given and the stored record is not in it (nothing written).
- * Records and streams of finished jobs, and every key of a completed batch, expire after the retention.
+ * Records of finished jobs and every key of a completed batch expire after the retention; event streams,
+ * which serve live watchers, an hour after the end (a late watcher gets the final state from the record).
  */
+const EVENTS_RETENTION_SECONDS = 3600;
 const WRITE_SCRIPT = `
 if ARGV[8] ~= '' then
   local current = redis.call('GET', KEYS[1])
@@ -21,7 +23,7 @@ redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
 if ARGV[10] == '1' then
   redis.call('EXPIRE', KEYS[1], ARGV[9])
-  redis.call('EXPIRE', KEYS[2], ARGV[9])
+  redis.call('EXPIRE', KEYS[2], ARGV[11])
 else
   redis.call('PERSIST', KEYS[1])
   redis.call('PERSIST', KEYS[2])
@@ -47,7 +49,9 @@ if completion > 0 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*',
 -- A completed batch's keys expire with the retention; a reopened one (retry-failed) keeps them.
 for i = 3, #KEYS do
   if i ~= 4 and i ~= 5 then
-    if redis.call('HGET', KEYS[7], 'status') == 'completed' then redis.call('EXPIRE', KEYS[i], ARGV[9]) else redis.call('PERSIST', KEYS[i]) end
+    local ttl = ARGV[9]
+    if i == 6 then ttl = ARGV[11] end
+    if redis.call('HGET', KEYS[7], 'status') == 'completed' then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
   end
 end
 return completion`;
@@ -129,6 +133,7 @@ export class JobStore {
       expected ?? '',
       String(this.retentionSeconds),
       FINAL_STATUSES.includes(job.status) ? '1' : '0',
+      String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
     );
     if (Number(completion) === -1) return undefined;
     return { job, batchCompletion: Number(completion) };

@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import { startApi, type ApiServer } from '../../api/server.js';
 import { signToken } from '../../shared/auth.js';
 import { loadConfig, type Config } from '../../shared/config.js';
+import { DEFAULT_KMS_QUOTAS } from '../../shared/kms-quotas.js';
 import { createLogger } from '../../shared/logger.js';
 import { deleteKeyspace } from '../../shared/stores/keyspace.js';
 import { startWorker, type WorkerHandle } from '../../worker/runner.js';
@@ -66,6 +67,9 @@ export function testEnv(name: string, env: Record<string, string> = {}): Record<
     JOB_ATTEMPTS: '5',
     WORKER_CONCURRENCY: '4',
     KMS_TIMEOUT_MS: '5000',
+    // AWS's quotas × 100: the emulator enforces none unless a test sets them, and AWS's own would hold every
+    // upload a second for GetParametersForImport (test/quotas.test.ts tests them).
+    KMS_QUOTAS: Object.entries(DEFAULT_KMS_QUOTAS).map(([op, rps]) => `${op}=${rps * 100}`).join(','),
     LOG_LEVEL: 'debug',
     ...env,
   };
@@ -81,6 +85,7 @@ export async function startStack(opts: StackOptions): Promise<TestStack> {
   const api = await startApi(config, logger);
   const workers: WorkerHandle[] = [];
   const redis = new Redis(config.REDIS_URL);
+  redis.on('error', () => undefined); // tests that stop Redis on purpose expect this client to fail meanwhile
   const watched = new Set<string>();
 
   const stack: TestStack = {

@@ -25,6 +25,16 @@ export interface KmsEmulatorOptions {
   importTokenTtlMs?: number;
   /** Operation name -> requests per second, per (account, region, operation); absent = unlimited. */
   quotas?: Record<string, number>;
+  /** Keep every authenticated request's operation, caller and arrival time for requests() (grows without bound). */
+  recordRequests?: boolean;
+}
+
+export interface RequestRecord {
+  op: string;
+  accountId: string;
+  region: string;
+  /** Arrival time, ms since the epoch. */
+  at: number;
 }
 
 /**
@@ -119,6 +129,7 @@ export class KmsEmulator {
   private readonly buckets = new Map<string, Bucket>();
   private readonly calls = new Map<string, number>();
   private readonly throttles = new Map<string, number>();
+  private readonly requestLog: RequestRecord[] = [];
   private faults: FaultRule[] = [];
   private latencyMs: number;
   private baseUrl: string | undefined;
@@ -201,6 +212,11 @@ export class KmsEmulator {
     return countOf(this.calls, op);
   }
 
+  /** The requests received so far, in arrival order, when the emulator was started with recordRequests. */
+  requests(): RequestRecord[] {
+    return this.requestLog.map((r) => ({ ...r }));
+  }
+
   /** Requests rejected by a quota, for one operation or in total. */
   throttledCount(op?: string): number {
     return countOf(this.throttles, op);
@@ -209,11 +225,13 @@ export class KmsEmulator {
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const target = req.headers['x-amz-target'];
     const op = typeof target === 'string' && target.startsWith(TARGET_PREFIX) ? target.slice(TARGET_PREFIX.length) : '';
+    const at = Date.now();
     increment(this.calls, op);
     try {
       const body = await readBody(req);
       if (this.latencyMs > 0) await sleep(this.latencyMs);
       const caller = this.caller(req);
+      if (this.opts.recordRequests) this.requestLog.push({ op, ...caller, at });
       this.throttle(caller, op);
       this.throwInjectedFault(op);
       const operation = operations.get(op);

@@ -1,0 +1,136 @@
+import { readFileSync } from 'node:fs';
+import { afterAll, describe, expect, it } from 'vitest';
+import { KmsEmulator } from './kms-emulator/emulator.js';
+import { OwnRedis, freePort } from './helpers/redis-server.js';
+import { EMULATOR_ACCESS_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
+
+const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
+const items = (n: number, tag: string) => Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: `${tag}-${i}` } }));
+const fastRecovery = { WORKER_LOCK_DURATION_MS: '2000', WORKER_STALLED_INTERVAL_MS: '1000', JOB_ATTEMPTS: '40', JOB_BACKOFF_MS: '20', JOB_BACKOFF_MAX_MS: '200', INTAKE_BURST: '1000' };
+
+async function waitForBatch(stack: TestStack, token: string, id: string, timeoutMs = 45_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const res = await stack.call('GET', `/api/v1/batches/${id}`, { token }).catch(() => undefined);
+    if (res?.body?.status === 'completed') return res.body;
+    if (Date.now() > deadline) throw new Error(`batch ${id} did not complete: ${JSON.stringify(res?.body)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Every job of the batch has exactly one key in the emulator, and every key there belongs to a job. */
+function expectOneKeyPerJob(stack: TestStack, jobIds: string[]) {
+  const owners = stack.emulator.keys().map((k) => k.tags.find((t) => t.TagKey === 'keyferry:job-id')?.TagValue);
+  for (const id of jobIds) expect(owners.filter((o) => o === id), id).toHaveLength(1);
+  expect(owners.every((o) => o !== undefined && jobIds.includes(o))).toBe(true);
+}
+
+const cleanups: (() => Promise<void>)[] = [];
+afterAll(async () => {
+  for (const fn of cleanups.reverse()) await fn();
+});
+
+describe('faults', () => {
+  it('when Redis crashes and comes back during a batch, then the API answers 503 meanwhile and every accepted job completes with one key', async () => {
+    const redis = await OwnRedis.start();
+    cleanups.push(() => redis.stop());
+    const stack = await startStack({ name: 'faults-redis', env: { REDIS_URL: redis.url, ...fastRecovery } });
+    cleanups.push(() => stack.close());
+    stack.emulator.setLatency(20);
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body: { items: items(30, 'rr') } });
+    expect(res.status).toBe(202);
+    for (let i = 0; i < 200; i++) {
+      const b = await stack.call('GET', `/api/v1/batches/${res.body.id}`, { token });
+      if (b.body.counts.succeeded >= 3) break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+
+    await redis.kill();
+    const t0 = Date.now();
+    const during = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: example });
+    expect(Date.now() - t0).toBeLessThan(3000);
+    expect(during.status).toBe(503);
+    expect(during.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect((await stack.call('GET', '/readyz')).status).toBe(503);
+
+    await new Promise((r) => setTimeout(r, 1000));
+    await redis.restart();
+    const done = await waitForBatch(stack, token, res.body.id);
+    expect(done.counts).toMatchObject({ succeeded: 30, failed: 0, canceled: 0 });
+    expect((await stack.call('GET', '/readyz')).status).toBe(200);
+    expectOneKeyPerJob(stack, Array.from({ length: 30 }, (_, i) => `${res.body.id}.${i}`));
+  }, 90_000);
+
+  it('when KMS fails 30% of calls with 5xx and throttling, then every job completes after retries with one key', async () => {
+    const stack = await startStack({ name: 'faults-flaky', env: fastRecovery });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+    stack.emulator.injectFault({ op: '*', error: 'KMSInternalException', rate: 0.15 });
+    stack.emulator.injectFault({ op: '*', error: 'ThrottlingException', rate: 0.15 });
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body: { items: items(20, 'flaky') } });
+    const done = await waitForBatch(stack, token, res.body.id);
+    const failedJobs = await stack.call('GET', `/api/v1/batches/${res.body.id}/jobs?status=failed`, { token });
+    expect(failedJobs.body.jobs.map((j: { error: unknown }) => j.error)).toEqual([]);
+    expect(done.counts).toMatchObject({ succeeded: 20, failed: 0 });
+    const jobs = await stack.call('GET', `/api/v1/batches/${res.body.id}/jobs?limit=20`, { token });
+    expect(jobs.body.jobs.some((j: { attempts: number }) => j.attempts > 1)).toBe(true);
+    stack.emulator.clearFaults();
+    expectOneKeyPerJob(stack, Array.from({ length: 20 }, (_, i) => `${res.body.id}.${i}`));
+
+    // A permanent error still fails fast, without retries.
+    stack.emulator.injectFault({ op: 'CreateKey', error: 'AccessDeniedException', count: 1 });
+    const denied = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'denied-1' } } });
+    expect(await waitForJob(stack, token, denied.body.id)).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'aws_access_denied', retryable: false } });
+  }, 60_000);
+
+  it('when KMS is slow past the timeout, then calls are aborted and retried, and the job completes once KMS is fast again', async () => {
+    const stack = await startStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+    stack.emulator.setLatency(1000);
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'slow-1' } } });
+    for (let i = 0; i < 100; i++) {
+      const j = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token });
+      if (j.body.attempts >= 2) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    stack.emulator.setLatency(0);
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job.status).toBe('succeeded');
+    expect(job.attempts).toBeGreaterThanOrEqual(2);
+    // The slow CreateKey may have been answered after our timeout: still exactly one key, found by its tag.
+    expectOneKeyPerJob(stack, [res.body.id]);
+  }, 60_000);
+
+  it('when KMS is down when jobs start, then they retry until it is up and complete', async () => {
+    const port = await freePort();
+    const stack = await startStack({ name: 'faults-down', env: fastRecovery });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token, { name: 'down-kms', endpoint: `http://127.0.0.1:${port}` });
+    await seedLocalKey(stack, token, 'test-key');
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, kms: 'down-kms', aws_param: { Alias: 'down-1' } } });
+    for (let i = 0; i < 100; i++) {
+      const j = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token });
+      if (j.body.attempts >= 2) {
+        expect(j.body.error).toMatchObject({ code: 'aws_unreachable', retryable: true });
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const late = new KmsEmulator({ port, accounts: { [EMULATOR_ACCESS_KEY]: '123456789012' } });
+    await late.start();
+    cleanups.push(() => late.close());
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job.status).toBe('succeeded');
+    expect(late.keys().filter((k) => k.tags.some((t) => t.TagValue === res.body.id))).toHaveLength(1);
+  }, 60_000);
+});
