@@ -44,7 +44,7 @@ try {
         const size = Number((await redis.memory('USAGE', key)) ?? 0);
         bytes += size;
         keys++;
-        const kind = key.replace(/\{[^}]*\}/g, '{}').replace(/:[0-9a-f-]{36}(\.\d+)?/g, ':<id>').replace(/:\d+$/, ':<n>');
+        const kind = key.replace(/\{[^}]*\}/g, '{}').replace(/:[0-9a-f-]{36}(\.\d+)?/g, ':<id>').replace(/:\d+(?=:events$|$)/, ':<n>');
         byKind.set(kind, (byKind.get(kind) ?? 0) + size);
       }
     } while (cursor !== '0');
