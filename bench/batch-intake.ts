@@ -4,7 +4,6 @@
  * measured) next to a raw BullMQ addBulk of the same N payloads in the same run, and prints the ratio.
  * Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
  */
-import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -13,22 +12,14 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
+import { testEnv } from '../test/helpers/stack.js';
 
 const { values } = parseArgs({ options: { items: { type: 'string', default: '10000' }, runs: { type: 'string', default: '5' } } });
 const N = Number(values.items);
 const RUNS = Number(values.runs);
 
-const prefix = `kfbench-${randomBytes(3).toString('hex')}`;
-const config = loadConfig({
-  REDIS_URL: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379',
-  KEYFERRY_PREFIX: prefix,
-  KEYFERRY_MASTER_KEY: randomBytes(32).toString('hex'),
-  JWT_SECRET: randomBytes(32).toString('hex'),
-  PORT: '0',
-  HOST: '127.0.0.1',
-  ALLOW_HTTP_KMS_ENDPOINT: 'true',
-  LOG_LEVEL: 'silent',
-});
+const config = loadConfig(testEnv('bench-batch', { REDIS_URL: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', LOG_LEVEL: 'silent', INTAKE_BURST: '1000' }));
+const prefix = config.KEYFERRY_PREFIX;
 const api = await startApi(config, createLogger('silent'));
 const redis = new Redis(config.REDIS_URL);
 const token = await signToken({ secret: config.JWT_SECRET, account: 'bench' });

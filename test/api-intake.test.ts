@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isRateLimitBucket, keysUnder, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
-import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
+import { EMULATOR_SECRET_KEY, queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 
@@ -27,7 +27,7 @@ afterAll(async () => {
 });
 
 /** Jobs waiting in BullMQ's list for this test file's queue. */
-const queueSize = () => stack.redis.llen(`{${stack.config.KEYFERRY_PREFIX}}:upload-key:wait`);
+const queueSize = () => queuedJobs(stack);
 
 describe('intake: validation', () => {
   it('when the body breaks several rules, then one 400 problem+json lists every path and Redis is untouched', async () => {

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { collectEvents } from './helpers/sse.js';
-import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
+import { queuedJobs, seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 const item = (i: number, extra: Record<string, unknown> = {}) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: `batch-${i}` }, ...extra });
@@ -10,17 +10,8 @@ const item = (i: number, extra: Record<string, unknown> = {}) => ({ source_key_i
 let stack: TestStack;
 let token: string;
 const postBatch = (body: unknown, headers: Record<string, string> = {}) => stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body, headers });
-const waitingJobs = () => stack.redis.zcard(`{${stack.config.KEYFERRY_PREFIX}}:upload-key:prioritized`);
+const waitingJobs = () => queuedJobs(stack);
 
-async function waitForBatch(id: string, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const res = await stack.call('GET', `/api/v1/batches/${id}`, { token });
-    if (res.body.status === 'completed') return res.body;
-    if (Date.now() > deadline) throw new Error(`batch ${id} did not complete: ${JSON.stringify(res.body)}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 beforeAll(async () => {
   stack = await startStack({ name: 'batches', env: { SSE_KEEPALIVE_MS: '200' } });
@@ -117,7 +108,7 @@ describe('batch runs', () => {
     const [a, b] = await Promise.all([1, 2].map(() => stack.call('POST', `/api/v1/batches/${batchId}/retry-failed`, { token })));
     expect([a?.status, b?.status]).toEqual([202, 202]);
     expect((a?.body.retried ?? 0) + (b?.body.retried ?? 0)).toBe(1);
-    const done = await waitForBatch(batchId);
+    const done = await waitForBatch(stack, token, batchId);
     expect(done.counts).toMatchObject({ succeeded: 5, failed: 0 });
     expect(await stack.redis.ttl(new Keyspace(stack.config.KEYFERRY_PREFIX).batch(batchId))).toBeGreaterThan(29 * 86_400);
   });
@@ -134,7 +125,7 @@ describe('batch runs', () => {
     const b = await postBatch(body, { 'idempotency-key': 'batch-idem' });
     expect(b.body.id).toBe(a.body.id);
     expect((await postBatch({ items: [item(22)] }, { 'idempotency-key': 'batch-idem' })).status).toBe(422);
-    await waitForBatch(a.body.id);
+    await waitForBatch(stack, token, a.body.id);
   });
 
   it('when a single upload is submitted while a big batch runs, then it finishes while batch jobs still wait', async () => {

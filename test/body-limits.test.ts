@@ -1,16 +1,13 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
+import { queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 const MiB = 1024 * 1024;
 
 let stack: TestStack;
 let token: string;
-const queued = async () => {
-  const bull = `{${stack.config.KEYFERRY_PREFIX}}:upload-key`;
-  return (await stack.redis.llen(`${bull}:wait`)) + (await stack.redis.zcard(`${bull}:prioritized`));
-};
+const queued = () => queuedJobs(stack);
 /** A JSON body of exactly `bytes` bytes: `{"pad":"xxx…"}`. */
 const padded = (bytes: number) => JSON.stringify({ pad: 'x'.repeat(bytes - '{"pad":""}'.length) });
 const post = (path: string, raw: string, t: string | null = token) =>

@@ -2,21 +2,12 @@ import { readFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { KmsEmulator } from './kms-emulator/emulator.js';
 import { OwnRedis, freePort } from './helpers/redis-server.js';
-import { EMULATOR_ACCESS_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
+import { EMULATOR_ACCESS_KEY, seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 const items = (n: number, tag: string) => Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: `${tag}-${i}` } }));
 const fastRecovery = { WORKER_LOCK_DURATION_MS: '2000', WORKER_STALLED_INTERVAL_MS: '1000', JOB_ATTEMPTS: '40', JOB_BACKOFF_MS: '20', JOB_BACKOFF_MAX_MS: '200', INTAKE_BURST: '1000' };
 
-async function waitForBatch(stack: TestStack, token: string, id: string, timeoutMs = 45_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const res = await stack.call('GET', `/api/v1/batches/${id}`, { token }).catch(() => undefined);
-    if (res?.body?.status === 'completed') return res.body;
-    if (Date.now() > deadline) throw new Error(`batch ${id} did not complete: ${JSON.stringify(res?.body)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 /** Every job of the batch has exactly one key in the emulator, and every key there belongs to a job. */
 function expectOneKeyPerJob(stack: TestStack, jobIds: string[]) {
@@ -59,7 +50,7 @@ describe('faults', () => {
 
     await new Promise((r) => setTimeout(r, 1000));
     await redis.restart();
-    const done = await waitForBatch(stack, token, res.body.id);
+    const done = await waitForBatch(stack, token, res.body.id, 45_000);
     expect(done.counts).toMatchObject({ succeeded: 30, failed: 0, canceled: 0 });
     expect((await stack.call('GET', '/readyz')).status).toBe(200);
     expectOneKeyPerJob(stack, Array.from({ length: 30 }, (_, i) => `${res.body.id}.${i}`));
@@ -74,7 +65,7 @@ describe('faults', () => {
     stack.emulator.injectFault({ op: '*', error: 'KMSInternalException', rate: 0.15 });
     stack.emulator.injectFault({ op: '*', error: 'ThrottlingException', rate: 0.15 });
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body: { items: items(20, 'flaky') } });
-    const done = await waitForBatch(stack, token, res.body.id);
+    const done = await waitForBatch(stack, token, res.body.id, 45_000);
     const failedJobs = await stack.call('GET', `/api/v1/batches/${res.body.id}/jobs?status=failed`, { token });
     expect(failedJobs.body.jobs.map((j: { error: unknown }) => j.error)).toEqual([]);
     expect(done.counts).toMatchObject({ succeeded: 20, failed: 0 });

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
+import { queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 
@@ -8,10 +8,7 @@ const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request
 let stack: TestStack;
 const upload = async (account: string, body: unknown = example) => stack.call('POST', '/api/v1/cckm/aws/upload-key', { token: await stack.token(account), body });
 const batch = async (account: string) => stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token: await stack.token(account), body: { items: [example] } });
-const queued = async () => {
-  const bull = `{${stack.config.KEYFERRY_PREFIX}}:upload-key`;
-  return (await stack.redis.llen(`${bull}:wait`)) + (await stack.redis.zcard(`${bull}:prioritized`));
-};
+const queued = () => queuedJobs(stack);
 
 beforeAll(async () => {
   stack = await startStack({ name: 'ratelimit', worker: false, env: { INTAKE_RATE_PER_SECOND: '2', INTAKE_BURST: '2' } });

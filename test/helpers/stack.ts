@@ -182,3 +182,20 @@ export async function waitForJob(stack: TestStack, token: string, id: string, ti
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+/** Polls the batch resource until it is completed. */
+export async function waitForBatch(stack: TestStack, token: string, id: string, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const res = await stack.call('GET', `/api/v1/batches/${id}`, { token }).catch(() => undefined);
+    if (res?.body?.status === 'completed') return res.body;
+    if (Date.now() > deadline) throw new Error(`batch ${id} did not complete: ${JSON.stringify(res?.body)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Upload jobs waiting in BullMQ (plain and prioritised), to check that a rejected request enqueued nothing. */
+export async function queuedJobs(stack: TestStack): Promise<number> {
+  const bull = `{${stack.config.KEYFERRY_PREFIX}}:upload-key`;
+  return (await stack.redis.llen(`${bull}:wait`)) + (await stack.redis.zcard(`${bull}:prioritized`));
+}
