@@ -89,4 +89,29 @@ describe('graceful shutdown', () => {
       stack.emulator.setLatency(0);
     }
   });
+
+  it('when a job outlasts the shutdown grace period, then the worker exits anyway and another worker finishes the job with one key', async () => {
+    stack.emulator.setLatency(1500);
+    try {
+      const worker = runEntry('worker/main.ts', { ...childEnv, WORKER_SHUTDOWN_GRACE_MS: '300', WORKER_LOCK_DURATION_MS: '1000', WORKER_STALLED_INTERVAL_MS: '500' });
+      await worker.waitForLog('worker started');
+      const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'shutdown-grace' } } });
+      for (let i = 0; i < 200; i++) {
+        if ((await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token })).body.status === 'running') break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const t0 = Date.now();
+      worker.proc.kill('SIGTERM');
+      expect(await worker.exited).toEqual({ code: 0, signal: null });
+      expect(Date.now() - t0).toBeLessThan(1400); // it did not wait for the 1.5 s KMS call
+      stack.emulator.setLatency(0);
+      await stack.startWorker({ WORKER_LOCK_DURATION_MS: '1000', WORKER_STALLED_INTERVAL_MS: '500' });
+      const job = await waitForJob(stack, token, res.body.id, 15_000);
+      expect(job.status).toBe('succeeded');
+      const keys = stack.emulator.keys().filter((k) => k.tags.some((t) => t.TagValue === res.body.id));
+      expect(keys.map((k) => k.keyState)).toEqual(['Enabled']);
+    } finally {
+      stack.emulator.setLatency(0);
+    }
+  }, 30_000);
 });

@@ -8,7 +8,13 @@ const handle = await startWorker(config, logger);
 
 for (const signal of ['SIGTERM', 'SIGINT'] as const) {
   process.once(signal, () => {
-    logger.info({ signal }, 'shutting down: finishing active jobs');
+    logger.info({ signal, grace_ms: config.WORKER_SHUTDOWN_GRACE_MS }, 'shutting down: finishing active jobs');
+    // Past the grace period the process exits with jobs still active: their locks expire and another worker
+    // resumes them from their checkpoints (the same path as a crash, which never duplicates a key).
+    setTimeout(() => {
+      logger.warn('grace period over: exiting with jobs still active; they resume elsewhere');
+      process.exit(0);
+    }, config.WORKER_SHUTDOWN_GRACE_MS).unref();
     handle.close().then(
       () => process.exit(0),
       (err: unknown) => {
