@@ -39,6 +39,8 @@ export const configSchema = z.object({
   HOST: z.string().default('0.0.0.0'),
   /** Upper bound of `Prefer: wait=N`, seconds. */
   MAX_PREFER_WAIT_SECONDS: z.coerce.number().int().min(0).max(60).default(60),
+  /** Port of a worker process's Prometheus `GET /metrics` listener (on HOST); 0 = ephemeral. */
+  WORKER_METRICS_PORT: z.coerce.number().int().min(0).max(65535).default(9464),
   /** Jobs processed at once by one worker process. */
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(8),
   /**
@@ -49,6 +51,11 @@ export const configSchema = z.object({
   WORKER_LOCK_DURATION_MS: z.coerce.number().int().min(1000).max(600_000).default(30_000),
   /** How often workers look for running jobs whose lock has expired (stalled), ms; keep it ≤ the lock duration. */
   WORKER_STALLED_INTERVAL_MS: z.coerce.number().int().min(500).max(600_000).default(15_000),
+  /**
+   * On SIGTERM a worker stops taking jobs and waits this long (ms) for its active jobs; then it exits anyway,
+   * and those jobs are taken up again from their checkpoints once their locks expire.
+   */
+  WORKER_SHUTDOWN_GRACE_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
   /** Times a job may be taken up again after its worker died; one more and it fails with `worker_lost`. */
   WORKER_MAX_STALLED_COUNT: z.coerce.number().int().min(0).max(100).default(2),
   /** Attempts per upload job (first try included) for retryable failures. */
