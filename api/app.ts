@@ -5,6 +5,7 @@ import type { Logger } from '../shared/logger.js';
 import type { UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { authOptions } from '../shared/auth.js';
+import { metricsText } from '../shared/metrics.js';
 import { requireAuth } from './auth.js';
 import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
@@ -47,6 +48,11 @@ export function createApp(deps: AppDeps): Express {
   app.set('trust proxy', false);
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
+  // Prometheus scrape target, unauthenticated like /healthz (expose it on an internal network only).
+  app.get('/metrics', async (_req, res) => {
+    const { contentType, body } = await metricsText();
+    res.type(contentType).send(body);
+  });
   app.get('/readyz', async (_req, res) => {
     const ok = await Promise.race([
       deps.redis.ping().then(() => true, () => false),

@@ -6,6 +6,7 @@ import type { Stores } from '../shared/context.js';
 import { canonicalJson, sha256Hex } from '../shared/crypto.js';
 import { AppError, UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
 import { newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
+import { jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
@@ -53,6 +54,7 @@ export class Intake {
     try {
       await this.stores.jobs.create(job);
       const bullJob = await this.queue.add('upload-key', { jobId: id, account }, { ...uploadJobOptions(this.config), jobId: id });
+      jobsAccepted.inc({ kind: 'single' });
       return { job, bullJob, replayed: false };
     } catch (err) {
       // Nothing half-made stays behind: the client gets a 503 and may simply retry.
@@ -117,6 +119,7 @@ export class Intake {
       throw err;
     }
     await this.enqueueBatch(batchId, account, items.length);
+    jobsAccepted.inc({ kind: 'batch' }, items.length);
     return { batchId, replayed: false };
   }
 

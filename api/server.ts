@@ -2,6 +2,7 @@ import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
+import { countQueue } from '../shared/metrics.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { createUploadQueue, createUploadQueueEvents } from '../shared/queues.js';
 import { Notifier } from '../shared/notifier.js';
@@ -36,6 +37,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   webhookQueue.on('error', warn('webhook queue error'));
   const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
+  const uncountQueues = [countQueue(queue), countQueue(webhookQueue)];
   const app = createApp({
     config,
     logger,
@@ -69,6 +71,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
     url,
     server,
     async close() {
+      for (const uncount of uncountQueues) uncount();
       // Stop accepting, let in-flight requests finish (idle keep-alive sockets close now), end event streams.
       await new Promise<void>((resolve) => {
         server.close(() => resolve());

@@ -2,6 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { KMSClient } from '@aws-sdk/client-kms';
 import type { JobRecord } from '../shared/jobs.js';
 import type { KmsOperation, KmsQuotas } from '../shared/kms-quotas.js';
+import { kmsRequestDuration, kmsRequests } from '../shared/metrics.js';
 import type { RedisClient } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
@@ -54,6 +55,12 @@ return {granted and 1 or 0, wait}
 const RESERVATION_GRACE_MS = 500;
 /** A wait longer than any quota allows: the caller always sleeps. */
 const NO_LIMIT_MS = Number.MAX_SAFE_INTEGER;
+
+/** The AWS error name (`NotFoundException`, `TimeoutError`, …) as a metric label, bounded in length and charset. */
+function kmsErrorCode(err: unknown): string {
+  const name = err instanceof Error ? err.name : '';
+  return /^[A-Za-z0-9_.-]{1,64}$/.test(name) ? name : 'unknown';
+}
 
 /** A KMS command (`new CreateKeyCommand(…)`, …), typed by the output KMSClient.send resolves to. */
 interface KmsCommand<Output> {
@@ -131,11 +138,16 @@ export class KmsQuota {
     const [granted, waitMs] = await takeSlot(target.ticket, target.single, target.maxSleepMs);
     if (!granted) throw new KmsQuotaWait(op, waitMs);
     if (waitMs > 0) await sleep(waitMs);
+    const endTimer = kmsRequestDuration.startTimer({ operation: op });
     try {
       // KMSClient.send's types cannot take "any KMS command": the command goes in untyped, its output comes back typed.
       const output: unknown = await target.client.send(command as never, { abortSignal: AbortSignal.timeout(this.deps.timeoutMs) });
+      endTimer();
+      kmsRequests.inc({ operation: op, outcome: 'ok', code: '' });
       return output as Output;
     } catch (err) {
+      endTimer();
+      kmsRequests.inc({ operation: op, outcome: 'error', code: kmsErrorCode(err) });
       // Another client uses this account's quota too: the next free slot goes unused, for every worker.
       if ((err as Error).name === 'ThrottlingException') await takeSlot('', false, NO_LIMIT_MS);
       throw err;

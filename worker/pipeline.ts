@@ -20,6 +20,7 @@ import { PipelineError } from '../shared/errors.js';
 import type { JobRecord, Step } from '../shared/jobs.js';
 import type { JobUpdate } from '../shared/stores/job-store.js';
 import type { Logger } from '../shared/logger.js';
+import { stepDuration } from '../shared/metrics.js';
 import { buildKeyPolicy } from '../shared/policy.js';
 import type { KmsConnection, WrappingKeySpec } from '../shared/resources.js';
 import { faultPoint } from './fault-point.js';
@@ -63,6 +64,22 @@ interface Resolved {
   policy: string | undefined;
 }
 
+/** Times the steps of one attempt into keyferry_step_duration_seconds: a step lasts until the next one starts. */
+class StepTimer {
+  #current: { step: Step; end: () => number } | undefined;
+
+  enter(step: Step): void {
+    if (this.#current?.step === step) return;
+    this.end();
+    this.#current = { step, end: stepDuration.startTimer({ step }) };
+  }
+
+  end(): void {
+    this.#current?.end();
+    this.#current = undefined;
+  }
+}
+
 /**
  * Runs (or resumes) the upload pipeline of one job. Each side effect is checkpointed in the job record
  * right after it happens, so a retry skips what is done and never creates a second key.
@@ -71,9 +88,19 @@ export class UploadPipeline {
   constructor(private readonly deps: PipelineDeps) {}
 
   async run(jobId: string): Promise<JobUpdate> {
+    const timer = new StepTimer();
+    try {
+      return await this.#run(jobId, timer);
+    } finally {
+      timer.end();
+    }
+  }
+
+  async #run(jobId: string, timer: StepTimer): Promise<JobUpdate> {
     let job = await this.load(jobId);
     const { stores } = this.deps;
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
+      timer.enter(name);
       ({ job } = await stores.jobs.update(jobId, (j) => {
         j.step = name;
         change?.(j);

@@ -7,6 +7,7 @@ import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type UploadJobData } from
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
+import { jobDuration, jobsFinished, quotaWaits, startMetricsServer } from '../shared/metrics.js';
 import { uploadBackoffDelay } from '../shared/queues.js';
 import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
@@ -17,11 +18,15 @@ import { startWebhookWorker } from './webhook-delivery.js';
 
 export interface WorkerHandle {
   worker: Worker<UploadJobData>;
+  /** URL of this process's Prometheus `GET /metrics` listener (WORKER_METRICS_PORT). */
+  metricsUrl: string;
   close(): Promise<void>;
 }
 
 /** Starts one worker process's share of the upload queue and of the webhook queue. */
 export async function startWorker(config: Config, logger: Logger = createLogger(config.LOG_LEVEL, 'keyferry-worker')): Promise<WorkerHandle> {
+  // First, so that a port already taken stops the start before anything else is opened.
+  const metrics = await startMetricsServer(config.WORKER_METRICS_PORT, config.HOST);
   const redis = createRedis(config);
   redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const stores = createStores(config, redis);
@@ -40,6 +45,12 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
    * Records a failed attempt. A final one first schedules deletion of a key that never got material, so the
    * failed record already says so, then notifies.
    */
+  const recordFinished = (job: JobRecord) => {
+    jobsFinished.inc({ status: job.status, code: job.error?.code ?? '' });
+    const ms = Date.parse(job.finished_at ?? '') - Date.parse(job.created_at);
+    if (Number.isFinite(ms)) jobDuration.observe(Math.max(0, ms) / 1000);
+  };
+
   const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger) => {
     if (final) {
       const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
@@ -55,7 +66,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       if (final) j.finished_at = new Date().toISOString();
     });
     log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
-    if (final) await notifier.after(failed);
+    if (final) {
+      recordFinished(failed.job);
+      await notifier.after(failed);
+    }
   };
 
   /**
@@ -73,6 +87,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     });
     if (job.priority > 0) await job.changePriority({ priority: RESUMED_BATCH_PRIORITY });
     await job.moveToDelayed(Date.now() + wait.waitMs, token);
+    quotaWaits.inc({ operation: wait.op });
     log.debug({ op: wait.op, wait_ms: wait.waitMs }, 'waiting for the KMS quota of the AWS account and region');
     throw new DelayedError();
   };
@@ -102,6 +117,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     try {
       const done = await pipeline.run(jobId);
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
+      recordFinished(done.job);
       await notifier.after(done);
     } catch (thrown) {
       if (thrown instanceof KmsQuotaWait) return delayForQuota(job, token, current, thrown, log);
@@ -139,10 +155,11 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   });
   const webhooks = await startWebhookWorker(config, logger);
   await worker.waitUntilReady();
-  logger.info({ concurrency: config.WORKER_CONCURRENCY }, 'worker started');
+  logger.info({ concurrency: config.WORKER_CONCURRENCY, metrics_url: metrics.url }, 'worker started');
 
   return {
     worker,
+    metricsUrl: metrics.url,
     async close() {
       await worker.close();
       await webhooks.close();
@@ -150,6 +167,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       clients.destroy();
       workerConnection.disconnect();
       redis.disconnect();
+      await metrics.close();
     },
   };
 }

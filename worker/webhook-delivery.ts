@@ -6,6 +6,7 @@ import { Webhook } from 'standardwebhooks';
 import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
 import { createLogger, type Logger } from '../shared/logger.js';
+import { webhookDeliveries } from '../shared/metrics.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import { ForbiddenAddressError, parseCidrs, resolveAllowed, type ResolvedAddresses } from '../shared/ssrf.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
@@ -178,6 +179,7 @@ export async function deliverWebhook(job: Job<WebhookJobData>, deps: DeliveryDep
     error: result.error,
     next_attempt_at: retryDelay === undefined ? null : new Date(Date.now() + retryDelay).toISOString(),
   };
+  webhookDeliveries.inc({ outcome: result.outcome });
   if (result.outcome === 'gone') await deps.gone.add(msg.account, msg.url);
   await deps.deliveries.append(msg.ownerId, record);
 

@@ -4,6 +4,7 @@ import { BATCH_PRIORITY, batchResource } from '../../shared/batches.js';
 import type { Stores } from '../../shared/context.js';
 import { NotFoundError } from '../../shared/errors.js';
 import { JOB_STATUSES, jobResource } from '../../shared/jobs.js';
+import { jobsFinished } from '../../shared/metrics.js';
 import type { Notifier } from '../../shared/notifier.js';
 import { uploadJobOptions, type UploadQueue } from '../../shared/queues.js';
 import type { RedisClient } from '../../shared/redis.js';
@@ -105,6 +106,7 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
       });
       if (!update) return;
       canceled++;
+      jobsFinished.inc({ status: 'canceled', code: '' });
       await deps.notifier.after(update);
     });
     const after = await owned(account, batch.id);

@@ -3,6 +3,7 @@ import type { Queue } from 'bullmq';
 import type { Stores } from '../../shared/context.js';
 import { ConflictError, NotFoundError } from '../../shared/errors.js';
 import { FINAL_STATUSES, jobResource, type JobStatus } from '../../shared/jobs.js';
+import { jobsFinished } from '../../shared/metrics.js';
 import type { Notifier } from '../../shared/notifier.js';
 import type { RedisClient } from '../../shared/redis.js';
 import { streamEvents, type SseEvent } from '../sse.js';
@@ -35,6 +36,7 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
           })
         : undefined;
     if (!update) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
+    jobsFinished.inc({ status: 'canceled', code: '' });
     await deps.notifier.after(update);
     res.json(jobResource(update.job));
   });

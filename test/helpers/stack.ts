@@ -60,6 +60,7 @@ export function testEnv(name: string, env: Record<string, string> = {}): Record<
     KEYFERRY_MASTER_KEY: randomBytes(32).toString('hex'),
     JWT_SECRET: randomBytes(32).toString('hex'),
     PORT: '0',
+    WORKER_METRICS_PORT: '0',
     HOST: '127.0.0.1',
     ALLOW_HTTP_KMS_ENDPOINT: 'true',
     DEFAULT_WRAPPING_KEY_SPEC: 'RSA_2048',
