@@ -7,6 +7,7 @@ import type { RedisClient } from '../shared/redis.js';
 import { authOptions } from '../shared/auth.js';
 import { metricsText } from '../shared/metrics.js';
 import { requireAuth } from './auth.js';
+import { openApiRoutes } from './openapi.js';
 import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
 import { problem, problemHandler, sendProblem } from './problem.js';
@@ -48,6 +49,8 @@ export function createApp(deps: AppDeps): Express {
   app.set('trust proxy', false);
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
+  // The OpenAPI document and its Swagger UI page, unauthenticated like /healthz.
+  app.use(openApiRoutes());
   // Prometheus scrape target, unauthenticated like /healthz (expose it on an internal network only).
   app.get('/metrics', async (_req, res) => {
     const { contentType, body } = await metricsText();

@@ -15,7 +15,7 @@ import type { Intake } from '../intake.js';
 import { streamEvents } from '../sse.js';
 import { RETRY_AFTER_SECONDS } from './upload-key.js';
 
-const pageQuery = z.strictObject({
+export const pageQuery = z.strictObject({
   status: z.enum(JOB_STATUSES).optional(),
   cursor: z.coerce.number().int().min(0).default(0),
   limit: z.coerce.number().int().min(1).max(1000).default(100),
