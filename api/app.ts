@@ -12,6 +12,7 @@ import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
 import { problem, problemHandler, sendProblem } from './problem.js';
 import { accountRateLimit } from './rate-limit.js';
+import { requestLogging } from './request-id.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import type { WebhookDeliveries } from '../shared/webhooks.js';
@@ -47,6 +48,8 @@ export function createApp(deps: AppDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('trust proxy', false);
+  // First: every response (probes and 404s included) carries X-Request-Id, and every request gets an access line.
+  app.use(requestLogging(deps.logger));
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
   // The OpenAPI document and its Swagger UI page, unauthenticated like /healthz.

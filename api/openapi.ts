@@ -62,6 +62,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
         code: z.string(),
         instance: z.string().optional(),
         errors: z.array(fieldError).optional(),
+        request_id: z.string().optional().openapi({ description: 'The X-Request-Id of the request, to quote when reporting a problem.' }),
       })
       .catchall(z.unknown())
       .openapi({ description: 'An RFC 9457 problem.' }),

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { ErrorRequestHandler, Response } from 'express';
@@ -14,6 +15,8 @@ export interface Problem {
   code: string;
   instance?: string;
   errors?: FieldError[];
+  /** The request's `X-Request-Id`, to quote when reporting a problem. */
+  request_id?: string;
   [ext: string]: unknown;
 }
 
@@ -39,6 +42,8 @@ export function problem(status: number, code: string, detail: string, extra: Par
 }
 
 export function sendProblem(res: Response, p: Problem): void {
+  const requestId = res.getHeader('X-Request-Id');
+  if (typeof requestId === 'string') p = { ...p, request_id: requestId };
   if (p.status === 401) res.setHeader('WWW-Authenticate', 'Bearer');
   if (p.status === 503) res.setHeader('Retry-After', '5');
   res.status(p.status).type(PROBLEM_TYPE).send(JSON.stringify(p));
@@ -63,10 +68,12 @@ function isRedisUnavailable(err: Error): boolean {
 /** The one mapping from thrown errors to problem+json. A client's mistake is never a 500. */
 export function problemHandler(logger: Logger): ErrorRequestHandler {
   return (err: unknown, req, res, _next) => {
+    // The request's own logger (bound to its req_id) when the access logging middleware ran.
+    const log = (req.log as Logger | undefined) ?? logger;
     const instance = req.originalUrl;
     if (res.headersSent) {
       // A stream (SSE) that already started cannot turn into a problem: end it.
-      logger.warn({ err: (err as Error).message, path: req.path }, 'error after the response started');
+      log.warn({ err: (err as Error).message, path: req.path }, 'error after the response started');
       res.end();
       return;
     }
@@ -86,7 +93,7 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
       const u = new UnavailableError();
       sendProblem(res, problem(u.status, u.code, u.message, { instance }));
     } else {
-      logger.error({ err, path: req.path }, 'unhandled error');
+      log.error({ err, path: req.path }, 'unhandled error');
       sendProblem(res, problem(500, 'internal_error', 'An unexpected error occurred.', { instance }));
     }
   };
@@ -104,8 +111,10 @@ export function answerClientError(err: Error & { code?: string }, socket: Duplex
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? [408, 'request_timeout', 'The request was not received in time.']
         : [400, 'malformed_request', 'The request is not valid HTTP/1.1.'];
-  const body = JSON.stringify(problem(status, code, detail));
+  // The request was never parsed, so its X-Request-Id is unknown: the answer gets a fresh id.
+  const requestId = randomUUID();
+  const body = JSON.stringify(problem(status, code, detail, { request_id: requestId }));
   socket.end(
-    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: ${PROBLEM_TYPE}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: ${PROBLEM_TYPE}\r\nX-Request-Id: ${requestId}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
   );
 }
