@@ -63,3 +63,6 @@ try {
   await deleteKeyspace(redis, prefix);
   redis.disconnect();
 }
+
+// Something (a BullMQ or SDK handle) may keep the event loop alive after the clean-up: end the run explicitly.
+process.exit(0);

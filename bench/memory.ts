@@ -56,3 +56,6 @@ try {
   redis.disconnect();
   await stack.close();
 }
+
+// Something (a BullMQ or SDK handle) may keep the event loop alive after the clean-up: end the run explicitly.
+process.exit(0);

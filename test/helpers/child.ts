@@ -9,8 +9,8 @@ export interface Child {
 }
 
 /** Runs a TypeScript entry point (api/main.ts, worker/main.ts) as a real child process with its own env. */
-export function runEntry(entry: string, env: Record<string, string>): Child {
-  const proc = spawn(process.execPath, ['--import', 'tsx', entry], {
+export function runEntry(entry: string, env: Record<string, string>, args: string[] = []): Child {
+  const proc = spawn(process.execPath, ['--import', 'tsx', entry, ...args], {
     env: { PATH: process.env.PATH ?? '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -1,0 +1,102 @@
+/**
+ * Single-upload intake throughput (run by hand: `npm run bench:intake`, optional `-- --duration S --connections N`).
+ * Drives POST /api/v1/cckm/aws/upload-key with autocannon against the real API (no worker, so jobs only queue;
+ * rate limiter set out of the way), next to a bare Express 5 JSON endpoint in the same run, then once more at half
+ * the measured keyferry throughput to see p99 away from saturation. Prints a markdown table and the ratio.
+ * Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
+ */
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { parseArgs } from 'node:util';
+import autocannon, { type Options, type Result } from 'autocannon';
+import express from 'express';
+import { Redis } from 'ioredis';
+import { startApi } from '../api/server.js';
+import { signToken } from '../shared/auth.js';
+import { loadConfig } from '../shared/config.js';
+import { createLogger } from '../shared/logger.js';
+import { deleteKeyspace } from '../shared/stores/keyspace.js';
+import { testEnv } from '../test/helpers/stack.js';
+
+const { values } = parseArgs({ options: { duration: { type: 'string', default: '10' }, connections: { type: 'string', default: '20' } } });
+const positiveInt = (name: string, v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer, got ${v}`);
+  return n;
+};
+const DURATION = positiveInt('duration', values.duration);
+const CONNECTIONS = positiveInt('connections', values.connections);
+
+const config = loadConfig(
+  testEnv('bench-intake', {
+    REDIS_URL: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379',
+    LOG_LEVEL: 'silent',
+    INTAKE_RATE_PER_SECOND: '1000000',
+    INTAKE_BURST: '1000000',
+  }),
+);
+const prefix = config.KEYFERRY_PREFIX;
+const redis = new Redis(config.REDIS_URL);
+const api = await startApi(config, createLogger('silent'));
+
+const bareApp = express();
+bareApp.use(express.json());
+bareApp.post('/upload-key', (req, res) => {
+  res.status(202).json({ id: 'bare', status: 'queued', alias: (req.body as { aws_param?: { Alias?: string } })?.aws_param?.Alias });
+});
+const bare = await new Promise<Server>((resolve, reject) => {
+  const s = bareApp.listen(0, '127.0.0.1', (err?: Error) => (err ? reject(err) : resolve(s)));
+});
+const bareUrl = `http://127.0.0.1:${(bare.address() as AddressInfo).port}/upload-key`;
+
+const token = await signToken({ secret: config.JWT_SECRET, account: 'bench' });
+const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' };
+const body = JSON.stringify({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'bench-intake', Tags: [{ TagKey: 'team', TagValue: 'bench' }] } });
+
+/** Runs autocannon and fails the benchmark if any request did not get a 2xx (a 429 or 503 would flatter the numbers). */
+async function load(label: string, opts: Omit<Options, 'method' | 'headers' | 'body'>): Promise<Result> {
+  const r = await autocannon({ method: 'POST', headers, body, ...opts });
+  if (r.non2xx > 0 || r.errors > 0 || r.timeouts > 0) throw new Error(`${label}: ${r.non2xx} non-2xx, ${r.errors} errors, ${r.timeouts} timeouts`);
+  return r;
+}
+
+try {
+  const post = async (path: string, payload: unknown) => {
+    const res = await fetch(`${api.url}${path}`, { method: 'POST', headers, body: JSON.stringify(payload) });
+    await res.text();
+    if (res.status !== 201) throw new Error(`seeding ${path} answered ${res.status}`);
+  };
+  await post('/api/v1/cckm/aws/kms', { name: 'kms', account_id: '123456789012', regions: ['ap-south-1'], endpoint: 'http://127.0.0.1:1' });
+  await post('/api/v1/vault/keys2', { name: 'test-key' });
+
+  const keyferryUrl = `${api.url}/api/v1/cckm/aws/upload-key`;
+  // Short warm-up of both servers (JIT, connection pools), not measured.
+  await load('bare warm-up', { url: bareUrl, connections: CONNECTIONS, amount: 200 });
+  await load('keyferry warm-up', { url: keyferryUrl, connections: CONNECTIONS, amount: 200 });
+
+  const bareRun = await load('bare express', { url: bareUrl, connections: CONNECTIONS, duration: DURATION });
+  const full = await load('keyferry full load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION });
+  const rps = (r: Result) => r.requests.total / r.duration;
+  const halfRate = Math.max(1, Math.round(rps(full) / 2));
+  const half = await load('keyferry half load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION, overallRate: halfRate });
+
+  const row = (what: string, r: Result) => `| ${what} | ${rps(r).toFixed(0)} | ${r.latency.p50} | ${r.latency.p99} |`;
+  console.log(`single upload intake, ${CONNECTIONS} connections, ${DURATION} s per run (node ${process.version}, ${process.platform}/${process.arch})`);
+  console.log('| what | requests/s | p50 ms | p99 ms |');
+  console.log('|---|---|---|---|');
+  console.log(row('bare Express 5 JSON endpoint (express.json, 202)', bareRun));
+  console.log(row('keyferry POST …/upload-key, full load', full));
+  console.log(row(`keyferry POST …/upload-key, half load (${halfRate} req/s)`, half));
+  console.log(`ratio keyferry / bare express (requests/s): ${(rps(full) / rps(bareRun)).toFixed(2)}`);
+} finally {
+  await new Promise<void>((resolve) => {
+    bare.close(() => resolve());
+    bare.closeAllConnections();
+  });
+  api.server.closeAllConnections(); // autocannon may leave sockets open; close() would wait on them
+  await api.close();
+  await deleteKeyspace(redis, prefix);
+  redis.disconnect();
+}
+// Something in autocannon keeps the event loop alive after the runs end; everything of ours is closed by now.
+process.exit(0);
