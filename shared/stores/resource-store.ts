@@ -8,6 +8,14 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1`;
 
+/** The record whose id is ARGV[1], else the one whose name is ARGV[1]; false (nil) if neither. */
+const FIND_SCRIPT = `
+local byId = redis.call('HGET', KEYS[1], ARGV[1])
+if byId then return byId end
+local id = redis.call('HGET', KEYS[2], ARGV[1])
+if not id then return false end
+return redis.call('HGET', KEYS[1], id)`;
+
 export interface AccountResource {
   id: string;
   name: string;
@@ -42,15 +50,10 @@ export class ResourceStore<T extends AccountResource> {
     return record;
   }
 
-  /** Finds by id, then by name; another account's resources are not found. */
+  /** Finds by id, then by name, in one round trip; another account's resources are not found. */
   async find(account: string, idOrName: string): Promise<T | undefined> {
-    const hashKey = this.keys.resources(account, this.kind);
-    const byId = await this.redis.hget(hashKey, idOrName);
-    if (byId) return JSON.parse(byId) as T;
-    const id = await this.redis.hget(this.keys.resourceNames(account, this.kind), idOrName);
-    if (!id) return undefined;
-    const byName = await this.redis.hget(hashKey, id);
-    return byName ? (JSON.parse(byName) as T) : undefined;
+    const raw = (await this.redis.eval(FIND_SCRIPT, 2, this.keys.resources(account, this.kind), this.keys.resourceNames(account, this.kind), idOrName)) as string | null;
+    return raw ? (JSON.parse(raw) as T) : undefined;
   }
 
   async get(account: string, idOrName: string): Promise<T> {
