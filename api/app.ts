@@ -21,6 +21,7 @@ import { jobRoutes } from './routes/jobs.js';
 import { webhookRoutes } from './routes/webhooks.js';
 import { keyRoutes } from './routes/keys.js';
 import { resourceRoutes } from './routes/resources.js';
+import { sourceConnectionRoutes } from './routes/source-connections.js';
 import { uploadKeyRoutes } from './routes/upload-key.js';
 
 export interface AppDeps {
@@ -94,6 +95,7 @@ export function createApp(deps: AppDeps): Express {
   );
   app.use(keyRoutes({ stores: deps.stores }));
   app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT }));
+  app.use(sourceConnectionRoutes({ stores: deps.stores, hsmLibraries: deps.config.HSM_LIBRARIES }));
 
   app.use((req, res) => sendProblem(res, problem(404, 'not_found', `No route for ${req.method} ${req.path}.`, { instance: req.originalUrl })));
   app.use(problemHandler(deps.logger));

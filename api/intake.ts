@@ -140,13 +140,23 @@ export class Intake {
     await this.stores.batches.markEnqueued(batchId);
   }
 
-  /** Each item's KMS connection must exist and serve its region; named templates must exist. Returns connection ids. */
+  /** Each item's KMS connection must exist and serve its region; named templates and source connections must exist. Returns connection ids. */
   private async resolveReferences(account: string, reqs: UploadKeyRequest[], at: (i: number, path: string) => string): Promise<string[]> {
     const conns = new Map(
       await Promise.all([...new Set(reqs.map((r) => r.kms))].map(async (k) => [k, await this.stores.kmsConnections.find(account, k)] as const)),
     );
     const templateNames = [...new Set(reqs.map((r) => r.policytemplate).filter((t): t is string => t !== undefined))];
     const templates = new Map(await Promise.all(templateNames.map(async (t) => [t, await this.stores.templates.find(account, t)] as const)));
+    const sourceRefs = [...new Set(reqs.filter((r) => r.source_connection !== undefined).map((r) => `${r.source_key_tier}|${r.source_connection}`))];
+    const sourceConns = new Map(
+      await Promise.all(
+        sourceRefs.map(async (ref) => {
+          const [tier, name] = ref.split('|', 2) as [string, string];
+          const store = tier === 'dsm' ? this.stores.dsmConnections : this.stores.hsmConnections;
+          return [ref, (await store.find(account, name)) !== undefined] as const;
+        }),
+      ),
+    );
     const errors: FieldError[] = [];
     const ids = reqs.map((req, i) => {
       const conn = conns.get(req.kms);
@@ -156,6 +166,10 @@ export class Intake {
       }
       if (req.policytemplate && !templates.get(req.policytemplate)) {
         errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });
+      }
+      if (req.source_connection !== undefined && !sourceConns.get(`${req.source_key_tier}|${req.source_connection}`)) {
+        const kind = req.source_key_tier === 'dsm' ? 'DSM (KMIP)' : 'HSM';
+        errors.push({ path: at(i, 'source_connection'), message: `No ${kind} connection named or with id "${req.source_connection}".` });
       }
       return conn?.id ?? '';
     });

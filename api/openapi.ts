@@ -7,6 +7,7 @@ import { batchBodySchema } from '../shared/batches.js';
 import { JOB_STATUSES, STEPS } from '../shared/jobs.js';
 import { kmsConnectionSchema, localKeySchema, templateSchema, WRAPPING_KEY_SPECS } from '../shared/resources.js';
 import { uploadKeySchema } from '../shared/schemas/upload-key.js';
+import { dsmConnectionSchema, hsmConnectionSchema, HSM_WRAPPING_ALGORITHMS, KMIP_VERSIONS } from '../shared/source-connections.js';
 import { PROBLEM_TYPE } from './problem.js';
 import { pageQuery } from './routes/batches.js';
 
@@ -48,6 +49,14 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
   const KmsConnectionRequest = registry.register('KmsConnectionRequest', kmsConnectionSchema.describe('A KMS connection (AWS account and regions).'));
   const TemplateRequest = registry.register('PolicyTemplateRequest', templateSchema.describe('A key policy template.'));
   const LocalKeyRequest = registry.register('LocalKeyRequest', localKeySchema.describe('A local AES-256 key: generated, or imported as hex.'));
+  const HsmConnectionRequest = registry.register(
+    'HsmConnectionRequest',
+    hsmConnectionSchema.describe('An HSM reached through PKCS#11 (source tier hsm-luna); the PIN is sealed and never returned.'),
+  );
+  const DsmConnectionRequest = registry.register(
+    'DsmConnectionRequest',
+    dsmConnectionSchema.describe('A KMIP server (source tier dsm) reached over mutual TLS; the client key is sealed and never returned.'),
+  );
 
   // ---- responses: documentation only --------------------------------------------------------------
   const fieldError = z.object({ path: z.string(), message: z.string() });
@@ -135,6 +144,28 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
   const LocalKey = registry.register(
     'LocalKey',
     z.object({ ...stamps, algorithm: z.literal('AES'), size: z.literal(256), origin: z.enum(['generated', 'imported']) }),
+  );
+  const HsmConnection = registry.register(
+    'HsmConnection',
+    z.object({
+      ...stamps,
+      library: z.string(),
+      token_label: z.string().nullable(),
+      slot: z.number().int().nullable(),
+      wrapping_algorithm: z.enum(HSM_WRAPPING_ALGORITHMS),
+    }),
+  );
+  const DsmConnection = registry.register(
+    'DsmConnection',
+    z.object({
+      ...stamps,
+      host: z.string(),
+      port: z.number().int(),
+      server_name: z.string().nullable(),
+      ca_certificate: z.string(),
+      client_certificate: z.string(),
+      kmip_version: z.enum(KMIP_VERSIONS).nullable(),
+    }),
   );
   const list = <T extends z.ZodType>(item: T) => z.object({ resources: z.array(item), total: z.number().int() });
 
@@ -317,6 +348,8 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     { path: '/api/v1/cckm/aws/kms', tag: 'kms-connections', what: 'KMS connection', request: KmsConnectionRequest, view: KmsConnection },
     { path: '/api/v1/cckm/aws/templates', tag: 'policy-templates', what: 'policy template', request: TemplateRequest, view: Template },
     { path: '/api/v1/vault/keys2', tag: 'local-keys', what: 'local key', request: LocalKeyRequest, view: LocalKey },
+    { path: '/api/v1/cckm/hsm', tag: 'hsm-connections', what: 'HSM connection', request: HsmConnectionRequest, view: HsmConnection },
+    { path: '/api/v1/cckm/dsm', tag: 'dsm-connections', what: 'DSM (KMIP) connection', request: DsmConnectionRequest, view: DsmConnection },
   ];
   for (const r of resources) {
     route({

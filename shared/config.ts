@@ -96,6 +96,19 @@ export const configSchema = z.object({
   WEBHOOK_SECRET_GRACE_SECONDS: z.coerce.number().int().min(0).max(30 * 86_400).default(86_400),
   /** Webhooks: deliveries one worker process makes at once. */
   WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
+  /**
+   * PKCS#11 libraries an HSM connection may name (comma-separated absolute paths). Workers load the library
+   * a connection names, so only the operator decides which; empty: no HSM connection can be registered.
+   */
+  HSM_LIBRARIES: z
+    .string()
+    .default('')
+    .refine((v) => v === '' || v.split(',').every((p) => p.trim().startsWith('/')), 'comma-separated absolute paths')
+    .transform((v) => (v === '' ? [] : v.split(',').map((p) => p.trim()))),
+  /** DSM (KMIP) servers: comma-separated CIDRs that may be connected to although private/loopback (e.g. 10.0.0.0/8). */
+  DSM_ALLOW_CIDRS: z.string().default(''),
+  /** Timeout of one KMIP request (connect, TLS handshake and answer), ms. */
+  KMIP_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(10_000),
   /** Job and batch records (and their event streams) are deleted this many days after they end. */
   RECORD_RETENTION_DAYS: z.coerce.number().positive().max(3650).default(30),
   /** Previous master keys (comma-separated, 64 hex or base64 each) that still open values sealed before a rotation. */

@@ -2,6 +2,7 @@ import type { Config } from './config.js';
 import { SecretBox } from './crypto.js';
 import type { RedisClient } from './redis.js';
 import type { KmsConnection, LocalKey, PolicyTemplate } from './resources.js';
+import type { DsmConnection, HsmConnection } from './source-connections.js';
 import { BatchStore } from './stores/batch-store.js';
 import { JobStore } from './stores/job-store.js';
 import { Keyspace } from './stores/keyspace.js';
@@ -18,6 +19,8 @@ export interface Stores {
   kmsConnections: ResourceStore<KmsConnection>;
   templates: ResourceStore<PolicyTemplate>;
   localKeys: ResourceStore<LocalKey>;
+  hsmConnections: ResourceStore<HsmConnection>;
+  dsmConnections: ResourceStore<DsmConnection>;
 }
 
 export function createStores(
@@ -34,5 +37,7 @@ export function createStores(
     kmsConnections: new ResourceStore<KmsConnection>(redis, keys, 'kms', 'KMS connection'),
     templates: new ResourceStore<PolicyTemplate>(redis, keys, 'templates', 'policy template'),
     localKeys: new ResourceStore<LocalKey>(redis, keys, 'localkeys', 'local key'),
+    hsmConnections: new ResourceStore<HsmConnection>(redis, keys, 'hsm', 'HSM connection'),
+    dsmConnections: new ResourceStore<DsmConnection>(redis, keys, 'dsm', 'DSM (KMIP) connection'),
   };
 }

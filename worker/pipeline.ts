@@ -15,7 +15,7 @@ import {
   type KeyMetadata,
 } from '@aws-sdk/client-kms';
 import type { Stores } from '../shared/context.js';
-import { wrapKeyMaterial, zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
+import { zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
 import type { JobRecord, Step } from '../shared/jobs.js';
 import type { JobUpdate } from '../shared/stores/job-store.js';
@@ -28,14 +28,14 @@ import { classify } from './classify.js';
 import type { KmsClients } from './kms-clients.js';
 import { KmsQuotaWait, type KmsQuota, type MeteredKms } from './kms-quota.js';
 import { buildKeyResource, JOB_TAG_KEY, type DescribeOutput } from './result.js';
-import { resolveSource, type SourceKey } from './sources/index.js';
+import type { SourceKey, Sources } from './sources/index.js';
 
-export const WRAPPING_ALGORITHM: WrappingAlgorithm = 'RSAES_OAEP_SHA_256';
 /** Import parameters this close to expiry are fetched again rather than used. */
 const IMPORT_PARAMS_MARGIN_MS = 60_000;
 
 export interface PipelineDeps {
   stores: Stores;
+  sources: Sources;
   clients: KmsClients;
   quota: KmsQuota;
   logger: Logger;
@@ -158,7 +158,7 @@ export class UploadPipeline {
         const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
         const out = await r.kms.send(
           'GetParametersForImport',
-          new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: WRAPPING_ALGORITHM, WrappingKeySpec: keySpec }),
+          new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: r.source.wrappingAlgorithm, WrappingKeySpec: keySpec }),
         );
         if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
           throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
@@ -168,7 +168,7 @@ export class UploadPipeline {
           public_key: Buffer.from(out.PublicKey).toString('base64'),
           import_token: Buffer.from(out.ImportToken).toString('base64'),
           valid_to: out.ParametersValidTo.toISOString(),
-          algorithm: WRAPPING_ALGORITHM,
+          algorithm: r.source.wrappingAlgorithm,
           key_spec: keySpec,
         };
         const fresh = params;
@@ -178,13 +178,7 @@ export class UploadPipeline {
       }
 
       await step('wrap');
-      const material = await r.source.readMaterial();
-      let wrapped: Buffer;
-      try {
-        wrapped = wrapKeyMaterial(material, Buffer.from(params.public_key, 'base64'), params.algorithm as WrappingAlgorithm);
-      } finally {
-        zeroize(material);
-      }
+      const wrapped = await r.source.wrap(Buffer.from(params.public_key, 'base64'), params.algorithm as WrappingAlgorithm);
 
       await step('import');
       faultPoint('before:import');
@@ -280,7 +274,7 @@ export class UploadPipeline {
       if (!t) throw new PipelineError('policy_template_not_found', `The policy template "${job.request.policytemplate}" no longer exists.`, false);
       templatePolicy = t.policy;
     }
-    const source = await resolveSource(stores, job.account, job.request);
+    const source = await this.deps.sources.resolve(job.account, job.request);
     const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: true });
     return { conn, kms, source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }

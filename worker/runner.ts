@@ -14,6 +14,7 @@ import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
 import { UploadPipeline } from './pipeline.js';
+import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
 export interface WorkerHandle {
@@ -31,8 +32,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const stores = createStores(config, redis);
   const clients = new KmsClients(stores.box, config.KMS_TIMEOUT_MS);
+  const sources = new Sources({ stores, config, logger });
   const pipeline = new UploadPipeline({
     stores,
+    sources,
     clients,
     quota: new KmsQuota({ redis, keys: stores.keys, quotas: config.KMS_QUOTAS, maxSleepMs: config.KMS_QUOTA_MAX_SLEEP_MS, timeoutMs: config.KMS_TIMEOUT_MS }),
     logger,
@@ -162,6 +165,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     metricsUrl: metrics.url,
     async close() {
       await worker.close();
+      await sources.close();
       await webhooks.close();
       await webhookQueue.close();
       clients.destroy();

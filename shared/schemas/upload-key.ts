@@ -3,6 +3,7 @@ import type { FieldError } from '../errors.js';
 import { parseOrThrow } from '../validation.js';
 
 export const SOURCE_KEY_TIERS = ['local', 'dsm', 'hsm-luna'] as const;
+export type SourceKeyTier = (typeof SOURCE_KEY_TIERS)[number];
 export const MAX_VALID_TO_DAYS = 365;
 
 /** CCKM's rule for tag values: alphanumerics and `_ . / = + - @`. */
@@ -66,6 +67,8 @@ const principalList = z.array(principal).max(100).optional();
 export const uploadKeySchema = z.strictObject({
   source_key_tier: z.enum(SOURCE_KEY_TIERS).default('local'),
   source_key_identifier: z.string().min(1).max(256),
+  /** keyferry's addition: the HSM (hsm-luna) or KMIP server (dsm) connection holding the source key, by name or id. */
+  source_connection: z.string().min(1).max(128).optional(),
   region: z.string().regex(REGION_RE, 'Must be an AWS region name such as ap-south-1.'),
   kms: z.string().min(1).max(128),
   KeyExpiration: z.boolean().default(false),
@@ -121,6 +124,14 @@ export function crossFieldErrors(body: unknown, now = Date.now()): FieldError[] 
         errors.push({ path, message: `Mutually exclusive with ${others.join(' and ')}: give Policy, policytemplate, or principal lists, not several.` });
       }
     }
+  }
+
+  const tier = body.source_key_tier ?? 'local';
+  if ((tier === 'hsm-luna' || tier === 'dsm') && body.source_connection === undefined) {
+    errors.push({ path: 'source_connection', message: `Required when source_key_tier is "${tier}": the ${tier === 'dsm' ? 'DSM (KMIP)' : 'HSM'} connection holding the key.` });
+  }
+  if (tier === 'local' && body.source_connection !== undefined) {
+    errors.push({ path: 'source_connection', message: 'Only allowed when source_key_tier is "hsm-luna" or "dsm".' });
   }
 
   const validTo = awsParam.ValidTo;

@@ -1,0 +1,103 @@
+import { createPrivateKey, randomUUID, X509Certificate } from 'node:crypto';
+import { Router } from 'express';
+import type { Stores } from '../../shared/context.js';
+import { ValidationError, type FieldError } from '../../shared/errors.js';
+import {
+  dsmConnectionSchema,
+  dsmConnectionView,
+  dsmKeyContext,
+  hsmConnectionSchema,
+  hsmConnectionView,
+  hsmPinContext,
+  type DsmConnection,
+  type HsmConnection,
+} from '../../shared/source-connections.js';
+import { parseOrThrow } from '../../shared/validation.js';
+import { accountOf } from '../auth.js';
+
+const stamp = (account: string, id: string, name: string) => {
+  const now = new Date().toISOString();
+  return { id, name, account, created_at: now, updated_at: now };
+};
+
+/** Connections to the HSMs (`hsm-luna` tier, PKCS#11) and KMIP servers (`dsm` tier) keys are uploaded from. */
+export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: readonly string[] }): Router {
+  const { stores } = deps;
+  const router = Router();
+
+  router.post('/api/v1/cckm/hsm', async (req, res) => {
+    const account = accountOf(req);
+    const body = parseOrThrow(hsmConnectionSchema, req.body);
+    if (!deps.hsmLibraries.includes(body.library)) {
+      const allowed = deps.hsmLibraries.length > 0 ? `one of ${deps.hsmLibraries.join(', ')}` : 'set by the operator in HSM_LIBRARIES (none is)';
+      throw new ValidationError([{ path: 'library', message: `Must be a PKCS#11 library this service allows: ${allowed}.` }]);
+    }
+    const id = randomUUID();
+    const record: HsmConnection = {
+      ...stamp(account, id, body.name),
+      library: body.library,
+      token_label: body.token_label ?? null,
+      slot: body.slot ?? null,
+      pin_sealed: stores.box.seal(body.pin, hsmPinContext(account, id)),
+      wrapping_algorithm: body.wrapping_algorithm,
+    };
+    await stores.hsmConnections.create(record);
+    res.status(201).location(`/api/v1/cckm/hsm/${id}`).json(hsmConnectionView(record));
+  });
+  router.get('/api/v1/cckm/hsm', async (req, res) => {
+    const items = await stores.hsmConnections.list(accountOf(req));
+    res.json({ resources: items.map(hsmConnectionView), total: items.length });
+  });
+  router.get('/api/v1/cckm/hsm/:id', async (req, res) => {
+    res.json(hsmConnectionView(await stores.hsmConnections.get(accountOf(req), req.params.id)));
+  });
+
+  router.post('/api/v1/cckm/dsm', async (req, res) => {
+    const account = accountOf(req);
+    const body = parseOrThrow(dsmConnectionSchema, req.body);
+    const errors = certificateErrors(body.ca_certificate, body.client_certificate, body.client_key);
+    if (errors.length > 0) throw new ValidationError(errors);
+    const id = randomUUID();
+    const record: DsmConnection = {
+      ...stamp(account, id, body.name),
+      host: body.host,
+      port: body.port,
+      server_name: body.server_name ?? null,
+      ca_certificate: body.ca_certificate,
+      client_certificate: body.client_certificate,
+      client_key_sealed: stores.box.seal(body.client_key, dsmKeyContext(account, id)),
+      kmip_version: body.kmip_version ?? null,
+    };
+    await stores.dsmConnections.create(record);
+    res.status(201).location(`/api/v1/cckm/dsm/${id}`).json(dsmConnectionView(record));
+  });
+  router.get('/api/v1/cckm/dsm', async (req, res) => {
+    const items = await stores.dsmConnections.list(accountOf(req));
+    res.json({ resources: items.map(dsmConnectionView), total: items.length });
+  });
+  router.get('/api/v1/cckm/dsm/:id', async (req, res) => {
+    res.json(dsmConnectionView(await stores.dsmConnections.get(accountOf(req), req.params.id)));
+  });
+
+  return router;
+}
+
+/** The PEMs parse, and the client key belongs to the client certificate. */
+export function certificateErrors(caPem: string, certPem: string, keyPem: string): FieldError[] {
+  const errors: FieldError[] = [];
+  const parse = <T>(path: string, what: string, f: () => T): T | undefined => {
+    try {
+      return f();
+    } catch {
+      errors.push({ path, message: `Not a readable ${what}.` });
+      return undefined;
+    }
+  };
+  parse('ca_certificate', 'X.509 certificate (PEM)', () => new X509Certificate(caPem));
+  const cert = parse('client_certificate', 'X.509 certificate (PEM)', () => new X509Certificate(certPem));
+  const key = parse('client_key', 'private key (unencrypted PKCS#8 or PKCS#1 PEM)', () => createPrivateKey(keyPem));
+  if (cert && key && !cert.checkPrivateKey(key)) {
+    errors.push({ path: 'client_key', message: 'Does not belong to client_certificate.' });
+  }
+  return errors;
+}

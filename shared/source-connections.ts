@@ -1,0 +1,104 @@
+import { z } from 'zod';
+import type { WrappingAlgorithm } from './crypto.js';
+import type { AccountResource } from './stores/resource-store.js';
+
+/*
+ * Connections to the key sources of the `hsm-luna` (PKCS#11) and `dsm` (KMIP) tiers. An upload names one in
+ * `source_connection`. Secrets (the HSM user PIN, the KMIP client's private key) are sealed with the
+ * connection's own context and never returned.
+ */
+
+const name = z.string().min(1).max(128).regex(/^[A-Za-z0-9_.@-]+$/, 'Names allow letters, digits and _ . @ -.');
+const pem = (label: string) =>
+  z
+    .string()
+    .max(65_536)
+    .regex(new RegExp(`-----BEGIN [A-Z0-9 ]*${label}-----[\\s\\S]+-----END [A-Z0-9 ]*${label}-----`), `Must be a PEM ${label.toLowerCase()}.`);
+
+export const HSM_WRAPPING_ALGORITHMS = ['RSAES_OAEP_SHA_256', 'RSAES_OAEP_SHA_1'] as const satisfies readonly WrappingAlgorithm[];
+
+// ---- HSM (PKCS#11) -----------------------------------------------------------------------------
+
+export const hsmConnectionSchema = z
+  .strictObject({
+    name,
+    /** Path of the PKCS#11 library on the workers; it must be one the operator allows (HSM_LIBRARIES). */
+    library: z.string().min(1).max(1024).regex(/^\//, 'Must be an absolute path.'),
+    token_label: z.string().min(1).max(32).optional(),
+    slot: z.number().int().min(0).max(0xffff_ffff).optional(),
+    pin: z.string().min(1).max(256),
+    /** The OAEP hash the HSM wraps with (C_WrapKey, CKM_RSA_PKCS_OAEP); SoftHSM2 supports only SHA-1. */
+    wrapping_algorithm: z.enum(HSM_WRAPPING_ALGORITHMS).default('RSAES_OAEP_SHA_256'),
+  })
+  .refine((b) => (b.token_label === undefined) !== (b.slot === undefined), {
+    path: ['token_label'],
+    message: 'Give exactly one of token_label and slot.',
+  });
+
+export interface HsmConnection extends AccountResource {
+  library: string;
+  token_label: string | null;
+  slot: number | null;
+  pin_sealed: string;
+  wrapping_algorithm: WrappingAlgorithm;
+}
+
+export const hsmConnectionView = (c: HsmConnection) => ({
+  id: c.id,
+  name: c.name,
+  library: c.library,
+  token_label: c.token_label,
+  slot: c.slot,
+  wrapping_algorithm: c.wrapping_algorithm,
+  created_at: c.created_at,
+  updated_at: c.updated_at,
+});
+
+export const hsmPinContext = (account: string, id: string) => `hsm-pin:${account}:${id}`;
+
+// ---- DSM (KMIP) --------------------------------------------------------------------------------
+
+export const KMIP_VERSIONS = ['1.2', '1.3', '1.4', '2.0'] as const;
+export type KmipVersion = (typeof KMIP_VERSIONS)[number];
+
+export const dsmConnectionSchema = z.strictObject({
+  name,
+  host: z
+    .string()
+    .min(1)
+    .max(253)
+    .regex(/^[A-Za-z0-9.:-]+$/, 'Must be a host name or an IP address.'),
+  port: z.number().int().min(1).max(65_535).default(5696),
+  /** The name the server's certificate must carry; defaults to host. */
+  server_name: z.string().min(1).max(253).optional(),
+  ca_certificate: pem('CERTIFICATE'),
+  client_certificate: pem('CERTIFICATE'),
+  client_key: pem('PRIVATE KEY'),
+  /** Highest KMIP version to offer; the server's answer to DiscoverVersions decides. */
+  kmip_version: z.enum(KMIP_VERSIONS).optional(),
+});
+
+export interface DsmConnection extends AccountResource {
+  host: string;
+  port: number;
+  server_name: string | null;
+  ca_certificate: string;
+  client_certificate: string;
+  client_key_sealed: string;
+  kmip_version: KmipVersion | null;
+}
+
+export const dsmConnectionView = (c: DsmConnection) => ({
+  id: c.id,
+  name: c.name,
+  host: c.host,
+  port: c.port,
+  server_name: c.server_name,
+  ca_certificate: c.ca_certificate,
+  client_certificate: c.client_certificate,
+  kmip_version: c.kmip_version,
+  created_at: c.created_at,
+  updated_at: c.updated_at,
+});
+
+export const dsmKeyContext = (account: string, id: string) => `dsm-client-key:${account}:${id}`;
