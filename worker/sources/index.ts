@@ -12,7 +12,7 @@ import { createHsmProvider } from './hsm.js';
 export interface SourceKey {
   id: string;
   name: string;
-  /** Where the material came from: `cckm` (local store), `luna` (PKCS#11 HSM) or `dsm` (KMIP server). */
+  /** Where the material came from: `cckm` (local store), `hsm-luna` (PKCS#11 HSM) or `dsm` (KMIP server). */
   origin: string;
   /** The wrapping algorithm to ask AWS for: the OAEP hash this source can wrap with. */
   wrappingAlgorithm: WrappingAlgorithm;
