@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStores } from '../shared/context.js';
 import { kmsSecretContext, localKeyContext } from '../shared/resources.js';
+import { hsmPinContext } from '../shared/source-connections.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import { runEntry } from './helpers/child.js';
 import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, testEnv, type TestStack } from './helpers/stack.js';
@@ -10,14 +11,18 @@ let stack: TestStack;
 let token: string;
 const material = randomBytes(32);
 let webhookSecret: string;
+const HSM_LIBRARY = '/usr/lib/softhsm/libsofthsm2.so';
+const hsmPin = `pin-${randomBytes(8).toString('hex')}`;
 
 beforeAll(async () => {
-  stack = await startStack({ name: 'rekey', worker: false });
+  stack = await startStack({ name: 'rekey', worker: false, env: { HSM_LIBRARIES: HSM_LIBRARY } });
   token = await stack.token('acme');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'rekey-key', material.toString('hex'));
   webhookSecret = (await stack.call('POST', '/api/v1/webhooks/secret', { token })).body.secret;
-  stack.watchForLeaks(webhookSecret);
+  const hsm = await stack.call('POST', '/api/v1/cckm/hsm', { token, body: { name: 'hsm', library: HSM_LIBRARY, token_label: 'keys', pin: hsmPin } });
+  expect(hsm.status).toBe(201);
+  stack.watchForLeaks(webhookSecret, hsmPin);
 });
 afterAll(async () => {
   await stack?.close();
@@ -43,7 +48,7 @@ describe('master key rotation', () => {
       JWT_SECRET: stack.config.JWT_SECRET,
     });
     expect(await child.exited).toEqual({ code: 0, signal: null });
-    expect(JSON.parse(child.output.find((l) => l.includes('resealed')) ?? '{}')).toEqual({ resealed: { kms_connections: 1, local_keys: 1, webhook_secrets: 1 } });
+    expect(JSON.parse(child.output.find((l) => l.includes('resealed')) ?? '{}')).toEqual({ resealed: { kms_connections: 1, local_keys: 1, hsm_connections: 1, dsm_connections: 0, webhook_secrets: 1 } });
 
     const after = await newOnly.kmsConnections.get('acme', 'kms');
     if (after.credentials.type !== 'access_key') throw new Error('secret lost');
@@ -51,6 +56,8 @@ describe('master key rotation', () => {
     const key = await newOnly.localKeys.get('acme', 'rekey-key');
     expect(newOnly.box.open(key.material_sealed, localKeyContext('acme', key.id))).toEqual(material);
     expect(await new WebhookSecretStore(stack.redis, newOnly.keys, newOnly.box).signingSecrets('acme')).toEqual([webhookSecret]);
+    const hsm = await newOnly.hsmConnections.get('acme', 'hsm');
+    expect(newOnly.box.openString(hsm.pin_sealed, hsmPinContext('acme', hsm.id))).toBe(hsmPin);
 
     // Values sealed under the old key are gone: the old key alone opens nothing any more.
     const oldOnly = createStores({ ...base, KEYFERRY_MASTER_KEY: oldKey, KEYFERRY_MASTER_KEY_PREVIOUS: [] }, stack.redis);
@@ -59,6 +66,6 @@ describe('master key rotation', () => {
     // Running it again changes nothing.
     const again = runEntry('shared/rekey-main.ts', { ...testEnv('rekey'), KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX, KEYFERRY_MASTER_KEY: newKey.toString('hex'), JWT_SECRET: stack.config.JWT_SECRET });
     expect(await again.exited).toEqual({ code: 0, signal: null });
-    expect(again.output.join('\n')).toContain('"kms_connections":0,"local_keys":0,"webhook_secrets":0');
+    expect(again.output.join('\n')).toContain('"kms_connections":0,"local_keys":0,"hsm_connections":0,"dsm_connections":0,"webhook_secrets":0');
   });
 });
