@@ -120,6 +120,16 @@ export const configSchema = z.object({
   /** Server-Sent Events: a keep-alive comment after this long without events, ms. */
   SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /**
+   * The queue dashboard (/admin/queues) only shows: no retry, clean, pause, add or remove. Its actions act on
+   * BullMQ alone, behind keyferry's job records (emptying a queue strands queued records), so they are off
+   * unless this is false.
+   */
+  ADMIN_READ_ONLY: boolFromEnv.default(true),
+  /** OTLP/HTTP collector base URL (spans go to `<url>/v1/traces`); tracing is off while unset or empty. */
+  OTEL_EXPORTER_OTLP_ENDPOINT: z.preprocess((v) => (v === '' ? undefined : v), z.url({ protocol: /^https?$/, message: 'Must be an http(s) URL.' }).optional()),
+  /** service.name of this process's spans (default keyferry-api or keyferry-worker). */
+  OTEL_SERVICE_NAME: z.preprocess((v) => (v === '' ? undefined : v), z.string().optional()),
 });
 
 export type Config = z.infer<typeof configSchema>;

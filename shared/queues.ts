@@ -3,6 +3,7 @@ import type { Config } from './config.js';
 import { UPLOAD_QUEUE, type UploadJobData } from './jobs.js';
 import type { RedisClient } from './redis.js';
 import type { Keyspace } from './stores/keyspace.js';
+import { bullTelemetry } from './tracing.js';
 
 export type UploadQueue = Queue<UploadJobData>;
 
@@ -29,7 +30,7 @@ export function uploadJobOptions(config: Pick<Config, 'JOB_ATTEMPTS' | 'JOB_BACK
 }
 
 export function createUploadQueue(redis: RedisClient, keys: Keyspace): UploadQueue {
-  return new Queue<UploadJobData>(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix });
+  return new Queue<UploadJobData>(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix, ...bullTelemetry() });
 }
 
 /** QueueEvents blocks on a stream read: give it a client of its own (the caller disconnects it). */

@@ -2,6 +2,7 @@ import { Queue } from 'bullmq';
 import { sha256Hex } from './crypto.js';
 import type { RedisClient } from './redis.js';
 import type { Keyspace } from './stores/keyspace.js';
+import { bullTelemetry } from './tracing.js';
 
 /** The webhook contract between the producers (the upload worker), the webhook worker and the API. */
 export const WEBHOOK_QUEUE = 'webhook';
@@ -44,7 +45,7 @@ export type WebhookQueue = Queue<WebhookJobData>;
 const ATTEMPTS_CEILING = 1000;
 
 export function createWebhookQueue(redis: RedisClient, keys: Keyspace): WebhookQueue {
-  return new Queue<WebhookJobData>(WEBHOOK_QUEUE, { connection: redis, prefix: keys.bullPrefix });
+  return new Queue<WebhookJobData>(WEBHOOK_QUEUE, { connection: redis, prefix: keys.bullPrefix, ...bullTelemetry() });
 }
 
 /** Same dedupe id, same `webhook-id` (`msg_` + 32 hex). */

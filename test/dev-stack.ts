@@ -11,6 +11,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfigOrExit } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
+import { startTracing } from '../shared/tracing.js';
 import { startWorker } from '../worker/runner.js';
 import { KmsEmulator } from './kms-emulator/emulator.js';
 
@@ -33,9 +34,14 @@ const emulator = new KmsEmulator({
   accounts: { [EMULATOR_KEY_ID]: '123456789012' },
 });
 await emulator.start();
+// One process, one service name (OTEL_SERVICE_NAME overrides); only with OTEL_EXPORTER_OTLP_ENDPOINT set.
+const tracing = await startTracing(config, 'keyferry-dev');
 const api = await startApi(config, logger.child({ role: 'api' }));
 const worker = await startWorker(config, logger.child({ role: 'worker' }));
-const token = await signToken({ secret: config.JWT_SECRET, account: DEV_ACCOUNT, ttlSeconds: 12 * 3600, issuer: config.JWT_ISSUER, audience: config.JWT_AUDIENCE });
+const tokenOptions = { secret: config.JWT_SECRET, account: DEV_ACCOUNT, ttlSeconds: 12 * 3600, issuer: config.JWT_ISSUER, audience: config.JWT_AUDIENCE };
+const token = await signToken(tokenOptions);
+// For the queue dashboard only: a tenant token is not in the admin group.
+const adminToken = await signToken({ ...tokenOptions, subject: `local|${DEV_ACCOUNT}|admin`, groups: ['admin'] });
 
 async function seed(path: string, body: unknown): Promise<void> {
   const res = await fetch(`${api.url}${path}`, {
@@ -61,9 +67,11 @@ keyferry dev stack
   KMS emulator   ${emulator.url}
   Redis          ${config.REDIS_URL}   prefix ${config.KEYFERRY_PREFIX}${ephemeralPrefix ? ' (deleted on exit)' : ''}
   seeded         local key "test-key", KMS connection "kms" (account 123456789012)
+  dashboard      ${api.url.replace('127.0.0.1', 'localhost')}/admin/login   (paste the admin token below)${tracing ? `\n  tracing        ${tracing.serviceName} → ${config.OTEL_EXPORTER_OTLP_ENDPOINT}` : ''}
 
 export KEYFERRY_URL=${api.url}
 export KEYFERRY_TOKEN=${token}
+# admin token (queue dashboard): ${adminToken}
 
 curl -s "$KEYFERRY_URL/api/v1/cckm/aws/upload-key" -H "Authorization: Bearer $KEYFERRY_TOKEN" \\
   -H 'Content-Type: application/json' -H 'Prefer: wait=10' \\
@@ -77,6 +85,7 @@ async function stop(): Promise<void> {
   await worker.close();
   await api.close();
   await emulator.close();
+  await tracing?.shutdown();
   if (ephemeralPrefix) {
     const redis = new Redis(config.REDIS_URL);
     await deleteKeyspace(redis, config.KEYFERRY_PREFIX);

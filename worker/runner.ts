@@ -9,6 +9,7 @@ import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { jobDuration, jobsFinished, quotaWaits, startMetricsServer } from '../shared/metrics.js';
 import { uploadBackoffDelay } from '../shared/queues.js';
+import { bullTelemetry } from '../shared/tracing.js';
 import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
@@ -142,6 +143,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     stalledInterval: config.WORKER_STALLED_INTERVAL_MS,
     maxStalledCount: config.WORKER_MAX_STALLED_COUNT,
     settings: { backoffStrategy: (attemptsMade: number) => uploadBackoffDelay(attemptsMade, config) },
+    ...bullTelemetry(),
   });
   worker.on('error', (err) => logger.warn({ err: err.message }, 'worker error'));
   // A job that stalled more than WORKER_MAX_STALLED_COUNT times is failed by BullMQ without running

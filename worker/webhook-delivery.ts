@@ -9,6 +9,7 @@ import { createLogger, type Logger } from '../shared/logger.js';
 import { webhookDeliveries } from '../shared/metrics.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import { ForbiddenAddressError, parseCidrs, resolveAllowed, type ResolvedAddresses } from '../shared/ssrf.js';
+import { bullTelemetry } from '../shared/tracing.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import { WEBHOOK_QUEUE, WebhookDeliveries, type DeliveryOutcome, type DeliveryRecord, type WebhookJobData } from '../shared/webhooks.js';
@@ -236,6 +237,7 @@ export async function startWebhookWorker(
       backoffStrategy: (attemptsMade, _type, err) =>
         err instanceof RetryLater ? err.delayMs : (nextDelay(attemptsMade, undefined, deps.retryDelaysMs) ?? -1),
     },
+    ...bullTelemetry(),
   });
   worker.on('error', (err) => logger.warn({ err: err.message }, 'webhook worker error'));
   worker.on('failed', (job, err) => {
