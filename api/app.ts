@@ -6,6 +6,7 @@ import type { UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { authOptions } from '../shared/auth.js';
 import { metricsText } from '../shared/metrics.js';
+import { adminRoutes } from './admin.js';
 import { requireAuth } from './auth.js';
 import { openApiRoutes } from './openapi.js';
 import type { Intake } from './intake.js';
@@ -15,7 +16,7 @@ import { accountRateLimit } from './rate-limit.js';
 import { requestLogging } from './request-id.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
-import type { WebhookDeliveries } from '../shared/webhooks.js';
+import { createWebhookQueue, type WebhookDeliveries } from '../shared/webhooks.js';
 import { batchRoutes } from './routes/batches.js';
 import { jobRoutes } from './routes/jobs.js';
 import { webhookRoutes } from './routes/webhooks.js';
@@ -69,8 +70,14 @@ export function createApp(deps: AppDeps): Express {
     sendProblem(res, problem(503, 'not_ready', 'Redis does not answer.', { redis: 'unreachable' }));
   });
 
+  const auth = authOptions(deps.config);
+  // Operators' queue dashboard: admin group only; its cookie is accepted under /admin and nowhere else.
+  app.use(
+    adminRoutes({ config: deps.config, auth, uploadQueue: deps.queue, webhookQueue: () => createWebhookQueue(deps.redis, deps.stores.keys) }),
+  );
+
   // The caller is known, and within its rate, before any body is read.
-  app.use('/api', requireAuth(authOptions(deps.config)));
+  app.use('/api', requireAuth(auth));
   app.post(
     ['/api/v1/cckm/aws/upload-key', '/api/v1/cckm/aws/upload-key/batch'],
     accountRateLimit({ redis: deps.redis, keys: deps.stores.keys, ratePerSecond: deps.config.INTAKE_RATE_PER_SECOND, burst: deps.config.INTAKE_BURST }),

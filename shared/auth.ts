@@ -55,10 +55,19 @@ export async function verifyToken(token: string, opts: AuthOptions): Promise<Pri
   }
 }
 
+/** The group (`cust.groups` claim) that may open the operators' queue dashboard under /admin. */
+export const ADMIN_GROUP = 'admin';
+
+/** True when the principal belongs to the admin group. */
+export function isAdmin(principal: Principal): boolean {
+  return principal.groups.includes(ADMIN_GROUP);
+}
+
+/** Signs an HS256 token. It names no group unless asked: an admin token must be asked for explicitly. */
 export async function signToken(
   opts: Omit<AuthOptions, 'jwks'> & { account: string; subject?: string; ttlSeconds?: number; groups?: string[] },
 ): Promise<string> {
-  let jwt = new SignJWT({ acc: opts.account, cust: { groups: opts.groups ?? ['admin'] } })
+  let jwt = new SignJWT({ acc: opts.account, cust: { groups: opts.groups ?? [] } })
     .setProtectedHeader({ alg: 'HS256', typ: 'JWT' })
     .setSubject(opts.subject ?? `local|${opts.account}`)
     .setIssuedAt()

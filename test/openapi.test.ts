@@ -34,6 +34,13 @@ function appRoutes(app: Express): Set<string> {
   return found;
 }
 
+/**
+ * The operators' routes (api/admin.ts) are not part of the tenant API the document describes: they are left
+ * out of the comparison, but only these, by name, so a new /admin route has to be listed here on purpose.
+ * The dashboard under /admin/queues is bull-board's own Express app, mounted as one handler and not walked.
+ */
+const ADMIN_ROUTES = ['GET /admin/login', 'POST /admin/login', 'POST /admin/logout'];
+
 function documentedRoutes(): Set<string> {
   const found = new Set<string>();
   for (const [path, item] of Object.entries(buildOpenApiDocument().paths ?? {})) {
@@ -76,6 +83,9 @@ describe('OpenAPI document', () => {
     };
     const served = appRoutes(createApp(deps));
     const documented = documentedRoutes();
+    expect([...served].filter((r) => / \/admin(\/|$)/.test(r)).sort()).toEqual([...ADMIN_ROUTES].sort());
+    expect([...documented].filter((r) => / \/admin(\/|$)/.test(r))).toEqual([]);
+    for (const route of ADMIN_ROUTES) served.delete(route);
     expect(served.size).toBeGreaterThan(20);
     expect([...served].filter((r) => !documented.has(r)).sort()).toEqual([]);
     expect([...documented].filter((r) => !served.has(r)).sort()).toEqual([]);

@@ -1,5 +1,5 @@
 import { InvalidArgumentError, type Command } from 'commander';
-import { signToken } from '../../shared/auth.js';
+import { ADMIN_GROUP, signToken } from '../../shared/auth.js';
 import { UsageError } from './client.js';
 import { print } from './output.js';
 
@@ -7,9 +7,13 @@ interface TokenOptions {
   account: string;
   ttl: number;
   subject?: string;
+  admin?: boolean;
 }
 
-/** `keyferry token`, also `npm run token`: a bearer token signed with JWT_SECRET (and JWT_ISSUER, JWT_AUDIENCE). */
+/**
+ * `keyferry token`, also `npm run token`: a bearer token signed with JWT_SECRET (and JWT_ISSUER, JWT_AUDIENCE).
+ * It names no group; `--admin` adds the `admin` group, which opens the queue dashboard (/admin/queues).
+ */
 export function registerToken(program: Command): void {
   program
     .command('token')
@@ -17,6 +21,7 @@ export function registerToken(program: Command): void {
     .requiredOption('--account <name>', 'the account (acc claim)')
     .option('--ttl <seconds>', 'lifetime in seconds', positiveInt, 3600)
     .option('--subject <sub>', 'the sub claim (default local|<account>)')
+    .option('--admin', 'put the token in the admin group (cust.groups), for the queue dashboard at /admin/queues')
     .action(async (opts: TokenOptions) => {
       const secret = process.env.JWT_SECRET;
       if (!secret) throw new UsageError('Set JWT_SECRET to the API\'s token secret.');
@@ -27,6 +32,7 @@ export function registerToken(program: Command): void {
         issuer: process.env.JWT_ISSUER,
         audience: process.env.JWT_AUDIENCE,
         ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
+        groups: opts.admin ? [ADMIN_GROUP] : [],
       });
       print(token);
     });
