@@ -92,6 +92,9 @@ describe('batch runs', () => {
     expect(failed.body.jobs).toHaveLength(1);
     expect(failed.body.jobs[0]).toMatchObject({ batch_id: batchId, batch_index: 2, status: 'failed', error: { code: 'source_key_not_found' } });
     expect(failed.body.next_cursor).toBeNull();
+    // The worker's log lines of a batch item name the job, its batch and its account.
+    const failLine = stack.logs.lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.job_id === `${batchId}.2` && l.code === 'source_key_not_found');
+    expect(failLine).toMatchObject({ batch_id: batchId, account: expect.any(String), step: 'resolve' });
 
     const p1 = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?limit=2`, { token });
     expect(p1.body.jobs.map((j: { batch_index: number }) => j.batch_index)).toEqual([0, 1]);

@@ -98,8 +98,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
 
   const processJob = async (job: Job<UploadJobData>, token?: string) => {
     const { jobId, account } = job.data;
-    const log = logger.child({ job_id: jobId, account });
     const current = await stores.jobs.get(jobId);
+    const log = logger.child({ job_id: jobId, account, ...(current?.batch_id ? { batch_id: current.batch_id } : {}) });
     if (!current || FINAL_STATUSES.includes(current.status)) {
       // Already final: an earlier run may have died before notifying; notifying again delivers once.
       if (current) {
