@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { kmsQuotaListSchema } from './kms-quotas.js';
+import { parseCidrs } from './ssrf.js';
 
 /** Every setting keyferry reads, with its default. Parsed once at start; a bad value stops the process. */
 const boolFromEnv = z
@@ -84,7 +85,7 @@ export const configSchema = z.object({
   /** Webhooks: allow http:// callback URLs (https only by default). */
   WEBHOOK_ALLOW_HTTP: boolFromEnv.default(false),
   /** Webhooks: comma-separated CIDRs that may be called although private/loopback/special (e.g. 127.0.0.1/32). */
-  WEBHOOK_ALLOW_CIDRS: z.string().default(''),
+  WEBHOOK_ALLOW_CIDRS: z.string().default('').refine(validCidrs, 'comma-separated CIDRs or addresses, e.g. 127.0.0.1/32'),
   /** Webhooks: timeout of one delivery attempt, ms. */
   WEBHOOK_TIMEOUT_MS: z.coerce.number().int().min(100).max(60_000).default(10_000),
   /** Webhooks: delays before each retry, seconds, comma-separated (default: about a day in all). */
@@ -106,8 +107,8 @@ export const configSchema = z.object({
     .refine((v) => v === '' || v.split(',').every((p) => p.trim().startsWith('/')), 'comma-separated absolute paths')
     .transform((v) => (v === '' ? [] : v.split(',').map((p) => p.trim()))),
   /** DSM (KMIP) servers: comma-separated CIDRs that may be connected to although private/loopback (e.g. 10.0.0.0/8). */
-  DSM_ALLOW_CIDRS: z.string().default(''),
-  /** Timeout of one KMIP request (connect, TLS handshake and answer), ms. */
+  DSM_ALLOW_CIDRS: z.string().default('').refine(validCidrs, 'comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,127.0.0.1'),
+  /** Bound on connecting to a KMIP server (DNS, TCP and TLS handshake together) and, separately, on each KMIP answer, ms. */
   KMIP_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(10_000),
   /** Job and batch records (and their event streams) are deleted this many days after they end. */
   RECORD_RETENTION_DAYS: z.coerce.number().positive().max(3650).default(30),
@@ -160,5 +161,14 @@ export function loadConfigOrExit(env: NodeJS.ProcessEnv = process.env): Config {
   } catch (err) {
     console.error(err instanceof Error ? err.message : String(err));
     process.exit(1);
+  }
+}
+
+function validCidrs(list: string): boolean {
+  try {
+    parseCidrs(list);
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -32,6 +32,13 @@ describe('configuration', () => {
     }
   });
 
+  it('when an allow-list of addresses or HSM_LIBRARIES is malformed, then the start fails naming the variable', () => {
+    expect(loadConfig({ ...good, DSM_ALLOW_CIDRS: '10.0.0.0/8,127.0.0.1', HSM_LIBRARIES: '/usr/lib/a.so, /opt/b.so' })).toMatchObject({ HSM_LIBRARIES: ['/usr/lib/a.so', '/opt/b.so'] });
+    expect(() => loadConfig({ ...good, DSM_ALLOW_CIDRS: '10.0.0.0/99' })).toThrow(/DSM_ALLOW_CIDRS/);
+    expect(() => loadConfig({ ...good, WEBHOOK_ALLOW_CIDRS: 'localhost' })).toThrow(/WEBHOOK_ALLOW_CIDRS/);
+    expect(() => loadConfig({ ...good, HSM_LIBRARIES: 'libsofthsm2.so' })).toThrow(/HSM_LIBRARIES/);
+  });
+
   it('when the master key is base64, then it is accepted', () => {
     expect(loadConfig({ ...good, KEYFERRY_MASTER_KEY: randomBytes(32).toString('base64') }).KEYFERRY_MASTER_KEY).toHaveLength(32);
   });
