@@ -73,6 +73,16 @@ describe('upload-key request validation', () => {
     expect(errorPaths(buildBody({ key_admins: ['alice'], key_users_roles: ['app'], external_accounts: ['111122223333'] }))).toEqual([]);
   });
 
+  it('when the source tier is an HSM or a KMIP server, then source_connection is required, and refused for local keys', () => {
+    for (const tier of ['hsm-luna', 'dsm']) {
+      expect(errorPaths(buildBody({ source_key_tier: tier }))).toEqual(['source_connection']);
+      expect(errorPaths(buildBody({ source_key_tier: tier, source_connection: 'conn' }))).toEqual([]);
+    }
+    expect(errorPaths(buildBody({ source_key_tier: 'local', source_connection: 'conn' }))).toEqual(['source_connection']);
+    expect(errorPaths(buildBody({ source_key_tier: undefined, source_connection: 'conn' }))).toEqual(['source_connection']);
+    expect(errorPaths(buildBody({ source_key_tier: 'dsm', source_connection: '' }))).toEqual(['source_connection']);
+  });
+
   it('when KeyExpiration is true with a ValidTo 30 days ahead, then it is accepted', () => {
     expect(errorPaths(buildBody({ KeyExpiration: true }, { ValidTo: inDays(30) }))).toEqual([]);
   });
