@@ -147,13 +147,13 @@ export class Intake {
     );
     const templateNames = [...new Set(reqs.map((r) => r.policytemplate).filter((t): t is string => t !== undefined))];
     const templates = new Map(await Promise.all(templateNames.map(async (t) => [t, await this.stores.templates.find(account, t)] as const)));
-    const sourceRefs = [...new Set(reqs.filter((r) => r.source_connection !== undefined).map((r) => `${r.source_key_tier}|${r.source_connection}`))];
+    const sourceRef = (r: UploadKeyRequest) => JSON.stringify([r.source_key_tier, r.source_connection]);
+    const sourceRefs = new Map(reqs.filter((r) => r.source_connection !== undefined).map((r) => [sourceRef(r), r] as const));
     const sourceConns = new Map(
       await Promise.all(
-        sourceRefs.map(async (ref) => {
-          const [tier, name] = ref.split('|', 2) as [string, string];
-          const store = tier === 'dsm' ? this.stores.dsmConnections : this.stores.hsmConnections;
-          return [ref, (await store.find(account, name)) !== undefined] as const;
+        [...sourceRefs].map(async ([ref, r]) => {
+          const store = r.source_key_tier === 'dsm' ? this.stores.dsmConnections : this.stores.hsmConnections;
+          return [ref, (await store.find(account, r.source_connection as string)) !== undefined] as const;
         }),
       ),
     );
@@ -167,7 +167,7 @@ export class Intake {
       if (req.policytemplate && !templates.get(req.policytemplate)) {
         errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });
       }
-      if (req.source_connection !== undefined && !sourceConns.get(`${req.source_key_tier}|${req.source_connection}`)) {
+      if (req.source_connection !== undefined && !sourceConns.get(sourceRef(req))) {
         const kind = req.source_key_tier === 'dsm' ? 'DSM (KMIP)' : 'HSM';
         errors.push({ path: at(i, 'source_connection'), message: `No ${kind} connection named or with id "${req.source_connection}".` });
       }

@@ -81,6 +81,7 @@ describe('upload-key request validation', () => {
     expect(errorPaths(buildBody({ source_key_tier: 'local', source_connection: 'conn' }))).toEqual(['source_connection']);
     expect(errorPaths(buildBody({ source_key_tier: undefined, source_connection: 'conn' }))).toEqual(['source_connection']);
     expect(errorPaths(buildBody({ source_key_tier: 'dsm', source_connection: '' }))).toEqual(['source_connection']);
+    expect(errorPaths(buildBody({ source_key_tier: 'dsm', source_connection: 'prod|x' }))).toEqual(['source_connection']);
   });
 
   it('when KeyExpiration is true with a ValidTo 30 days ahead, then it is accepted', () => {

@@ -68,7 +68,10 @@ export const uploadKeySchema = z.strictObject({
   source_key_tier: z.enum(SOURCE_KEY_TIERS).default('local'),
   source_key_identifier: z.string().min(1).max(256),
   /** keyferry's addition: the HSM (hsm-luna) or KMIP server (dsm) connection holding the source key, by name or id. */
-  source_connection: z.string().min(1).max(128).optional(),
+  source_connection: z
+    .string()
+    .regex(/^[A-Za-z0-9_.@-]{1,128}$/, 'Must be the name or id of an HSM or DSM connection (1-128 letters, digits and _ . @ -).')
+    .optional(),
   region: z.string().regex(REGION_RE, 'Must be an AWS region name such as ap-south-1.'),
   kms: z.string().min(1).max(128),
   KeyExpiration: z.boolean().default(false),
