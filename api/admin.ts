@@ -21,7 +21,7 @@ import { problem, sendProblem } from './problem.js';
  * on top of SameSite=Strict, which does not separate sibling subdomains.
  *
  * The dashboard shows every tenant's queued jobs: upload jobs hold ids only ({jobId, account}); webhook jobs
- * are shown with their URL cut to origin and path and without their body (a tenant's callback URL may carry a
+ * are shown with their URL cut to its origin and without their body (a tenant's callback URL may carry a
  * credential in its query). Read-only unless ADMIN_READ_ONLY=false.
  */
 
@@ -240,12 +240,15 @@ ${session}${error}
 
 // ---- the dashboard ------------------------------------------------------------------------------------
 
-/** A webhook job as the dashboard shows it: the URL cut to origin and path, the signed body left out. */
+/**
+ * A webhook job as the dashboard shows it: the URL cut to its origin (paths and queries of callback URLs may
+ * carry a tenant's credential, as Slack-style URLs do), the signed body left out.
+ */
 export function webhookDataForDashboard(data: WebhookJobData): Record<string, unknown> {
   let url = '(invalid URL)';
   try {
     const u = new URL(data.url);
-    url = `${u.origin}${u.pathname}${u.search ? '?…' : ''}`;
+    url = `${u.origin}${u.pathname === '/' && !u.search ? '/' : '/…'}`;
   } catch {
     /* shown as invalid */
   }
@@ -268,7 +271,7 @@ function dashboard(deps: AdminDeps): RequestHandler {
   const build = (): RequestHandler => {
     const readOnlyMode = deps.config.ADMIN_READ_ONLY;
     const upload = new BullMQAdapter(deps.uploadQueue, { readOnlyMode, description: 'Upload jobs: { jobId, account } only; the job record holds the rest.' });
-    const webhooks = new BullMQAdapter(deps.webhookQueue(), { readOnlyMode, description: 'Webhook deliveries (URL cut to origin and path, body not shown).' });
+    const webhooks = new BullMQAdapter(deps.webhookQueue(), { readOnlyMode, description: 'Webhook deliveries (URL cut to its origin, body not shown).' });
     webhooks.setFormatter('data', (data: WebhookJobData) => webhookDataForDashboard(data));
     const adapter = new ExpressAdapter();
     adapter.setBasePath(DASHBOARD_PATH);

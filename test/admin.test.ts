@@ -239,11 +239,11 @@ describe('cross-site request forgery', () => {
 });
 
 describe('what the dashboard shows of tenants', () => {
-  it('upload jobs hold ids only; webhook jobs show neither their body nor the query of their URL; no key material anywhere', async () => {
+  it('upload jobs hold ids only; webhook jobs show neither their body nor the path or query of their URL; no key material anywhere', async () => {
     const material = randomBytes(32);
     await seedKms(stack, tenant);
     await seedLocalKey(stack, tenant, 'test-key', material.toString('hex'));
-    const callback = `${receiver.url('/hook')}?token=sekrit-in-the-query`;
+    const callback = `${receiver.url('/hook/sekrit-in-the-path')}?token=sekrit-in-the-query`;
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token: tenant, body: { ...example, aws_param: { Alias: 'admin-view' }, callback_url: callback } });
     expect(res.status).toBe(202);
     const job = await waitForJob(stack, tenant, res.body.id);
@@ -266,11 +266,12 @@ describe('what the dashboard shows of tenants', () => {
     expect(shown?.data).toEqual({ jobId: job.id, account: 'acme' });
 
     const hook = (JSON.parse(webhookText) as Awaited<ReturnType<typeof boardQueues>>).queues.find((q) => q.name === 'webhook')?.jobs.find((j) => j.data.ownerId === job.id);
-    expect(hook?.data).toMatchObject({ type: 'upload-key.succeeded', account: 'acme', url: `${new URL(callback).origin}/hook?…` });
+    expect(hook?.data).toMatchObject({ type: 'upload-key.succeeded', account: 'acme', url: `${new URL(callback).origin}/…` });
     expect(hook?.data.body).toMatch(/^\(\d+ bytes, not shown\)$/);
 
     for (const text of [uploadText, webhookText]) {
       expect(text).not.toContain('sekrit-in-the-query');
+      expect(text).not.toContain('sekrit-in-the-path');
       for (const form of [material.toString('hex'), material.toString('base64'), material.toString('base64url')]) expect(text).not.toContain(form);
     }
     stack.watchForLeaks(material);
