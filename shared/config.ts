@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { kmsQuotaListSchema } from './kms-quotas.js';
+import { hsmTokenListSchema } from './source-connections.js';
 import { parseCidrs } from './ssrf.js';
 
 /** Every setting keyferry reads, with its default. Parsed once at start; a bad value stops the process. */
@@ -106,6 +107,12 @@ export const configSchema = z.object({
     .default('')
     .refine((v) => v === '' || v.split(',').every((p) => p.trim().startsWith('/')), 'comma-separated absolute paths')
     .transform((v) => (v === '' ? [] : v.split(',').map((p) => p.trim()))),
+  /**
+   * Which HSM tokens each account may use: comma-separated `ACCOUNT:label=LABEL` or `ACCOUNT:slot=N` entries,
+   * ACCOUNT `*` meaning any account (single-tenant deployments). The API refuses a connection to any other
+   * token and workers check again before any PKCS#11 call; empty: no HSM connection can be registered.
+   */
+  HSM_TOKENS: hsmTokenListSchema.prefault(''),
   /** DSM (KMIP) servers: comma-separated CIDRs that may be connected to although private/loopback (e.g. 10.0.0.0/8). */
   DSM_ALLOW_CIDRS: z.string().default('').refine(validCidrs, 'comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,127.0.0.1'),
   /** Bound on connecting to a KMIP server (DNS, TCP and TLS handshake together) and, separately, on each KMIP answer, ms. */

@@ -56,6 +56,55 @@ export const hsmConnectionView = (c: HsmConnection) => ({
 
 export const hsmPinContext = (account: string, id: string) => `hsm-pin:${account}:${id}`;
 
+/**
+ * One entry of HSM_TOKENS: `account` (or `*`, any account) may register and use connections to the token with
+ * this label, or in this slot, of any library HSM_LIBRARIES allows. Exactly one of `label` and `slot` is set.
+ */
+export interface HsmTokenRule {
+  account: string;
+  label: string | null;
+  slot: number | null;
+}
+
+/** `ACCOUNT:label=LABEL` or `ACCOUNT:slot=N`; the account ends at the first `:label=` or `:slot=`. */
+const HSM_TOKEN_ENTRY = /^(.+?):(?:label=(.{1,32})|slot=(\d{1,10}))$/s;
+
+/**
+ * HSM_TOKENS: comma-separated `ACCOUNT:label=LABEL` / `ACCOUNT:slot=N` entries (ACCOUNT `*`: any account).
+ * Empty: no account may use any token, so no HSM connection can be registered or used.
+ */
+export const hsmTokenListSchema = z.string().transform((list, ctx): HsmTokenRule[] => {
+  if (list.trim() === '') return [];
+  const rules: HsmTokenRule[] = [];
+  for (const raw of list.split(',')) {
+    const entry = raw.trim();
+    const m = HSM_TOKEN_ENTRY.exec(entry);
+    const slot = m?.[3] === undefined ? null : Number(m[3]);
+    if (!m || (slot !== null && slot > 0xffff_ffff)) {
+      ctx.addIssue({
+        code: 'custom',
+        message: `"${entry}" is not ACCOUNT:label=LABEL (up to 32 characters) or ACCOUNT:slot=N; entries are comma-separated and ACCOUNT may be * (any account)`,
+      });
+      return z.NEVER;
+    }
+    rules.push({ account: m[1] as string, label: m[2] ?? null, slot });
+  }
+  return rules;
+});
+
+/** Whether HSM_TOKENS lets `account` use the token a connection names (by label or by slot). */
+export function hsmTokenAllowed(rules: readonly HsmTokenRule[], account: string, token: { token_label: string | null; slot: number | null }): boolean {
+  return rules.some(
+    (r) => (r.account === '*' || r.account === account) && (r.label !== null ? token.token_label !== null && r.label === token.token_label : token.slot !== null && r.slot === token.slot),
+  );
+}
+
+/** The tokens HSM_TOKENS lets `account` use, for messages to that account (never other accounts' entries). */
+export function hsmTokensOf(rules: readonly HsmTokenRule[], account: string): string {
+  const mine = rules.filter((r) => r.account === '*' || r.account === account).map((r) => (r.label !== null ? `label "${r.label}"` : `slot ${r.slot}`));
+  return mine.length > 0 ? [...new Set(mine)].join(', ') : 'none';
+}
+
 // ---- DSM (KMIP) --------------------------------------------------------------------------------
 
 export const KMIP_VERSIONS = ['1.2', '1.3', '1.4', '2.0'] as const;

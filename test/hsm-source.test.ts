@@ -1,10 +1,12 @@
-import { constants, generateKeyPairSync, privateDecrypt, randomBytes } from 'node:crypto';
+import { constants, generateKeyPairSync, privateDecrypt, randomBytes, randomUUID } from 'node:crypto';
 import { DecryptCommand, EncryptCommand, KMSClient } from '@aws-sdk/client-kms';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadConfig } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
 import { createLogger } from '../shared/logger.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
-import { createHsmProvider } from '../worker/sources/hsm.js';
+import { hsmPinContext, hsmTokenListSchema, type HsmConnection, type HsmTokenRule } from '../shared/source-connections.js';
+import { createHsmProvider, type HsmPoolLimits } from '../worker/sources/hsm.js';
 import { decryptEmulatorCiphertext } from './kms-emulator/emulator.js';
 import { parseCiphertext } from './kms-emulator/ciphertext.js';
 import { redisValuesUnder } from './helpers/redis-dump.js';
@@ -51,6 +53,14 @@ async function uploadAndWait(identifier: string, connection = 'softhsm') {
   return waitForJob(stack, token, res.body.id);
 }
 
+/**
+ * HSM_TOKENS of the stack: kylo may use the fixture token by label and by slot, plus the absent token and the
+ * registry check's; alice only her own partition; every account the shared one.
+ */
+const stackTokens = () =>
+  [`kylo:label=${hsm.tokenLabel}`, `kylo:slot=${hsm.slotId}`, 'kylo:label=no-such-token', 'kylo:label=tok', 'alice:label=alice-partition', '*:label=shared-partition'].join(',');
+const tokens = (list: string): HsmTokenRule[] => hsmTokenListSchema.parse(list);
+
 /** What a connection shows: everything but the PIN. */
 const VIEW_FIELDS = ['created_at', 'id', 'library', 'name', 'slot', 'token_label', 'updated_at', 'wrapping_algorithm'];
 
@@ -72,7 +82,7 @@ beforeAll(async () => {
   hsm.generateAesKey({ label: GENERATED_ID.toString('hex'), id: HEXLABEL_ID });
   hsm.generateAesKey({ label: 'no-id-aes-256' });
 
-  stack = await startStack({ name: 'hsm', env: { HSM_LIBRARIES: `${SOFTHSM_LIBRARY},${MISSING_LIBRARY}` } });
+  stack = await startStack({ name: 'hsm', env: { HSM_LIBRARIES: `${SOFTHSM_LIBRARY},${MISSING_LIBRARY}`, HSM_TOKENS: stackTokens() } });
   stack.watchForLeaks(hsm.pin, KNOWN_VALUE);
   token = await stack.token('kylo');
   await seedKms(stack, token);
@@ -130,6 +140,38 @@ describe('HSM connection registry (POST/GET /api/v1/cckm/hsm)', () => {
     expect(res.status).toBe(400);
     expect(res.headers.get('content-type')).toMatch(/application\/problem\+json/);
     expect(res.body.errors).toEqual([expect.objectContaining({ path: 'library' })]);
+  });
+
+  it('when an account names a token HSM_TOKENS does not give it (another tenant\'s label or slot), then 400 problem+json at token_label or slot naming HSM_TOKENS, listing only its own tokens', async () => {
+    const alice = await stack.token('alice');
+    const byLabel = await registerHsm(hsmConnection({ name: 'alice-steals-label' }), alice);
+    const bySlot = await registerHsm(hsmConnection({ name: 'alice-steals-slot', token_label: undefined, slot: hsm.slotId }), alice);
+    const unknown = await registerHsm(hsmConnection({ name: 'alice-probes', token_label: 'some-other-partition' }), alice);
+    for (const [res, path] of [[byLabel, 'token_label'], [bySlot, 'slot'], [unknown, 'token_label']] as const) {
+      expect(res.status, JSON.stringify(res.body)).toBe(400);
+      expect(res.headers.get('content-type')).toMatch(/application\/problem\+json/);
+      expect(res.body.errors).toEqual([{ path, message: expect.stringContaining('HSM_TOKENS') }]);
+      // Her own tokens, never kylo's.
+      expect(res.body.errors[0].message).toContain('label "alice-partition", label "shared-partition"');
+      expect(JSON.stringify(res.body)).not.toContain(hsm.tokenLabel);
+      expect(JSON.stringify(res.body)).not.toContain(`slot ${hsm.slotId}`);
+    }
+    // Nothing was recorded.
+    expect((await stack.call('GET', '/api/v1/cckm/hsm', { token: alice })).body.total).toBe(0);
+    // A bad library and a refused token are reported together.
+    const both = await registerHsm(hsmConnection({ name: 'alice-both', library: '/tmp/evil-pkcs11.so' }), alice);
+    expect(both.body.errors.map((e: { path: string }) => e.path)).toEqual(['library', 'token_label']);
+  });
+
+  it('when an account names its own token, or one HSM_TOKENS gives to * (any account), then 201', async () => {
+    const alice = await stack.token('alice');
+    expect((await registerHsm(hsmConnection({ name: 'alice-own', token_label: 'alice-partition' }), alice)).status).toBe(201);
+    expect((await registerHsm(hsmConnection({ name: 'alice-shared', token_label: 'shared-partition' }), alice)).status).toBe(201);
+    const bob = await stack.token('bob'); // no entry of his own: only the * one
+    expect((await registerHsm(hsmConnection({ name: 'bob-shared', token_label: 'shared-partition' }), bob)).status).toBe(201);
+    const bobsOther = await registerHsm(hsmConnection({ name: 'bob-alice', token_label: 'alice-partition' }), bob);
+    expect(bobsOther.status).toBe(400);
+    expect(bobsOther.body.errors).toEqual([{ path: 'token_label', message: expect.stringContaining('this account may use: label "shared-partition")') }]);
   });
 
   it('when both token_label and slot, or neither, are given, then 400 at token_label', async () => {
@@ -300,6 +342,30 @@ describe('hsm-luna uploads end to end (API → worker → SoftHSM2 C_WrapKey →
     expect(job.deletion_scheduled_for).toEqual(expect.any(String));
   });
 
+  it('when a connection was recorded for a token HSM_TOKENS no longer gives the account (list narrowed), then the worker fails the job at once with source_token_not_allowed and no AWS key is made', async () => {
+    // The record as the API wrote it while HSM_TOKENS still gave kylo the token 'retired-partition'.
+    const stores = createStores(stack.config, stack.redis);
+    const id = randomUUID();
+    const at = new Date().toISOString();
+    const record: HsmConnection = {
+      id,
+      name: 'retired-grant',
+      account: 'kylo',
+      created_at: at,
+      updated_at: at,
+      library: SOFTHSM_LIBRARY,
+      token_label: 'retired-partition',
+      slot: null,
+      pin_sealed: stores.box.seal(hsm.pin, hsmPinContext('kylo', id)),
+      wrapping_algorithm: 'RSAES_OAEP_SHA_1',
+    };
+    await stores.hsmConnections.create(record);
+    const job = await uploadAndWait('known-aes-256', 'retired-grant');
+    expect(job).toMatchObject({ status: 'failed', attempts: 1, step: 'resolve', error: { code: 'source_token_not_allowed', retryable: false } });
+    expect(job.error.message).toContain('HSM_TOKENS');
+    expect(keysOfJob(job.id)).toHaveLength(0);
+  });
+
   it('when the PKCS#11 library cannot be loaded on the worker, then source_unavailable is retried until attempts run out', async () => {
     const job = await uploadAndWait('known-aes-256', 'missing-library');
     expect(job).toMatchObject({ status: 'failed', attempts: 5, error: { code: 'source_unavailable', retryable: true } });
@@ -318,8 +384,16 @@ describe('hsm-luna uploads end to end (API → worker → SoftHSM2 C_WrapKey →
 describe('the hsm-luna provider on its own (worker-side checks)', () => {
   const request = (connection: string) =>
     parseUploadKey({ source_key_tier: 'hsm-luna', source_connection: connection, source_key_identifier: 'known-aes-256', region: 'us-east-1', kms: 'kms' });
-  const provider = (libraries: string[]) =>
-    createHsmProvider({ stores: createStores(stack.config, stack.redis), config: { HSM_LIBRARIES: libraries, DSM_ALLOW_CIDRS: '', KMIP_TIMEOUT_MS: 1000 }, logger: createLogger('silent') });
+  const provider = (libraries: string[], tokenRules: HsmTokenRule[] = tokens(stackTokens()), limits: HsmPoolLimits = {}) =>
+    createHsmProvider({ stores: createStores(stack.config, stack.redis), config: { HSM_LIBRARIES: libraries, HSM_TOKENS: tokenRules }, logger: createLogger('silent') }, limits);
+  /** The sessions open in this process that were not open before (the helper's own session opened first). */
+  const baseline = () => {
+    expect(hsm.findByLabel('known-aes-256')).toHaveLength(1);
+    const before = hsm.liveSessionHandles();
+    return () => hsm.liveSessionHandles().filter((h) => !before.includes(h));
+  };
+  const pair = generateKeyPairSync('rsa', { modulusLength: 1024 }); // small for speed; the HSM does not care
+  const wrappingKey = pair.publicKey.export({ type: 'spki', format: 'der' });
 
   it('when the worker no longer allows the connection library (HSM_LIBRARIES narrowed), then source_library_not_allowed, permanent', async () => {
     const p = provider([]);
@@ -340,8 +414,7 @@ describe('the hsm-luna provider on its own (worker-side checks)', () => {
     try {
       const key = await p.resolve('kylo', request('softhsm'));
       expect(key).toMatchObject({ id: KNOWN_ID.toString('hex'), name: 'known-aes-256', origin: 'hsm-luna', wrappingAlgorithm: 'RSAES_OAEP_SHA_1' });
-      const pair = generateKeyPairSync('rsa', { modulusLength: 1024 }); // small for speed; the HSM does not care
-      const wrapped = await key.wrap(pair.publicKey.export({ type: 'spki', format: 'der' }), 'RSAES_OAEP_SHA_1');
+      const wrapped = await key.wrap(wrappingKey, 'RSAES_OAEP_SHA_1');
       expect(wrapped).toHaveLength(128);
       expect(privateDecrypt({ key: pair.privateKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha1' }, wrapped)).toEqual(KNOWN_VALUE);
       // The public key went into the session as a session object and was destroyed: no object of that label remains.
@@ -353,5 +426,134 @@ describe('the hsm-luna provider on its own (worker-side checks)', () => {
     }
     expect(hsm.liveSessionHandles()).toEqual(before);
     await expect(p.resolve('kylo', request('softhsm'))).rejects.toMatchObject({ code: 'source_unavailable' });
+  });
+  it('when HSM_TOKENS is narrowed under a worker, then the next resolve or wrap fails with source_token_not_allowed, permanent, and the connection pool is closed', async () => {
+    const config = { HSM_LIBRARIES: [SOFTHSM_LIBRARY], HSM_TOKENS: tokens(`kylo:label=${hsm.tokenLabel},kylo:slot=${hsm.slotId}`) };
+    const p = createHsmProvider({ stores: createStores(stack.config, stack.redis), config, logger: createLogger('silent') });
+    const opened = baseline();
+    try {
+      const key = await p.resolve('kylo', request('softhsm'));
+      expect(opened()).toHaveLength(1);
+      config.HSM_TOKENS = tokens(`kylo:slot=${hsm.slotId}`); // the label entry is gone
+      // A job between resolve and wrap: the wrap step checks again before any PKCS#11 call.
+      await expect(key.wrap(wrappingKey, 'RSAES_OAEP_SHA_1')).rejects.toMatchObject({ name: 'PipelineError', code: 'source_token_not_allowed', retryable: false, message: expect.stringContaining('HSM_TOKENS') });
+      await expect(p.resolve('kylo', request('softhsm'))).rejects.toMatchObject({ code: 'source_token_not_allowed', retryable: false });
+      expect(opened()).toEqual([]); // the pool and its logged-in session are gone
+      // The slot entry still lets the slot connection through.
+      expect(await p.resolve('kylo', request('softhsm-by-slot'))).toMatchObject({ name: 'known-aes-256' });
+      config.HSM_TOKENS = [];
+      await expect(p.resolve('kylo', request('softhsm-by-slot'))).rejects.toMatchObject({ code: 'source_token_not_allowed' });
+      // HSM_TOKENS missing from the config object altogether: nothing is allowed (fails closed).
+      const bare = createHsmProvider({ stores: createStores(stack.config, stack.redis), config: { HSM_LIBRARIES: [SOFTHSM_LIBRARY] }, logger: createLogger('silent') });
+      await expect(bare.resolve('kylo', request('softhsm'))).rejects.toMatchObject({ code: 'source_token_not_allowed' });
+      await bare.close();
+    } finally {
+      await p.close();
+    }
+  });
+
+  it('when the token is not allowed, then the worker refuses before touching the library: a missing library or an absent token reads the same, source_token_not_allowed', async () => {
+    const p = provider([SOFTHSM_LIBRARY, MISSING_LIBRARY], tokens('kylo:label=something-else'));
+    try {
+      // Allowed, these fail inside PKCS#11 (library not loadable; no such token): here they never get there.
+      for (const connection of ['missing-library', 'absent-token', 'softhsm-wrong-pin']) {
+        const err = await p.resolve('kylo', request(connection)).catch((e: unknown) => e);
+        expect(err, connection).toMatchObject({ code: 'source_token_not_allowed', retryable: false });
+        expect((err as Error).message).not.toMatch(/CKR_|not present|could not be loaded/);
+      }
+    } finally {
+      await p.close();
+    }
+  });
+
+  it('when the HSM refuses the PIN, then the session that tried is closed, not kept idle (and the hold that follows opens none)', async () => {
+    const p = provider([SOFTHSM_LIBRARY]);
+    const opened = baseline();
+    try {
+      await expect(p.resolve('kylo', request('softhsm-wrong-pin'))).rejects.toMatchObject({ code: 'source_auth_failed', message: expect.stringContaining('CKR_PIN_INCORRECT') });
+      expect(opened()).toEqual([]);
+      await expect(p.resolve('kylo', request('softhsm-wrong-pin'))).rejects.toMatchObject({ code: 'source_auth_failed', message: expect.stringContaining('does not present it again') });
+      expect(opened()).toEqual([]);
+    } finally {
+      await p.close();
+    }
+  });
+
+  it('when a worker has more pools than maxPools, then the least recently used is closed with its sessions, and used again it reopens', async () => {
+    const p = provider([SOFTHSM_LIBRARY], undefined, { maxPools: 1 });
+    const opened = baseline();
+    try {
+      await p.resolve('kylo', request('softhsm'));
+      const first = opened();
+      expect(first).toHaveLength(1);
+      await p.resolve('kylo', request('softhsm-by-slot')); // a second pool: the first one goes
+      const second = opened();
+      expect(second).toHaveLength(1);
+      expect(second).not.toEqual(first);
+      // A key resolved by an evicted pool still wraps: wrap takes the connection's current pool.
+      const key = await p.resolve('kylo', request('softhsm'));
+      await p.resolve('kylo', request('softhsm-by-slot'));
+      const wrapped = await key.wrap(wrappingKey, 'RSAES_OAEP_SHA_1');
+      expect(privateDecrypt({ key: pair.privateKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha1' }, wrapped)).toEqual(KNOWN_VALUE);
+      expect(opened()).toHaveLength(1);
+    } finally {
+      await p.close();
+    }
+    expect(opened()).toEqual([]);
+  });
+
+  it('when a pool has not been used for idleMs, then the next use of the provider closes it (clock injected)', async () => {
+    let t = 1_000_000;
+    const p = provider([SOFTHSM_LIBRARY], undefined, { idleMs: 60_000, now: () => t });
+    const opened = baseline();
+    try {
+      await p.resolve('kylo', request('softhsm'));
+      const first = opened();
+      expect(first).toHaveLength(1);
+      t += 59_000;
+      await p.resolve('kylo', request('softhsm-by-slot'));
+      expect(opened()).toHaveLength(2); // not idle long enough: both pools stay
+      t += 30_000; // 'softhsm' unused for 89 s, 'softhsm-by-slot' for 30 s
+      await p.resolve('kylo', request('softhsm-by-slot'));
+      const left = opened();
+      expect(left).toHaveLength(1);
+      expect(left).not.toContain(first[0]);
+    } finally {
+      await p.close();
+    }
+  });
+
+  it('when a worker takes no more HSM jobs, then its idle pools are closed by a timer all the same', async () => {
+    const p = provider([SOFTHSM_LIBRARY], undefined, { idleMs: 100 });
+    const opened = baseline();
+    try {
+      await p.resolve('kylo', request('softhsm'));
+      expect(opened()).toHaveLength(1);
+      const deadline = Date.now() + 3_000;
+      while (opened().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+      expect(opened()).toEqual([]);
+    } finally {
+      await p.close();
+    }
+  });
+});
+
+describe('HSM_TOKENS (configuration)', () => {
+  const good = { KEYFERRY_MASTER_KEY: randomBytes(32).toString('hex'), JWT_SECRET: 'j'.repeat(32) };
+
+  it('when unset, then no token is allowed; entries parse to account and label or slot, * included', () => {
+    expect(loadConfig(good).HSM_TOKENS).toEqual([]);
+    expect(loadConfig({ ...good, HSM_TOKENS: 'acme:label=byok partition, *:slot=0 ,org:team:label=a:b=c,tenant:slot=4294967295' }).HSM_TOKENS).toEqual([
+      { account: 'acme', label: 'byok partition', slot: null },
+      { account: '*', label: null, slot: 0 },
+      { account: 'org:team', label: 'a:b=c', slot: null },
+      { account: 'tenant', label: null, slot: 4294967295 },
+    ]);
+  });
+
+  it('when an entry is malformed, then the start fails naming HSM_TOKENS', () => {
+    for (const bad of ['acme', 'acme:label=', ':label=x', 'acme:slot=-1', 'acme:slot=x', 'acme:slot=4294967296', `acme:label=${'x'.repeat(33)}`, 'acme:label=x,', 'acme:token=x', 'acme:label=x,,bob:slot=1']) {
+      expect(() => loadConfig({ ...good, HSM_TOKENS: bad }), bad).toThrow(/HSM_TOKENS/);
+    }
   });
 });

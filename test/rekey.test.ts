@@ -15,7 +15,7 @@ const HSM_LIBRARY = '/usr/lib/softhsm/libsofthsm2.so';
 const hsmPin = `pin-${randomBytes(8).toString('hex')}`;
 
 beforeAll(async () => {
-  stack = await startStack({ name: 'rekey', worker: false, env: { HSM_LIBRARIES: HSM_LIBRARY } });
+  stack = await startStack({ name: 'rekey', worker: false, env: { HSM_LIBRARIES: HSM_LIBRARY, HSM_TOKENS: 'acme:label=keys' } });
   token = await stack.token('acme');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'rekey-key', material.toString('hex'));

@@ -9,8 +9,11 @@ import {
   hsmConnectionSchema,
   hsmConnectionView,
   hsmPinContext,
+  hsmTokenAllowed,
+  hsmTokensOf,
   type DsmConnection,
   type HsmConnection,
+  type HsmTokenRule,
 } from '../../shared/source-connections.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
@@ -21,17 +24,28 @@ const stamp = (account: string, id: string, name: string) => {
 };
 
 /** Connections to the HSMs (`hsm-luna` tier, PKCS#11) and KMIP servers (`dsm` tier) keys are uploaded from. */
-export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: readonly string[] }): Router {
+export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: readonly string[]; hsmTokens: readonly HsmTokenRule[] }): Router {
   const { stores } = deps;
   const router = Router();
 
   router.post('/api/v1/cckm/hsm', async (req, res) => {
     const account = accountOf(req);
     const body = parseOrThrow(hsmConnectionSchema, req.body);
+    const errors: FieldError[] = [];
     if (!deps.hsmLibraries.includes(body.library)) {
       const allowed = deps.hsmLibraries.length > 0 ? `one of ${deps.hsmLibraries.join(', ')}` : 'set by the operator in HSM_LIBRARIES (none is)';
-      throw new ValidationError([{ path: 'library', message: `Must be a PKCS#11 library this service allows: ${allowed}.` }]);
+      errors.push({ path: 'library', message: `Must be a PKCS#11 library this service allows: ${allowed}.` });
     }
+    // Which tokens (partitions) an account may log in to is the operator's call: otherwise any account could
+    // name another tenant's token and spend its failed-login budget guessing PINs.
+    const token = { token_label: body.token_label ?? null, slot: body.slot ?? null };
+    if (!hsmTokenAllowed(deps.hsmTokens, account, token)) {
+      errors.push({
+        path: token.token_label !== null ? 'token_label' : 'slot',
+        message: `This account may not use this token: the operator lists the tokens each account may use in HSM_TOKENS (this account may use: ${hsmTokensOf(deps.hsmTokens, account)}).`,
+      });
+    }
+    if (errors.length > 0) throw new ValidationError(errors);
     const id = randomUUID();
     const record: HsmConnection = {
       ...stamp(account, id, body.name),

@@ -1,8 +1,9 @@
 import { createPublicKey } from 'node:crypto';
 import type { RsaOAEP } from 'pkcs11js';
+import type { Config } from '../../shared/config.js';
 import type { WrappingAlgorithm } from '../../shared/crypto.js';
 import { PipelineError } from '../../shared/errors.js';
-import { hsmPinContext, type HsmConnection } from '../../shared/source-connections.js';
+import { hsmPinContext, hsmTokenAllowed, type HsmConnection } from '../../shared/source-connections.js';
 import type { SourceDeps, SourceKey, SourceProvider } from './index.js';
 import { ckrName, classifyPkcs11 } from './pkcs11-errors.js';
 import type { Pkcs11Binding } from './pkcs11-library.js';
@@ -27,26 +28,122 @@ interface FoundKey {
   label: string;
 }
 
-export function createHsmProvider(deps: SourceDeps): SourceProvider {
+/** Pools (one per HSM connection in use) a worker process keeps at most; the least recently used goes first. */
+export const MAX_HSM_POOLS = 64;
+/** A pool unused for this long is closed: its sessions (and their login) do not outlive their use. */
+export const HSM_POOL_IDLE_MS = 5 * 60_000;
+
+export interface HsmPoolLimits {
+  /** At most this many pools (default MAX_HSM_POOLS); opening one more closes the least recently used. */
+  maxPools?: number;
+  /** Pools unused for this long (default HSM_POOL_IDLE_MS) are closed, by an unref'd timer and on each use. */
+  idleMs?: number;
+  /** The clock pools' last use is measured with (tests). */
+  now?: () => number;
+}
+
+export interface HsmProviderDeps extends Omit<SourceDeps, 'config'> {
+  /**
+   * HSM_TOKENS is read on each job: absent (a config not carrying it), no token is allowed. It is not in
+   * SourceDeps' Pick, so a narrowed config object fails closed rather than open.
+   */
+  config: Pick<Config, 'HSM_LIBRARIES'> & Partial<Pick<Config, 'HSM_TOKENS'>>;
+}
+
+interface PoolEntry {
+  connectionId: string;
+  /** A connection recorded again (new PIN, library, token) gets a new pool. */
+  fingerprint: string;
+  pool: Promise<Pkcs11SessionPool>;
+  lastUsed: number;
+}
+
+export function createHsmProvider(deps: HsmProviderDeps, limits: HsmPoolLimits = {}): SourceProvider {
   const { stores, config, logger } = deps;
-  /** Pools by account and connection id; a connection recorded again (new PIN, library, token) gets a new pool. */
-  const pools = new Map<string, { fingerprint: string; pool: Promise<Pkcs11SessionPool> }>();
+  const maxPools = Math.max(1, limits.maxPools ?? MAX_HSM_POOLS);
+  const idleMs = Math.max(1, limits.idleMs ?? HSM_POOL_IDLE_MS);
+  const now = limits.now ?? Date.now;
+  /** Pools by account and connection id, least recently used first (Map order). */
+  const pools = new Map<string, PoolEntry>();
+  let sweeper: NodeJS.Timeout | undefined;
   let closed = false;
 
+  const poolKey = (conn: HsmConnection) => `${conn.account}\u0000${conn.id}`;
+
+  /** Forgets a pool and closes its sessions (and lets go of its library) once it is made. */
+  const drop = (key: string, entry: PoolEntry, reason: string): void => {
+    if (pools.get(key) === entry) pools.delete(key);
+    void entry.pool.then(
+      (p) => p.close(),
+      () => undefined,
+    );
+    logger.debug({ hsm_connection: entry.connectionId, reason }, 'HSM connection pool closed');
+    if (pools.size === 0 && sweeper) {
+      clearInterval(sweeper);
+      sweeper = undefined;
+    }
+  };
+
+  const sweep = (): void => {
+    const t = now();
+    for (const [key, entry] of pools) if (t - entry.lastUsed >= idleMs) drop(key, entry, 'idle');
+  };
+
   const poolFor = (conn: HsmConnection): Promise<Pkcs11SessionPool> => {
-    const key = `${conn.account}\u0000${conn.id}`;
+    sweep();
+    const key = poolKey(conn);
     const fingerprint = JSON.stringify([conn.library, conn.token_label, conn.slot, conn.pin_sealed]);
     const existing = pools.get(key);
-    if (existing?.fingerprint === fingerprint) return existing.pool;
-    if (existing) void existing.pool.then((p) => p.close(), () => undefined);
+    if (existing?.fingerprint === fingerprint) {
+      existing.lastUsed = now();
+      pools.delete(key); // most recently used: last in Map order
+      pools.set(key, existing);
+      return existing.pool;
+    }
+    if (existing) drop(key, existing, 'connection changed');
     const target = { connection: conn.name, connectionId: conn.id, library: conn.library, tokenLabel: conn.token_label, slot: conn.slot };
     const pool = Pkcs11SessionPool.open(target, () => openPin(conn), logger);
-    pools.set(key, { fingerprint, pool });
+    const entry: PoolEntry = { connectionId: conn.id, fingerprint, pool, lastUsed: now() };
+    pools.set(key, entry);
+    for (const [k, e] of pools) {
+      if (pools.size <= maxPools) break;
+      drop(k, e, 'too many pools');
+    }
+    sweeper ??= setInterval(sweep, Math.max(10, Math.min(Math.floor(idleMs / 2), 60_000))).unref();
     // A pool that could not be made (library missing, ...) is not remembered: the next job tries again.
     pool.catch(() => {
-      if (pools.get(key)?.pool === pool) pools.delete(key);
+      if (pools.get(key) === entry) pools.delete(key);
     });
     return pool;
+  };
+
+  /** Runs `op` with an open pool of the connection; one evicted while this job awaited it is replaced. */
+  const withPool = async <T>(conn: HsmConnection, op: (pool: Pkcs11SessionPool) => T): Promise<T> => {
+    for (let tries = 1; ; tries++) {
+      const pool = await poolFor(conn);
+      // No await between this check and op: nothing can close the pool in between.
+      if (!pool.closed || closed || tries >= 3) return op(pool);
+    }
+  };
+
+  /**
+   * Library and token allow-lists, checked before anything touches the library: a tenant learns nothing
+   * (which tokens exist, whose PIN is what) about tokens it may not use, and narrowing either list takes effect
+   * on the next job (closing the connection's pool, if it had one).
+   */
+  const checkAllowed = (conn: HsmConnection): void => {
+    let refusal: PipelineError | undefined;
+    if (!config.HSM_LIBRARIES.includes(conn.library)) {
+      refusal = new PipelineError('source_library_not_allowed', `HSM connection "${conn.name}" names the PKCS#11 library ${conn.library}, which this worker does not allow (HSM_LIBRARIES).`, false);
+    } else if (!hsmTokenAllowed(config.HSM_TOKENS ?? [], conn.account, conn)) {
+      const token = conn.token_label !== null ? `the token labelled "${conn.token_label}"` : `the token in slot ${conn.slot}`;
+      refusal = new PipelineError('source_token_not_allowed', `HSM connection "${conn.name}" names ${token}, which this account may not use (HSM_TOKENS).`, false);
+    }
+    if (!refusal) return;
+    const key = poolKey(conn);
+    const entry = pools.get(key);
+    if (entry) drop(key, entry, refusal.code);
+    throw refusal;
   };
 
   const openPin = (conn: HsmConnection): Buffer => {
@@ -63,36 +160,36 @@ export function createHsmProvider(deps: SourceDeps): SourceProvider {
       const ref = req.source_connection;
       const conn = ref === undefined ? undefined : await stores.hsmConnections.find(account, ref);
       if (!conn) throw new PipelineError('source_connection_not_found', `No HSM connection named or with id "${ref ?? ''}".`, false);
-      // Defence in depth: the API checked the library when the connection was registered; the operator may have narrowed the list since.
-      if (!config.HSM_LIBRARIES.includes(conn.library)) {
-        throw new PipelineError('source_library_not_allowed', `HSM connection "${conn.name}" names the PKCS#11 library ${conn.library}, which this worker does not allow (HSM_LIBRARIES).`, false);
-      }
+      // Defence in depth: the API checked both when the connection was registered; the operator may have narrowed them since.
+      checkAllowed(conn);
       const identifier = req.source_key_identifier;
-      let pool: Pkcs11SessionPool;
-      let found: FoundKey;
+      let resolved: FoundKey;
       try {
-        pool = await poolFor(conn);
-        found = pool.run((session) => findKey(pool.lib.module, pool.lib.ck, session, identifier, conn.name));
+        resolved = await withPool(conn, (pool) => pool.run((session) => findKey(pool.lib.module, pool.lib.ck, session, identifier, conn.name)));
       } catch (err) {
         throw classifyPkcs11(err, { connection: conn.name, doing: 'finding the key', step: 'resolve' });
       }
-      const resolved = found;
       return {
         id: resolved.idHex || resolved.label || identifier,
         name: resolved.label,
         origin: 'hsm-luna',
         wrappingAlgorithm: conn.wrapping_algorithm,
         wrap: async (publicKeyDer, algorithm) => {
+          if (closed) throw new PipelineError('source_unavailable', 'This worker is shutting down.', true);
+          checkAllowed(conn);
           try {
-            return pool.run((session) => {
-              const { module, ck } = pool.lib;
-              // Handles are not kept between steps: the key is found again in this session.
-              const key = findKey(module, ck, session, identifier, conn.name);
-              if (key.idHex !== resolved.idHex || key.label !== resolved.label) {
-                throw new PipelineError('source_key_changed', `HSM connection "${conn.name}": "${identifier}" names another key than when the job resolved it; the job will resolve it again.`, true);
-              }
-              return wrapInHsm(module, ck, session, key.handle, publicKeyDer, algorithm);
-            });
+            // The pool is looked up again: the one resolve used may have been closed (idle, evicted) since.
+            return await withPool(conn, (pool) =>
+              pool.run((session) => {
+                const { module, ck } = pool.lib;
+                // Handles are not kept between steps: the key is found again in this session.
+                const key = findKey(module, ck, session, identifier, conn.name);
+                if (key.idHex !== resolved.idHex || key.label !== resolved.label) {
+                  throw new PipelineError('source_key_changed', `HSM connection "${conn.name}": "${identifier}" names another key than when the job resolved it; the job will resolve it again.`, true);
+                }
+                return wrapInHsm(module, ck, session, key.handle, publicKeyDer, algorithm);
+              }),
+            );
           } catch (err) {
             throw classifyPkcs11(err, { connection: conn.name, doing: 'wrapping the key (C_WrapKey)', step: 'wrap', algorithm });
           }
@@ -102,6 +199,8 @@ export function createHsmProvider(deps: SourceDeps): SourceProvider {
 
     async close() {
       closed = true;
+      if (sweeper) clearInterval(sweeper);
+      sweeper = undefined;
       const all = [...pools.values()];
       pools.clear();
       const settled = await Promise.allSettled(all.map((p) => p.pool));

@@ -80,6 +80,11 @@ export class Pkcs11SessionPool {
     return this.#lib;
   }
 
+  /** Closed (shutdown, or evicted by the provider): `run` refuses; get a new pool instead. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
   /**
    * Runs one operation in a logged-in session of the connection's token. When the session turns out to be
    * gone (token reset, HSM restart, C_CloseAllSessions, logged out under us), the pool drops its sessions,
@@ -89,16 +94,20 @@ export class Pkcs11SessionPool {
     for (let attempt = 1; ; attempt++) {
       if (this.#closed) throw new PipelineError('source_unavailable', `HSM connection "${this.#target.connection}": this worker is shutting down.`, true);
       let session: Handle | undefined;
+      let loggedIn = false;
       try {
         session = this.#idle.pop() ?? this.#openSession();
         this.#login(session);
+        loggedIn = true;
         const out = op(session);
         this.#giveBack(session);
         return out;
       } catch (err) {
         const lost = isSessionLost(err);
         if (session) {
-          if (lost) this.#closeQuietly(session);
+          // A session that could not be logged in with this connection's PIN (refused, held back, or any other
+          // failure) is not kept: only sessions that are ours and logged in go back to the idle list.
+          if (lost || !loggedIn) this.#closeQuietly(session);
           else this.#giveBack(session);
         }
         if (!lost || attempt >= 2) throw err;
