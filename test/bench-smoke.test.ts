@@ -1,17 +1,64 @@
 import { describe, expect, it } from 'vitest';
 import { runEntry } from './helpers/child.js';
 
-// The benchmarks run by hand with real sizes; here each runs once with tiny sizes so they never rot.
-const cases: [string, string[], RegExp][] = [
-  ['bench/batch-intake.ts', ['--items', '10', '--runs', '1'], /ratio keyferry \/ raw addBulk: \d/],
-  ['bench/memory.ts', ['--jobs', '5'], /bytes per finished job/],
-  ['bench/intake.ts', ['--duration', '1', '--connections', '2'], /ratio keyferry \/ bare express \(requests\/s\): \d/],
+const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+// The benchmarks run by hand with real sizes; here each runs once with tiny sizes so they never rot. The
+// pipeline, quota and worker-cost benchmarks start a redis-server of their own (REDIS_URL is not used).
+const cases: { script: string; args?: string[]; env?: Record<string, string>; figures: RegExp[]; check?: (output: string) => void }[] = [
+  { script: 'bench/batch-intake.ts', args: ['--items', '10', '--runs', '1'], figures: [/ratio keyferry \/ raw addBulk: \d/] },
+  { script: 'bench/memory.ts', args: ['--jobs', '5'], figures: [/bytes per finished job/] },
+  { script: 'bench/intake.ts', args: ['--duration', '1', '--connections', '2'], figures: [/ratio keyferry \/ bare express \(requests\/s\): \d/] },
+  {
+    script: 'bench/pipeline.ts',
+    env: { BENCH_N: '16', BENCH_ROUNDS: '1', BENCH_WARMUP: '4', BENCH_CONCURRENCY: '4' },
+    figures: [
+      /^machine: \d+ × .+, node v\d+/m,
+      /^\| 1 \| bare SDK sequence \(sender: this process\) \| [\d.]+ \| [\d.]+ \|/m,
+      /^\| 1 \| keyferry \(sender: 1 worker process\(es\)\) \| [\d.]+ \| [\d.]+ \|/m,
+      /^\| create_key \| [\d.]+ \|$/m,
+      /^ratio keyferry \/ bare sequence \(uploads\/s\): \d+\.\d\d/m,
+      /^goal keyferry ≥ 80% of the bare sequence: (met|NOT met)$/m,
+    ],
+    // The bare sequence must keep sending what keyferry's pipeline sends: as many KMS requests per upload.
+    check: (output) => {
+      const perUpload = (what: string) => new RegExp(`^\\| 1 \\| ${what} [^|]*\\| [\\d.]+ \\| [\\d.]+ \\| ([\\d.]+) \\|`, 'm').exec(output)?.[1];
+      expect(perUpload('bare SDK sequence')).toBeDefined();
+      expect(perUpload('bare SDK sequence')).toBe(perUpload('keyferry'));
+    },
+  },
+  {
+    script: 'bench/quota.ts',
+    env: { BENCH_JOBS: '4', BENCH_BUCKETS: '2', BENCH_QUOTA_SCALE: '10', BENCH_WORKERS: '1' },
+    figures: [
+      /^machine: \d+ × .+, node v\d+/m,
+      /^\| 111111111111\/eu-west-1 \| 10 \| [\d.]+ \| [\d.]+ \|/m,
+      /^\| 222222222222\/us-east-1 \| 10 \| [\d.]+ \| [\d.]+ \|/m,
+      /^\| keyferry \(batch, quota slots in Redis\) \| 8 \| \d+ \| \d+ \| \d+ \|/m,
+      /^\| naive Promise\.all, SDK standard retries \(3 attempts\) \| 8 \| \d+ \| \d+ \| \d+ \|/m,
+      /^keyferry uploads\/s ÷ quota, worst account\/region: \d\.\d{3}; failed jobs: \d+/m,
+      /^goal ≥ 95% of quota on every account\/region with zero failed jobs: (met|NOT met)$/m,
+    ],
+  },
+  {
+    script: 'bench/worker-cost.ts',
+    env: { BENCH_N: '12', BENCH_WARMUP: '2' },
+    figures: [
+      /^machine: \d+ × .+, node v\d+/m,
+      /^\| 12 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \/ [\d.]+ \| [\d.]+ \|/m,
+      /^\| (eval|evalsha|get|set|persist) \| [\d.]+ \| [\d.]+% \|$/m,
+      /^Redis commands per upload: [\d.]+; worker CPU ms per upload: [\d.]+; worker peak RSS MB: [\d.]+/m,
+    ],
+  },
 ];
 
 describe('benchmark scripts', () => {
-  it.each(cases)('when %s runs with tiny sizes, then it prints its figures and exits 0', async (script, args, figure) => {
-    const child = runEntry(script, { REDIS_URL: process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379' }, args);
-    expect(await child.exited).toEqual({ code: 0, signal: null });
-    expect(child.output.join('\n')).toMatch(figure);
+  it.each(cases)('when $script runs with tiny sizes, then it prints its figures and exits 0', async ({ script, args = [], env = {}, figures, check }) => {
+    const child = runEntry(script, { REDIS_URL, ...env }, args);
+    const exited = await child.exited;
+    const output = child.output.join('\n');
+    expect(exited, output).toEqual({ code: 0, signal: null });
+    for (const figure of figures) expect(output).toMatch(figure);
+    check?.(output);
   }, 30_000);
 });
