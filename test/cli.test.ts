@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { followBatch } from '../api/cli/batch.js';
-import { parseCsv } from '../api/cli/batch-file.js';
+import { parseCsv, readBatchFile } from '../api/cli/batch-file.js';
 import { Api, ApiProblem } from '../api/cli/client.js';
 import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
@@ -121,6 +121,16 @@ describe('keyferry batch', () => {
     expect(page.body.jobs.map((j: any) => j.result.aws_param)).toEqual([
       expect.objectContaining({ Alias: ['alias/csv-key-1'], Description: 'first, with a comma', Tags: [{ TagKey: 'team', TagValue: 'payments' }, { TagKey: 'env', TagValue: 'prod' }] }),
       expect.objectContaining({ Alias: ['alias/csv-key-2'], Tags: [] }),
+    ]);
+  });
+});
+
+describe('readBatchFile', () => {
+  it('when a CSV names an HSM or KMIP source, then the items carry source_key_tier and source_connection', () => {
+    const csv = 'source_key_identifier,region,kms,source_key_tier,source_connection\n' + 'dek-1,ap-south-1,kms,hsm-luna,luna-prod\n' + 'test-key,ap-south-1,kms,,\n';
+    expect(readBatchFile(file('sources.csv', csv))).toEqual([
+      { source_key_identifier: 'dek-1', region: 'ap-south-1', kms: 'kms', source_key_tier: 'hsm-luna', source_connection: 'luna-prod' },
+      { source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms' },
     ]);
   });
 });

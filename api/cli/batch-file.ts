@@ -3,7 +3,7 @@ import { extname } from 'node:path';
 import { UsageError } from './client.js';
 import { compact, parseTag } from './upload.js';
 
-const CSV_COLUMNS = ['source_key_identifier', 'region', 'kms', 'alias', 'description', 'tags', 'key_expiration', 'valid_to', 'source_key_tier', 'policytemplate'];
+const CSV_COLUMNS = ['source_key_identifier', 'region', 'kms', 'alias', 'description', 'tags', 'key_expiration', 'valid_to', 'source_key_tier', 'source_connection', 'policytemplate'];
 
 /** The items of a batch file: a CSV (by its .csv extension), else a JSON array of upload-key bodies. */
 export function readBatchFile(file: string): unknown[] {
@@ -43,6 +43,7 @@ function csvItem(row: Map<string, string>, rowNo: number): Record<string, unknow
   const cell = (name: string) => row.get(name) || undefined;
   return compact({
     source_key_tier: cell('source_key_tier'),
+    source_connection: cell('source_connection'),
     source_key_identifier: cell('source_key_identifier'),
     region: cell('region'),
     kms: cell('kms'),

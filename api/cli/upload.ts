@@ -13,6 +13,7 @@ export interface Tag {
 interface UploadOptions {
   sourceKeyIdentifier: string;
   sourceKeyTier?: string;
+  sourceConnection?: string;
   region: string;
   kms: string;
   keyExpiration?: true;
@@ -55,9 +56,10 @@ export function registerUpload(program: Command): void {
   const text = (s: string) => s;
   program
     .command('upload')
-    .description('Upload a local key into AWS KMS (POST /api/v1/cckm/aws/upload-key).')
+    .description('Upload a key (local, HSM or KMIP) into AWS KMS (POST /api/v1/cckm/aws/upload-key).')
     .requiredOption('--source-key-identifier <id>', 'id or name of the source key')
     .addOption(new Option('--source-key-tier <tier>', 'where the source key lives').choices(SOURCE_KEY_TIERS))
+    .option('--source-connection <name>', 'the HSM (hsm-luna) or KMIP (dsm) connection holding the key')
     .requiredOption('--region <region>', 'AWS region, e.g. ap-south-1')
     .requiredOption('--kms <name>', 'name or id of the KMS connection')
     .option('--key-expiration', 'the key material expires at --valid-to')
@@ -110,6 +112,7 @@ function secondsArg(value: string): number {
 function uploadBody(o: UploadOptions): Record<string, unknown> {
   return compact({
     source_key_tier: o.sourceKeyTier,
+    source_connection: o.sourceConnection,
     source_key_identifier: o.sourceKeyIdentifier,
     region: o.region,
     kms: o.kms,
