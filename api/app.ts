@@ -102,7 +102,14 @@ export function createApp(deps: AppDeps): Express {
   );
   app.use(keyRoutes({ stores: deps.stores }));
   app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT }));
-  app.use(sourceConnectionRoutes({ stores: deps.stores, hsmLibraries: deps.config.HSM_LIBRARIES, hsmTokens: deps.config.HSM_TOKENS }));
+  app.use(
+    sourceConnectionRoutes({
+      stores: deps.stores,
+      hsmLibraries: deps.config.HSM_LIBRARIES,
+      hsmTokens: deps.config.HSM_TOKENS,
+      dsmAllowedPorts: deps.config.DSM_ALLOWED_PORTS,
+    }),
+  );
 
   app.use((req, res) => sendProblem(res, problem(404, 'not_found', `No route for ${req.method} ${req.path}.`, { instance: req.originalUrl })));
   app.use(problemHandler(deps.logger));

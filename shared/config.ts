@@ -115,6 +115,27 @@ export const configSchema = z.object({
   HSM_TOKENS: hsmTokenListSchema.prefault(''),
   /** DSM (KMIP) servers: comma-separated CIDRs that may be connected to although private/loopback (e.g. 10.0.0.0/8). */
   DSM_ALLOW_CIDRS: z.string().default('').refine(validCidrs, 'comma-separated CIDRs or addresses, e.g. 10.0.0.0/8,127.0.0.1'),
+  /**
+   * DSM (KMIP) servers: the ports a connection may name, comma-separated ports or ranges (`5696,9000-9100`).
+   * The API refuses other ports and workers check again; parsed into inclusive ranges.
+   */
+  DSM_ALLOWED_PORTS: z
+    .string()
+    .default('5696')
+    .transform((v, ctx) => {
+      const ranges: { from: number; to: number }[] = [];
+      for (const entry of v.split(',').map((e) => e.trim())) {
+        const m = /^(\d{1,5})(?:-(\d{1,5}))?$/.exec(entry);
+        const from = Number(m?.[1]);
+        const to = m?.[2] === undefined ? from : Number(m[2]);
+        if (!m || from < 1 || to > 65_535 || from > to) {
+          ctx.addIssue({ code: 'custom', message: `"${entry}" is not a port or range: comma-separated ports or ranges within 1-65535, e.g. 5696,9000-9100` });
+          return z.NEVER;
+        }
+        ranges.push({ from, to });
+      }
+      return ranges;
+    }),
   /** Bound on connecting to a KMIP server (DNS, TCP and TLS handshake together) and, separately, on each KMIP answer, ms. */
   KMIP_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(10_000),
   /** Job and batch records (and their event streams) are deleted this many days after they end. */

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { KmipProtocolError } from '../worker/kmip/errors.js';
+import { KmipProtocolError, KmipResultError, MAX_SERVER_TEXT, serverText } from '../worker/kmip/errors.js';
 import { parseResponse, requestMessage } from '../worker/kmip/messages.js';
 import {
   attribute1x,
@@ -405,5 +405,29 @@ describe('TTLV properties (fast-check)', () => {
       }),
       { numRuns: 1000 },
     );
+  });
+});
+
+describe('server texts (Result Messages) shown to tenants', () => {
+  it('when a Result Message holds control characters, line breaks or bidi overrides, then they become single spaces', () => {
+    expect(serverText('a\r\nb\u0000c\u001b[2Jd\u0085e\u2028f\u202eg\u2066h  \t i')).toBe('a b c [2Jd e f g h i');
+  });
+
+  it('when a Result Message is longer than 200 characters, then it is cut to 200 code points ending in an ellipsis, never inside a surrogate pair', () => {
+    expect(MAX_SERVER_TEXT).toBe(200);
+    const cut = serverText('x'.repeat(500));
+    expect([...cut]).toHaveLength(200);
+    expect(cut.endsWith('x…')).toBe(true);
+    const emoji = serverText('😀'.repeat(300));
+    expect([...emoji]).toHaveLength(200);
+    expect(emoji).toBe(`${'😀'.repeat(199)}…`);
+    expect(serverText('short')).toBe('short');
+  });
+
+  it('when a KmipResultError carries a Result Message, then its message quotes the cleaned, cut text', () => {
+    const err = new KmipResultError('Get', ResultStatus.OperationFailed, ResultReason.PermissionDenied, `denied\n${'y'.repeat(400)}`);
+    expect(err.message.startsWith('KMIP Get failed: ')).toBe(true);
+    expect(err.message).not.toMatch(/\n/);
+    expect([...err.message.slice(err.message.indexOf('denied'))]).toHaveLength(200);
   });
 });

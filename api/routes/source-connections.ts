@@ -24,7 +24,13 @@ const stamp = (account: string, id: string, name: string) => {
 };
 
 /** Connections to the HSMs (`hsm-luna` tier, PKCS#11) and KMIP servers (`dsm` tier) keys are uploaded from. */
-export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: readonly string[]; hsmTokens: readonly HsmTokenRule[] }): Router {
+export function sourceConnectionRoutes(deps: {
+  stores: Stores;
+  hsmLibraries: readonly string[];
+  hsmTokens: readonly HsmTokenRule[];
+  /** DSM_ALLOWED_PORTS: the ports a DSM connection may name. */
+  dsmAllowedPorts: readonly { from: number; to: number }[];
+}): Router {
   const { stores } = deps;
   const router = Router();
 
@@ -69,7 +75,7 @@ export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: rea
   router.post('/api/v1/cckm/dsm', async (req, res) => {
     const account = accountOf(req);
     const body = parseOrThrow(dsmConnectionSchema, req.body);
-    const errors = certificateErrors(body.ca_certificate, body.client_certificate, body.client_key);
+    const errors = [...dsmPortErrors(deps.dsmAllowedPorts, body.port), ...certificateErrors(body.ca_certificate, body.client_certificate, body.client_key)];
     if (errors.length > 0) throw new ValidationError(errors);
     const id = randomUUID();
     const record: DsmConnection = {
@@ -94,6 +100,13 @@ export function sourceConnectionRoutes(deps: { stores: Stores; hsmLibraries: rea
   });
 
   return router;
+}
+
+/** The port is one DSM_ALLOWED_PORTS allows (workers check again before connecting). */
+export function dsmPortErrors(allowed: readonly { from: number; to: number }[], port: number): FieldError[] {
+  if (allowed.some((r) => port >= r.from && port <= r.to)) return [];
+  const list = allowed.map((r) => (r.from === r.to ? `${r.from}` : `${r.from}-${r.to}`)).join(', ');
+  return [{ path: 'port', message: `Must be a port this service allows for KMIP servers (DSM_ALLOWED_PORTS): ${list}.` }];
 }
 
 /** The PEMs parse, and the client key belongs to the client certificate. */

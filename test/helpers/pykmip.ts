@@ -316,3 +316,16 @@ export async function revokeCompromised(client: KmipClient, uid: string): Promis
     structure(Tag.RevocationReason, [enumeration(Tag.RevocationReasonCode, RevocationReasonCode.KeyCompromise)]),
   ]);
 }
+
+/** Activates a Pre-Active object: its state becomes Active. */
+export async function activate(client: KmipClient, uid: string): Promise<void> {
+  await client.send(Operation.Activate, () => [textString(Tag.UniqueIdentifier, uid)]);
+}
+
+/** Revokes an Active key for a reason other than compromise: its state becomes Deactivated. */
+export async function revokeDeactivated(client: KmipClient, uid: string): Promise<void> {
+  await client.send(Operation.Revoke, () => [
+    textString(Tag.UniqueIdentifier, uid),
+    structure(Tag.RevocationReason, [enumeration(Tag.RevocationReasonCode, RevocationReasonCode.Unspecified)]),
+  ]);
+}

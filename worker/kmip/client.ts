@@ -2,7 +2,16 @@ import { isIP, type BlockList } from 'node:net';
 import * as tls from 'node:tls';
 import { zeroize } from '../../shared/crypto.js';
 import { ForbiddenAddressError, resolveAllowed, type ResolvedAddresses } from '../../shared/ssrf.js';
-import { KmipAddressForbiddenError, KmipError, KmipNetworkError, KmipProtocolError, KmipResultError, KmipTlsError, type KmipNetworkFailure } from './errors.js';
+import {
+  KmipAddressForbiddenError,
+  KmipError,
+  KmipNetworkError,
+  KmipProtocolError,
+  KmipResultError,
+  KmipTlsError,
+  KmipVersionMismatchError,
+  type KmipNetworkFailure,
+} from './errors.js';
 import { parseResponse, requestMessage, type ResponseMessage } from './messages.js';
 import {
   discoverVersionsPayload,
@@ -17,17 +26,21 @@ import {
   type ManagedObject,
   type ObjectAttributes,
 } from './operations.js';
-import { nameOf, Operation, ResultStatus, Tag, versionString, type ProtocolVersion } from './tags.js';
+import { nameOf, Operation, ResultStatus, Tag, type ProtocolVersion } from './tags.js';
 import { decode, DEFAULT_MAX_BYTES, encode, TtlvError, type Ttlv } from './ttlv.js';
 
 /*
  * A small KMIP client over mutual TLS: one connection at a time (requests are sent one after the other),
- * batches of one, the protocol version chosen with DiscoverVersions on each new connection.
+ * batches of one, the protocol version chosen with DiscoverVersions on each new connection. A connection
+ * left without requests for `idleTimeoutMs` is closed (by an unref'd timer); the next request opens another.
  *
  * Secrets: the client's private key goes into a TLS secure context when the client is made, and the caller
  * zeroizes its copy. Every response frame is read into one buffer the client allocates (socket chunks are
  * copied in and zeroized); operations that return key material hand the frame to the caller to zeroize.
  */
+
+/** How long a connection may stay open without a request, by default (ms). */
+export const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
 
 export const SUPPORTED_VERSIONS: readonly ProtocolVersion[] = [
   { major: 2, minor: 0 },
@@ -57,6 +70,13 @@ export interface KmipClientOptions {
   maxMessageBytes?: number;
   /** Called once per new connection with the negotiated version (for logs). */
   onConnect?: (info: { address: string; version: ProtocolVersion; tlsProtocol: string | null }) => void;
+  /**
+   * After this long without a request (ms; default 60 s) the connection is closed politely and `onIdle` is
+   * called; the next request opens a new connection. The timer is unref'd: it never keeps a process alive.
+   */
+  idleTimeoutMs?: number;
+  /** Called when the client went `idleTimeoutMs` without a request (its connection, if any, is closed by then). */
+  onIdle?: (info: { hadConnection: boolean }) => void;
 }
 
 export interface KmipResponse {
@@ -275,16 +295,21 @@ export class KmipClient {
   readonly #context: tls.SecureContext;
   readonly #serverName: string;
   readonly #maxBytes: number;
+  readonly #idleTimeoutMs: number;
   #conn: Connection | undefined;
   /** Requests run one at a time: each waits for the one before. */
   #queue: Promise<unknown> = Promise.resolve();
   #closed = false;
+  /** Requests sent and not yet settled (waiting in the queue included). */
+  #active = 0;
+  #idleTimer: NodeJS.Timeout | undefined;
 
   constructor(opts: KmipClientOptions) {
     const { key, ...rest } = opts; // the key lives on only inside the secure context
     this.#opts = rest;
     this.#serverName = opts.serverName ?? opts.host;
     this.#maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_BYTES;
+    this.#idleTimeoutMs = Math.max(1, opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS);
     try {
       this.#context = tls.createSecureContext({ ca: opts.ca, cert: opts.cert, key, minVersion: 'TLSv1.2' });
     } catch (err) {
@@ -304,9 +329,43 @@ export class KmipClient {
    * server before answering.
    */
   send(operation: number, payload: (version: ProtocolVersion) => Ttlv[], opts: { idempotent?: boolean } = {}): Promise<KmipResponse> {
+    this.#active += 1;
+    this.#disarmIdle();
     const run = this.#queue.then(() => this.#send(operation, payload, opts.idempotent ?? false));
     this.#queue = run.catch(() => undefined);
+    const settled = () => {
+      this.#active -= 1;
+      if (this.#active === 0) this.#armIdle();
+    };
+    run.then(settled, settled);
     return run;
+  }
+
+  /** Whether a request is waiting or under way. */
+  get busy(): boolean {
+    return this.#active > 0;
+  }
+
+  #armIdle(): void {
+    this.#disarmIdle();
+    if (this.#closed) return;
+    this.#idleTimer = setTimeout(() => this.#onIdle(), this.#idleTimeoutMs);
+    this.#idleTimer.unref();
+  }
+
+  #disarmIdle(): void {
+    if (this.#idleTimer) clearTimeout(this.#idleTimer);
+    this.#idleTimer = undefined;
+  }
+
+  #onIdle(): void {
+    this.#idleTimer = undefined;
+    if (this.#closed || this.#active > 0) return;
+    const conn = this.#conn;
+    const hadConnection = conn !== undefined && !conn.closed;
+    conn?.close();
+    this.#conn = undefined;
+    this.#opts.onIdle?.({ hadConnection });
   }
 
   async #send(operation: number, payload: (version: ProtocolVersion) => Ttlv[], idempotent: boolean): Promise<KmipResponse> {
@@ -427,11 +486,7 @@ export class KmipClient {
     const res = await this.#exchange(conn, Operation.DiscoverVersions, discoverVersionsPayload(offer));
     const answered = readDiscoverVersions(res.payload);
     const chosen = answered.find((v) => offer.some((o) => sameVersion(o, v)));
-    if (!chosen) {
-      throw new KmipProtocolError(
-        `no common KMIP version: offered ${offer.map(versionString).join(', ')}, the server answered ${answered.map(versionString).join(', ') || 'none'}`,
-      );
-    }
+    if (!chosen) throw new KmipVersionMismatchError(offer, answered);
     return chosen;
   }
 
@@ -479,6 +534,7 @@ export class KmipClient {
   /** Closes the connection; later calls fail. */
   async close(): Promise<void> {
     this.#closed = true;
+    this.#disarmIdle();
     this.#conn?.close();
     this.#conn = undefined;
     await this.#queue;
