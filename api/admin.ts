@@ -46,7 +46,7 @@ const CSP = [
 ].join('; ');
 
 export interface AdminDeps {
-  config: Pick<Config, 'ADMIN_READ_ONLY'>;
+  config: Pick<Config, 'ADMIN_READ_ONLY' | 'ADMIN_GROUP'>;
   auth: AuthOptions;
   uploadQueue: Queue;
   /** Made on the first dashboard request (the API has no other use for a webhook Queue of its own). */
@@ -58,13 +58,13 @@ export function adminRoutes(deps: AdminDeps): Router {
   const router = Router();
   router.use(COOKIE_PATH, adminHeaders);
   router.use(COOKIE_PATH, sameOriginForUnsafe);
-  router.get('/admin/login', loginPage(deps.auth));
-  router.post('/admin/login', express.urlencoded({ extended: false, limit: '16kb', parameterLimit: 5 }), login(deps.auth));
+  router.get('/admin/login', loginPage(deps.auth, deps.config.ADMIN_GROUP));
+  router.post('/admin/login', express.urlencoded({ extended: false, limit: '16kb', parameterLimit: 5 }), login(deps.auth, deps.config.ADMIN_GROUP));
   router.post('/admin/logout', (req, res) => {
     res.clearCookie(ADMIN_COOKIE, cookieOptions(req));
     res.redirect(303, '/admin/login');
   });
-  router.use(DASHBOARD_PATH, requireAdmin(deps.auth), dashboard(deps));
+  router.use(DASHBOARD_PATH, requireAdmin(deps.auth, deps.config.ADMIN_GROUP), dashboard(deps));
   return router;
 }
 
@@ -130,7 +130,7 @@ function readCookie(req: Request, name: string): string | undefined {
   return undefined;
 }
 
-function requireAdmin(auth: AuthOptions): RequestHandler {
+function requireAdmin(auth: AuthOptions, group: string): RequestHandler {
   return async (req, res, next) => {
     const found = tokenOf(req);
     if (!found) {
@@ -147,14 +147,14 @@ function requireAdmin(auth: AuthOptions): RequestHandler {
       if (found.from === 'cookie') res.clearCookie(ADMIN_COOKIE, cookieOptions(req));
       throw err;
     }
-    if (!isAdmin(principal)) return sendProblem(res, notAdmin(req));
+    if (!isAdmin(principal, group)) return sendProblem(res, notAdmin(req, group));
     req.principal = principal;
     next();
   };
 }
 
-const notAdmin = (req: Request) =>
-  problem(403, 'forbidden', 'The token is valid but not in the admin group (cust.groups).', { title: 'Forbidden', instance: req.originalUrl });
+const notAdmin = (req: Request, group: string) =>
+  problem(403, 'forbidden', `The token is valid but not in the group ${group} (cust.groups; ADMIN_GROUP), which opens the dashboard.`, { title: 'Forbidden', instance: req.originalUrl });
 
 /** HttpOnly, SameSite=Strict, Path=/admin; Secure when the page is on https (here, or at a TLS proxy: Origin). */
 function cookieOptions(req: Request): express.CookieOptions {
@@ -164,7 +164,7 @@ function cookieOptions(req: Request): express.CookieOptions {
 
 // ---- login --------------------------------------------------------------------------------------------
 
-function login(auth: AuthOptions): RequestHandler {
+function login(auth: AuthOptions, group: string): RequestHandler {
   return async (req, res) => {
     const body = req.body as { token?: unknown } | undefined;
     const token = typeof body?.token === 'string' ? body.token.trim() : '';
@@ -180,20 +180,20 @@ function login(auth: AuthOptions): RequestHandler {
       const detail = err instanceof UnauthorizedError ? err.message : 'The token could not be verified.';
       return refuse(401, problem(401, 'unauthorized', detail, { instance: req.originalUrl }));
     }
-    if (!isAdmin(principal)) return refuse(403, notAdmin(req));
+    if (!isAdmin(principal, group)) return refuse(403, notAdmin(req, group));
     const exp = decodeJwt(token).exp as number; // verifyToken requires exp
     res.cookie(ADMIN_COOKIE, token, { ...cookieOptions(req), expires: new Date(exp * 1000) });
     res.redirect(303, DASHBOARD_PATH);
   };
 }
 
-function loginPage(auth: AuthOptions): RequestHandler {
+function loginPage(auth: AuthOptions, group: string): RequestHandler {
   return async (req, res) => {
     const cookie = readCookie(req, ADMIN_COOKIE);
     let session: { who: string; until: string } | undefined;
     if (cookie !== undefined && TOKEN_RE.test(cookie)) {
       const principal = await verifyToken(cookie, auth).catch(() => undefined);
-      if (principal && isAdmin(principal)) {
+      if (principal && isAdmin(principal, group)) {
         const exp = decodeJwt(cookie).exp as number;
         session = { who: principal.subject ?? principal.account, until: new Date(exp * 1000).toISOString() };
       }

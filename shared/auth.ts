@@ -55,12 +55,12 @@ export async function verifyToken(token: string, opts: AuthOptions): Promise<Pri
   }
 }
 
-/** The group (`cust.groups` claim) that may open the operators' queue dashboard under /admin. */
+/** The default group (`cust.groups` claim) that may open the operators' queue dashboard under /admin (ADMIN_GROUP). */
 export const ADMIN_GROUP = 'admin';
 
-/** True when the principal belongs to the admin group. */
-export function isAdmin(principal: Principal): boolean {
-  return principal.groups.includes(ADMIN_GROUP);
+/** True when the principal belongs to the operators' group. */
+export function isAdmin(principal: Principal, group: string = ADMIN_GROUP): boolean {
+  return principal.groups.includes(group);
 }
 
 /** Signs an HS256 token. It names no group unless asked: an admin token must be asked for explicitly. */

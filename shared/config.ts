@@ -150,6 +150,11 @@ export const configSchema = z.object({
   SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /**
+   * The `cust.groups` group whose tokens open the queue dashboard (/admin/queues). Every tenant's jobs show
+   * there: with tokens from an identity provider (JWT_JWKS_URL), pick a group only operators have.
+   */
+  ADMIN_GROUP: z.string().regex(/^[\x21-\x7e]{1,128}$/, 'a group name (printable characters, no spaces)').default('admin'),
+  /**
    * The queue dashboard (/admin/queues) only shows: no retry, clean, pause, add or remove. Its actions act on
    * BullMQ alone, behind keyferry's job records (emptying a queue strands queued records), so they are off
    * unless this is false.

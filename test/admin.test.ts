@@ -197,7 +197,7 @@ describe('login, cookie, logout', () => {
     const asBrowser = await raw('/admin/login', { method: 'POST', headers: { 'content-type': FORM, origin, accept: 'text/html' }, body: form(tenant) });
     expect(asBrowser.status).toBe(403);
     expect(asBrowser.headers.get('set-cookie')).toBeNull();
-    expect(await asBrowser.text()).toContain('not in the admin group');
+    expect(await asBrowser.text()).toContain('not in the group admin');
     const asClient = await raw('/admin/login', { method: 'POST', headers: { 'content-type': FORM, origin }, body: form('garbage') });
     expect(asClient.status).toBe(401);
     expect(asClient.headers.get('content-type')).toMatch(/^application\/problem\+json/);
@@ -278,17 +278,31 @@ describe('what the dashboard shows of tenants', () => {
   });
 });
 
-describe('with ADMIN_READ_ONLY=false', () => {
+describe('with ADMIN_READ_ONLY=false and ADMIN_GROUP=keyferry-operators', () => {
   let writable: TestStack;
   beforeAll(async () => {
-    writable = await startStack({ name: 'admin-rw', worker: false, env: { ADMIN_READ_ONLY: 'false' } });
+    writable = await startStack({ name: 'admin-rw', worker: false, env: { ADMIN_READ_ONLY: 'false', ADMIN_GROUP: 'keyferry-operators' } });
+  });
+
+  it('when ADMIN_GROUP names another group, then a token of the "admin" group is refused and one of that group is let in', async () => {
+    const sign = (groups: string[]) => signToken({ secret: writable.config.JWT_SECRET, account: 'ops', ttlSeconds: 600, groups });
+    const board = async (token: string) => (await fetch(`${writable.api.url}/admin/queues/api/queues`, { headers: { authorization: `Bearer ${token}` } })).status;
+    expect(await board(await sign(['admin']))).toBe(403);
+    expect(await board(await sign(['keyferry-operators']))).toBe(200);
+
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'api/cli/main.ts', 'token', '--account', 'ops', '--admin'], {
+      cwd: join(import.meta.dirname, '..'),
+      env: { PATH: process.env.PATH ?? '', JWT_SECRET: writable.config.JWT_SECRET, ADMIN_GROUP: 'keyferry-operators' },
+    });
+    expect((await verifyToken(stdout.trim(), { secret: writable.config.JWT_SECRET })).groups).toEqual(['keyferry-operators']);
+    expect(await board(stdout.trim())).toBe(200);
   });
   afterAll(async () => {
     await writable?.close();
   });
 
   it('when an admin pauses and resumes the upload queue from the page origin, then BullMQ does so', async () => {
-    const token = await adminToken(writable);
+    const token = await signToken({ secret: writable.config.JWT_SECRET, account: 'ops', ttlSeconds: 600, groups: ['keyferry-operators'] });
     const call = (path: string) => fetch(`${writable.api.url}/admin/queues/api/queues/upload-key/${path}`, { method: 'PUT', headers: { authorization: `Bearer ${token}` } });
     const paused = async () => {
       const res = await fetch(`${writable.api.url}/admin/queues/api/queues`, { headers: { authorization: `Bearer ${token}` } });

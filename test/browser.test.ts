@@ -72,7 +72,7 @@ describe('in Chromium', () => {
   it('/admin: a tenant token is refused at the login and the dashboard stays closed', async () => {
     const res = await logIn(await stack.token('acme'));
     expect(res?.status()).toBe(403);
-    await page.getByRole('alert').filter({ hasText: 'not in the admin group' }).waitFor({ state: 'visible' });
+    await page.getByRole('alert').filter({ hasText: 'not in the group admin' }).waitFor({ state: 'visible' });
     expect(await context.cookies()).toEqual([]);
     const board = await page.goto(`${stack.api.url}/admin/queues`);
     expect(board?.status()).toBe(401);

@@ -21,7 +21,7 @@ export function registerToken(program: Command): void {
     .requiredOption('--account <name>', 'the account (acc claim)')
     .option('--ttl <seconds>', 'lifetime in seconds', positiveInt, 3600)
     .option('--subject <sub>', 'the sub claim (default local|<account>)')
-    .option('--admin', 'put the token in the admin group (cust.groups), for the queue dashboard at /admin/queues')
+    .option('--admin', 'put the token in the operators\' group (env ADMIN_GROUP, default admin), for the queue dashboard at /admin/queues')
     .action(async (opts: TokenOptions) => {
       const secret = process.env.JWT_SECRET;
       if (!secret) throw new UsageError('Set JWT_SECRET to the API\'s token secret.');
@@ -32,7 +32,7 @@ export function registerToken(program: Command): void {
         issuer: process.env.JWT_ISSUER,
         audience: process.env.JWT_AUDIENCE,
         ...(opts.subject !== undefined ? { subject: opts.subject } : {}),
-        groups: opts.admin ? [ADMIN_GROUP] : [],
+        groups: opts.admin ? [process.env.ADMIN_GROUP || ADMIN_GROUP] : [],
       });
       print(token);
     });
