@@ -9,11 +9,16 @@ import type { AccountResource } from './stores/resource-store.js';
  */
 
 const name = z.string().min(1).max(128).regex(/^[A-Za-z0-9_.@-]+$/, 'Names allow letters, digits and _ . @ -.');
+/** A PEM block of this label; a plain scan, no regular expression over the whole (up to 64 KiB) value. The API parses it fully. */
 const pem = (label: string) =>
   z
     .string()
     .max(65_536)
-    .regex(new RegExp(`-----BEGIN [A-Z0-9 ]*${label}-----[\\s\\S]+-----END [A-Z0-9 ]*${label}-----`), `Must be a PEM ${label.toLowerCase()}.`);
+    .refine((v) => {
+      const text = v.trim();
+      const begin = text.indexOf(`${label}-----`);
+      return text.startsWith('-----BEGIN ') && begin > 0 && text.endsWith(`${label}-----`) && text.lastIndexOf('-----END ') > begin;
+    }, `Must be a PEM ${label.toLowerCase()}.`);
 
 export const HSM_WRAPPING_ALGORITHMS = ['RSAES_OAEP_SHA_256', 'RSAES_OAEP_SHA_1'] as const satisfies readonly WrappingAlgorithm[];
 
