@@ -1,5 +1,5 @@
 import type { RequestHandler } from 'express';
-import type { RedisClient } from '../shared/redis.js';
+import { defineScript, type RedisClient } from '../shared/redis.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
 import { accountOf } from './auth.js';
 import { problem, sendProblem } from './problem.js';
@@ -35,9 +35,10 @@ export interface RateLimitOptions {
 
 /** Per-account request rate limit (behind requireAuth): over it, `429` problem + `Retry-After` seconds. */
 export function accountRateLimit(opts: RateLimitOptions): RequestHandler {
+  const takeToken = defineScript(opts.redis, 'token_bucket', TOKEN_BUCKET);
   return async (req, res, next) => {
     const key = opts.keys.rateLimit(accountOf(req));
-    const waitMs = Number(await opts.redis.eval(TOKEN_BUCKET, 1, key, opts.ratePerSecond, opts.burst));
+    const waitMs = Number(await takeToken([key], [opts.ratePerSecond, opts.burst]));
     if (waitMs === 0) return next();
     res.setHeader('Retry-After', String(Math.ceil(waitMs / 1000)));
     sendProblem(res, problem(429, 'rate_limited', `This account sends intake requests faster than ${opts.ratePerSecond} per second; retry later.`, { instance: req.originalUrl }));

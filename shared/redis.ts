@@ -25,3 +25,35 @@ export function createRedis(
   }
   return new Redis(config.REDIS_URL, common);
 }
+
+/** Runs a Lua script defined with defineScript: its KEYS, then its ARGV. */
+export type RedisScript = (keys: readonly string[], args: readonly (string | number)[]) => Promise<unknown>;
+
+/** The scripts defined on each client, by name, so that one name never stands for two scripts. */
+const definedScripts = new WeakMap<RedisClient, Map<string, string>>();
+
+/**
+ * A Lua script run by EVALSHA (ioredis's defineCommand): the script text goes to Redis once per connection
+ * (and again only if Redis answers NOSCRIPT, e.g. after a restart), not with every call as EVAL sends it.
+ * Defined on the client under `name` (prefixed so it cannot shadow a Redis command) at its first call;
+ * every store sharing the client shares the definition.
+ */
+export function defineScript(redis: RedisClient, name: string, lua: string): RedisScript {
+  const command = `keyferry_${name}`;
+  let run: ((...args: (string | number)[]) => Promise<unknown>) | undefined;
+  return (keys, args) => {
+    if (!run) {
+      let defined = definedScripts.get(redis);
+      if (!defined) definedScripts.set(redis, (defined = new Map()));
+      const known = defined.get(command);
+      if (known === undefined) {
+        redis.defineCommand(command, { lua });
+        defined.set(command, lua);
+      } else if (known !== lua) {
+        throw new Error(`a different script is already defined as ${command}`);
+      }
+      run = (redis as unknown as Record<string, (...args: (string | number)[]) => Promise<unknown>>)[command];
+    }
+    return (run as (...args: (string | number)[]) => Promise<unknown>).call(redis, keys.length, ...keys, ...args);
+  };
+}

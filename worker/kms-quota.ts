@@ -3,52 +3,61 @@ import type { KMSClient } from '@aws-sdk/client-kms';
 import type { JobRecord } from '../shared/jobs.js';
 import type { KmsOperation, KmsQuotas } from '../shared/kms-quotas.js';
 import { kmsRequestDuration, kmsRequests } from '../shared/metrics.js';
-import type { RedisClient } from '../shared/redis.js';
+import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
 
 /**
- * The request slots of one KMS operation in one AWS account and region, 1/rate apart on Redis's clock, so
- * that all workers together keep to the quota. KEYS[1] holds the next free slot (ms); KEYS[2] and KEYS[3]
- * the slots reserved (ticket → slot) for batch jobs and for single uploads that were told to come back.
- * ARGV: [1] the interval between slots (ms), [2] the longest wait granted (ms), [3] the ticket (a job id),
- * [4] '1' for a single upload, [5] how long a reservation is kept once due (ms).
+ * The request slots of KMS operations in one AWS account and region, 1/rate apart on Redis's clock, so that
+ * all workers together keep to the quota. Per operation, three keys: the next free slot (ms), and the slots
+ * reserved (ticket → slot) for batch jobs and for single uploads that were told to come back. KEYS: those
+ * three for each operation asked for (one or more; all in the account and region's hash slot). ARGV: [1] the
+ * longest wait granted (ms), [2] the ticket (a job id), [3] '1' for a single upload, [4] how long a
+ * reservation is kept once due (ms), then for each operation the interval between its slots (ms).
  *
- * The ticket's reserved slot, else a new one, is granted when it is at most ARGV[2] away: `{1, wait}`, send
- * after `wait` ms. A slot further off is reserved for the ticket: `{0, wait}`, ask again then. A single
- * upload takes the first slot a batch job reserved, and that job the new one, so single uploads overtake
- * batches as they do in the queue. A reservation overdue by more than ARGV[5] is dropped (its job came back
- * too late, or never), so that jobs coming back late cannot send more than ARGV[5] worth of slots at once.
+ * Per operation: the ticket's reserved slot, else a new one, is granted when it is at most ARGV[1] away:
+ * `1, wait`, send after `wait` ms. A slot further off is reserved for the ticket: `0, wait`, ask again then.
+ * A single upload takes the first slot a batch job reserved, and that job the new one, so single uploads
+ * overtake batches as they do in the queue. A reservation overdue by more than ARGV[4] is dropped (its job
+ * came back too late, or never), so that jobs coming back late cannot send more than ARGV[4] worth of slots
+ * at once. Returns the pairs of all operations, in order, in one flat list.
  */
-const TAKE_SLOT = `
+const TAKE_SLOTS = `
 local t = redis.call('TIME')
 local now = t[1] * 1000 + t[2] / 1000
-local interval, maxWait, ticket, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5])
-local single = ARGV[4] == '1'
-local mine = single and KEYS[3] or KEYS[2]
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - grace)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - grace)
-local slot = tonumber(redis.call('ZSCORE', mine, ticket))
-local reserved = slot ~= nil
-if not reserved then
-  slot = math.max(now, tonumber(redis.call('GET', KEYS[1])) or 0)
-  redis.call('SET', KEYS[1], slot + interval, 'PX', math.ceil(slot + interval - now + grace))
-  local first = single and redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES') or {}
-  if first[1] then
-    redis.call('ZADD', KEYS[2], slot, first[1])
-    slot = tonumber(first[2])
+local maxWait, ticket, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
+local single = ARGV[3] == '1'
+local out = {}
+for n = 1, #KEYS / 3 do
+  local bucket, batch, singles = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
+  local interval = tonumber(ARGV[4 + n])
+  local mine = single and singles or batch
+  redis.call('ZREMRANGEBYSCORE', batch, '-inf', now - grace)
+  redis.call('ZREMRANGEBYSCORE', singles, '-inf', now - grace)
+  local slot = tonumber(redis.call('ZSCORE', mine, ticket))
+  local reserved = slot ~= nil
+  if not reserved then
+    slot = math.max(now, tonumber(redis.call('GET', bucket)) or 0)
+    redis.call('SET', bucket, slot + interval, 'PX', math.ceil(slot + interval - now + grace))
+    local first = single and redis.call('ZRANGE', batch, 0, 0, 'WITHSCORES') or {}
+    if first[1] then
+      redis.call('ZADD', batch, slot, first[1])
+      slot = tonumber(first[2])
+    end
   end
+  local wait = math.max(0, math.ceil(slot - now))
+  local granted = wait <= maxWait
+  if granted and reserved then redis.call('ZREM', mine, ticket) end
+  if not granted and not reserved then redis.call('ZADD', mine, slot, ticket) end
+  local ttl = redis.call('PTTL', bucket)
+  if ttl > 0 then
+    redis.call('PEXPIRE', batch, ttl)
+    redis.call('PEXPIRE', singles, ttl)
+  end
+  out[#out + 1] = granted and 1 or 0
+  out[#out + 1] = wait
 end
-local wait = math.max(0, math.ceil(slot - now))
-local granted = wait <= maxWait
-if granted and reserved then redis.call('ZREM', mine, ticket) end
-if not granted and not reserved then redis.call('ZADD', mine, slot, ticket) end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('PEXPIRE', KEYS[3], ttl)
-end
-return {granted and 1 or 0, wait}
+return out
 `;
 
 /** How long past its time a reserved slot is still granted to its job. */
@@ -95,10 +104,20 @@ interface Target {
 /** One job's KMS in one account and region: every request waits for a slot of its operation's bucket. */
 export interface MeteredKms {
   send<Output>(op: KmsOperation, command: KmsCommand<Output>): Promise<Output>;
+  /**
+   * Takes a slot of each operation now, in one round trip to Redis, for requests about to be sent together:
+   * the next `send` of each of these operations uses it instead of taking its own.
+   */
+  takeSlots(ops: readonly KmsOperation[]): void;
 }
+
+/** A slot as the script answers: granted (1) or reserved (0), and the wait until it, ms. */
+type Slot = readonly [granted: number, waitMs: number];
 
 /** AWS KMS request quotas per (AWS account, region, operation), kept by all workers together through Redis. */
 export class KmsQuota {
+  readonly #takeSlots: RedisScript;
+
   constructor(
     private readonly deps: {
       redis: RedisClient;
@@ -110,7 +129,9 @@ export class KmsQuota {
       /** KMS_TIMEOUT_MS: the deadline of each call, from when it is sent. */
       timeoutMs: number;
     },
-  ) {}
+  ) {
+    this.#takeSlots = defineScript(deps.redis, 'kms_take_slots', TAKE_SLOTS);
+  }
 
   /**
    * KMS through `client` (connection `conn`, the job's region) as `job` calls it. With `mayDelay`, a call
@@ -125,17 +146,42 @@ export class KmsQuota {
       single: job.batch_id === null,
       maxSleepMs: opts.mayDelay ? this.deps.maxSleepMs : NO_LIMIT_MS,
     };
-    return { send: (op, command) => this.#send(target, op, command) };
+    /** Slots taken ahead by takeSlots, each for the next send of its operation. */
+    const taken = new Map<KmsOperation, Promise<Slot>>();
+    return {
+      send: (op, command) => {
+        const slot = taken.get(op);
+        taken.delete(op);
+        return this.#send(target, op, command, slot);
+      },
+      takeSlots: (ops) => {
+        const slots = this.#take(target, ops, target.ticket, target.single, target.maxSleepMs);
+        ops.forEach((op, i) => {
+          const slot = slots.then((all) => all[i] as Slot);
+          // Its send awaits it; should that send never come, a failure here is nobody's to handle.
+          slot.catch(() => undefined);
+          taken.set(op, slot);
+        });
+      },
+    };
+  }
+
+  /** One slot of each operation's bucket, in one script call. */
+  async #take(target: Target, ops: readonly KmsOperation[], ticket: string, single: boolean, maxSleepMs: number): Promise<Slot[]> {
+    const keys: string[] = [];
+    const intervals: number[] = [];
+    for (const op of ops) {
+      const key = this.deps.keys.kmsQuota(target.conn.account_id, target.region, op);
+      keys.push(key, `${key}:batch`, `${key}:single`);
+      intervals.push(1000 / (target.conn.quotas?.[op] ?? this.deps.quotas[op]));
+    }
+    const flat = (await this.#takeSlots(keys, [maxSleepMs, ticket, single ? '1' : '0', RESERVATION_GRACE_MS, ...intervals])) as number[];
+    return ops.map((_op, i) => [flat[2 * i] as number, flat[2 * i + 1] as number] as const);
   }
 
   /** The one way keyferry calls KMS: a slot of the operation's bucket, then the command with its deadline. */
-  async #send<Output>(target: Target, op: KmsOperation, command: KmsCommand<Output>): Promise<Output> {
-    const key = this.deps.keys.kmsQuota(target.conn.account_id, target.region, op);
-    const rate = target.conn.quotas?.[op] ?? this.deps.quotas[op];
-    const takeSlot = (ticket: string, single: boolean, maxSleepMs: number) =>
-      this.deps.redis.eval(TAKE_SLOT, 3, key, `${key}:batch`, `${key}:single`, 1000 / rate, maxSleepMs, ticket, single ? '1' : '0', RESERVATION_GRACE_MS) as Promise<[number, number]>;
-
-    const [granted, waitMs] = await takeSlot(target.ticket, target.single, target.maxSleepMs);
+  async #send<Output>(target: Target, op: KmsOperation, command: KmsCommand<Output>, slot?: Promise<Slot>): Promise<Output> {
+    const [granted, waitMs] = await (slot ?? this.#take(target, [op], target.ticket, target.single, target.maxSleepMs).then((all) => all[0] as Slot));
     if (!granted) throw new KmsQuotaWait(op, waitMs);
     if (waitMs > 0) await sleep(waitMs);
     const endTimer = kmsRequestDuration.startTimer({ operation: op });
@@ -149,7 +195,7 @@ export class KmsQuota {
       endTimer();
       kmsRequests.inc({ operation: op, outcome: 'error', code: kmsErrorCode(err) });
       // Another client uses this account's quota too: the next free slot goes unused, for every worker.
-      if ((err as Error).name === 'ThrottlingException') await takeSlot('', false, NO_LIMIT_MS);
+      if ((err as Error).name === 'ThrottlingException') await this.#take(target, [op], '', false, NO_LIMIT_MS);
       throw err;
     }
   }

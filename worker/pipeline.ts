@@ -17,12 +17,13 @@ import {
 import type { Stores } from '../shared/context.js';
 import { zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
-import type { JobRecord, Step } from '../shared/jobs.js';
-import type { JobUpdate } from '../shared/stores/job-store.js';
+import type { JobProgress, JobRecord, Step } from '../shared/jobs.js';
+import type { KmsOperation } from '../shared/kms-quotas.js';
+import type { HeldJob, JobUpdate } from '../shared/stores/job-store.js';
 import type { Logger } from '../shared/logger.js';
 import { stepDuration } from '../shared/metrics.js';
 import { buildKeyPolicy } from '../shared/policy.js';
-import type { KmsConnection, WrappingKeySpec } from '../shared/resources.js';
+import type { KmsConnection, PolicyTemplate, WrappingKeySpec } from '../shared/resources.js';
 import { faultPoint } from './fault-point.js';
 import { classify } from './classify.js';
 import type { KmsClients } from './kms-clients.js';
@@ -32,6 +33,9 @@ import type { SourceKey, Sources } from './sources/index.js';
 
 /** Import parameters this close to expiry are fetched again rather than used. */
 const IMPORT_PARAMS_MARGIN_MS = 60_000;
+
+/** The requests of the describe step, sent at once. */
+const DESCRIBE_OPERATIONS = ['DescribeKey', 'GetKeyPolicy', 'ListAliases', 'ListResourceTags', 'GetKeyRotationStatus'] as const;
 
 export interface PipelineDeps {
   stores: Stores;
@@ -57,6 +61,13 @@ interface KeyRef {
   Arn: string;
 }
 
+/** The resolve step's reads of Redis, started together (UploadPipeline.lookUp). */
+export interface Lookups {
+  conn: Promise<KmsConnection | undefined>;
+  template: Promise<PolicyTemplate | undefined> | undefined;
+  localSource: Promise<SourceKey> | undefined;
+}
+
 interface Resolved {
   conn: KmsConnection;
   kms: MeteredKms;
@@ -80,41 +91,106 @@ class StepTimer {
   }
 }
 
+/** Import parameters still usable: present and not within IMPORT_PARAMS_MARGIN_MS of expiry. */
+function usableImportParams(params: JobRecord['progress']['import_params']): params is NonNullable<JobRecord['progress']['import_params']> {
+  return params !== undefined && Date.parse(params.valid_to) - Date.now() >= IMPORT_PARAMS_MARGIN_MS;
+}
+
+/**
+ * The step the pipeline goes to next from a job's progress (after resolve). A checkpoint records it along
+ * with the progress, so that entering that step needs no write of its own.
+ */
+function upcomingStep(request: JobRecord['request'], p: JobProgress): Step {
+  if (!p.kms_key_id) return 'create_key';
+  if (request.aws_param.Alias && !p.alias_created) return 'create_alias';
+  if (!p.imported) return usableImportParams(p.import_params) ? 'wrap' : 'get_import_params';
+  return 'describe';
+}
+
+/**
+ * The KMS requests each step starts with (on its ordinary path). Their quota slots are asked for while the
+ * write that enters the step is on its way, so that the two take one round trip's time, not two; the request
+ * itself still goes only after both answered.
+ */
+const STEP_OPERATIONS: Partial<Record<Step, readonly KmsOperation[]>> = {
+  create_key: ['CreateKey'],
+  create_alias: ['CreateAlias'],
+  get_import_params: ['GetParametersForImport'],
+  import: ['ImportKeyMaterial'],
+  describe: DESCRIBE_OPERATIONS,
+};
+
 /**
  * Runs (or resumes) the upload pipeline of one job. Each side effect is checkpointed in the job record
  * right after it happens, so a retry skips what is done and never creates a second key.
  */
 export class UploadPipeline {
+  /** The step an attempt starts at: the worker's start write (status `running`) records it. */
+  static readonly FIRST_STEP: Step = 'resolve';
+
   constructor(private readonly deps: PipelineDeps) {}
 
-  async run(jobId: string): Promise<JobUpdate> {
+  /**
+   * `started`: the job's record as the worker's start write left it (status `running`, step FIRST_STEP);
+   * `lookups`: lookUp of the record the start write went from (the job's request does not change).
+   */
+  async run(started: HeldJob, lookups: Lookups = this.lookUp(started.job)): Promise<JobUpdate> {
     const timer = new StepTimer();
     try {
-      return await this.#run(jobId, timer);
+      return await this.#run(started, lookups, timer);
     } finally {
       timer.end();
     }
   }
 
-  async #run(jobId: string, timer: StepTimer): Promise<JobUpdate> {
-    let job = await this.load(jobId);
+  async #run(started: HeldJob, lookups: Lookups, timer: StepTimer): Promise<JobUpdate> {
     const { stores } = this.deps;
+    // The record as this worker last wrote it: every write goes from it, in one round trip.
+    let held: HeldJob = started;
+    let job = held.job;
+    const write = async (change: (j: JobRecord) => void) => {
+      held = await stores.jobs.updateFrom(held, change);
+      job = held.job;
+    };
+    // The worker's start write entered the first step.
+    timer.enter(UploadPipeline.FIRST_STEP);
+    if (job.step !== UploadPipeline.FIRST_STEP) await write((j) => void (j.step = UploadPipeline.FIRST_STEP));
+    const r = await this.resolve(job, lookups);
+    /** The step whose requests' quota slots were asked for ahead (once per step). */
+    let slotsAskedFor: Step | undefined;
+    const askSlots = (name: Step) => {
+      const ops = STEP_OPERATIONS[name];
+      if (ops && slotsAskedFor !== name) r.kms.takeSlots(ops);
+      slotsAskedFor = name;
+    };
+    /** Enters a step; the record says so at once, unless a checkpoint already wrote it as the upcoming step. */
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
       timer.enter(name);
-      ({ job } = await stores.jobs.update(jobId, (j) => {
+      askSlots(name);
+      if (job.step === name && !change) return;
+      await write((j) => {
         j.step = name;
         change?.(j);
-      }));
+      });
     };
-
-    await step('resolve');
-    const r = await this.resolve(job);
+    /** Records a side effect (right after it happened) and, with it, the step that comes next. */
+    const checkpoint = async (change: (p: JobProgress) => void) => {
+      const progress = { ...job.progress };
+      change(progress);
+      const next = upcomingStep(job.request, progress);
+      askSlots(next);
+      await write((j) => {
+        change(j.progress);
+        j.step = next;
+      });
+    };
 
     if (!job.progress.kms_key_id) {
       // An intent without a key id: an earlier attempt may have died between CreateKey and its checkpoint.
       let key = job.progress.create_key_started_at ? await this.findCreatedKey(r.kms, job.id) : undefined;
       if (key) {
         this.deps.logger.info({ job_id: job.id, kms_key_id: key.KeyId }, 'resuming with the key an earlier attempt created');
+        timer.enter('create_key');
       } else {
         await step('create_key', (j) => {
           j.progress.create_key_started_at = new Date().toISOString();
@@ -132,9 +208,9 @@ export class UploadPipeline {
         faultPoint('after:create_key');
       }
       const { KeyId, Arn } = key;
-      await step('create_key', (j) => {
-        j.progress.kms_key_id = KeyId;
-        j.progress.kms_key_arn = Arn;
+      await checkpoint((p) => {
+        p.kms_key_id = KeyId;
+        p.kms_key_arn = Arn;
       });
     }
     const keyId = job.progress.kms_key_id as string;
@@ -145,14 +221,14 @@ export class UploadPipeline {
       faultPoint('before:create_alias');
       await this.createAlias(r.kms, `alias/${alias}`, keyId);
       faultPoint('after:create_alias');
-      await step('create_alias', (j) => {
-        j.progress.alias_created = true;
+      await checkpoint((p) => {
+        p.alias_created = true;
       });
     }
 
     if (!job.progress.imported) {
       let params = job.progress.import_params;
-      if (!params || Date.parse(params.valid_to) - Date.now() < IMPORT_PARAMS_MARGIN_MS) {
+      if (!usableImportParams(params)) {
         await step('get_import_params');
         faultPoint('before:get_import_params');
         const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
@@ -172,52 +248,70 @@ export class UploadPipeline {
           key_spec: keySpec,
         };
         const fresh = params;
-        await step('get_import_params', (j) => {
-          j.progress.import_params = fresh;
+        await checkpoint((p) => {
+          p.import_params = fresh;
         });
       }
 
       await step('wrap');
       const wrapped = await r.source.wrap(Buffer.from(params.public_key, 'base64'), params.algorithm as WrappingAlgorithm);
 
-      await step('import');
+      // The write that enters the step records nothing a retry needs: it goes out with the request. Both
+      // are settled before anything is thrown, so that no failure record can overtake it.
+      const entered = step('import');
       faultPoint('before:import');
       const expires = job.request.KeyExpiration;
       try {
-        await r.kms.send(
-          'ImportKeyMaterial',
-          new ImportKeyMaterialCommand({
-            KeyId: keyId,
-            ImportToken: Buffer.from(params.import_token, 'base64'),
-            EncryptedKeyMaterial: wrapped,
-            ExpirationModel: expires ? 'KEY_MATERIAL_EXPIRES' : 'KEY_MATERIAL_DOES_NOT_EXPIRE',
-            ...(expires && job.request.aws_param.ValidTo ? { ValidTo: new Date(job.request.aws_param.ValidTo) } : {}),
-          }),
-        );
+        const [stepWrite, imported] = await Promise.allSettled([
+          entered,
+          r.kms.send(
+            'ImportKeyMaterial',
+            new ImportKeyMaterialCommand({
+              KeyId: keyId,
+              ImportToken: Buffer.from(params.import_token, 'base64'),
+              EncryptedKeyMaterial: wrapped,
+              ExpirationModel: expires ? 'KEY_MATERIAL_EXPIRES' : 'KEY_MATERIAL_DOES_NOT_EXPIRE',
+              ...(expires && job.request.aws_param.ValidTo ? { ValidTo: new Date(job.request.aws_param.ValidTo) } : {}),
+            }),
+          ),
+        ]);
+        for (const outcome of [imported, stepWrite]) if (outcome.status === 'rejected') throw outcome.reason;
       } finally {
         zeroize(wrapped);
       }
       faultPoint('after:import');
-      await step('import', (j) => {
-        j.progress.imported = true;
-        delete j.progress.import_params;
+      // The uploaded-key resource's id is fixed here already (see the record step).
+      const resourceIdFixed = job.progress.resource_id ?? randomUUID();
+      await checkpoint((p) => {
+        p.imported = true;
+        delete p.import_params;
+        p.resource_id = resourceIdFixed;
       });
     }
 
     await step('describe');
     const described = await this.describe(r.kms, keyId);
 
-    // The resource id is checkpointed first, so a repeated record step rewrites the same resource.
-    const resourceId = job.progress.resource_id ?? randomUUID();
-    await step('record', (j) => {
-      j.progress.resource_id = resourceId;
-    });
+    // The resource id is checkpointed before the resource is written, so a repeated record step rewrites the
+    // same resource. It normally was with the import; then the write that enters this step records nothing a
+    // retry needs and goes out together with the resource.
+    let entered: Promise<void> | undefined;
+    if (job.progress.resource_id) {
+      entered = step('record');
+    } else {
+      const resourceIdFixed = randomUUID();
+      await step('record', (j) => {
+        j.progress.resource_id = resourceIdFixed;
+      });
+    }
+    const resourceId = job.progress.resource_id as string;
     faultPoint('before:record');
     const now = new Date().toISOString();
     const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
-    await stores.uploadedKeys.put(job.account, resource);
+    const [stepWrite, put] = await Promise.allSettled([entered, stores.uploadedKeys.put(job.account, resource)]);
+    for (const outcome of [stepWrite, put]) if (outcome.status === 'rejected') throw outcome.reason;
     faultPoint('after:record');
-    return stores.jobs.update(jobId, (j) => {
+    return stores.jobs.updateFrom(held, (j) => {
       j.status = 'succeeded';
       j.step = 'record';
       j.error = null;
@@ -261,20 +355,38 @@ export class UploadPipeline {
     return job;
   }
 
-  private async resolve(job: JobRecord): Promise<Resolved> {
+  /**
+   * Starts the lookups of the resolve step that only read Redis (the KMS connection, the policy template, a
+   * key of the local store), all at once: the worker starts them with the write that starts the job. Other
+   * source tiers ask their HSM or KMIP server in the resolve step itself, once the rest was found.
+   */
+  lookUp(job: JobRecord): Lookups {
     const { stores } = this.deps;
-    const conn = await stores.kmsConnections.find(job.account, job.kms_id);
+    const lookups: Lookups = {
+      conn: stores.kmsConnections.find(job.account, job.kms_id),
+      template: job.request.policytemplate ? stores.templates.find(job.account, job.request.policytemplate) : undefined,
+      localSource: job.request.source_key_tier === 'local' ? this.deps.sources.resolve(job.account, job.request) : undefined,
+    };
+    // Each is awaited in the resolve step, unless the job does not start or an earlier check throws.
+    for (const p of [lookups.conn, lookups.template, lookups.localSource]) p?.catch(() => undefined);
+    return lookups;
+  }
+
+  /** The resolve step; its failures are reported in this order: connection, region, template, source. */
+  private async resolve(job: JobRecord, lookups: Lookups): Promise<Resolved> {
+    const { conn: connFound, template: templateFound, localSource } = lookups;
+    const conn = await connFound;
     if (!conn) throw new PipelineError('kms_connection_not_found', `The KMS connection "${job.request.kms}" no longer exists.`, false);
     if (!conn.regions.includes(job.request.region)) {
       throw new PipelineError('region_not_allowed', `The KMS connection "${conn.name}" does not serve ${job.request.region}.`, false);
     }
     let templatePolicy: string | undefined;
-    if (job.request.policytemplate) {
-      const t = await stores.templates.find(job.account, job.request.policytemplate);
+    if (templateFound) {
+      const t = await templateFound;
       if (!t) throw new PipelineError('policy_template_not_found', `The policy template "${job.request.policytemplate}" no longer exists.`, false);
       templatePolicy = t.policy;
     }
-    const source = await this.deps.sources.resolve(job.account, job.request);
+    const source = await (localSource ?? this.deps.sources.resolve(job.account, job.request));
     const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: true });
     return { conn, kms, source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }

@@ -98,9 +98,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
 
   const processJob = async (job: Job<UploadJobData>, token?: string) => {
     const { jobId, account } = job.data;
-    const current = await stores.jobs.get(jobId);
+    const loaded = await stores.jobs.getHeld(jobId);
+    const current = loaded?.job;
     const log = logger.child({ job_id: jobId, account, ...(current?.batch_id ? { batch_id: current.batch_id } : {}) });
-    if (!current || FINAL_STATUSES.includes(current.status)) {
+    if (!loaded || !current || FINAL_STATUSES.includes(current.status)) {
       // Already final: an earlier run may have died before notifying; notifying again delivers once.
       if (current) {
         await notifier.jobFinished(current);
@@ -109,17 +110,25 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
       return;
     }
-    // Compare-and-set: a cancel that won the race leaves the job alone.
-    const started = await stores.jobs.updateIf(jobId, current.status, (j) => {
-      j.status = 'running';
-      j.attempts = job.attemptsMade + 1;
-    });
+    // Compare-and-set: a cancel that won the race leaves the job alone. The write goes from the record just
+    // read (checked unchanged inside the write script), and enters the pipeline's first step. The first
+    // step's reads of Redis go out with it; they are dropped if the job does not start.
+    const lookups = pipeline.lookUp(current);
+    const started = await stores.jobs.updateHeld(
+      loaded,
+      (j) => {
+        j.status = 'running';
+        j.attempts = job.attemptsMade + 1;
+        j.step = UploadPipeline.FIRST_STEP;
+      },
+      current.status,
+    );
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
       return;
     }
     try {
-      const done = await pipeline.run(jobId);
+      const done = await pipeline.run(started, lookups);
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
       recordFinished(done.job);
       await notifier.after(done);

@@ -1,4 +1,5 @@
-import type { RedisClient } from '../redis.js';
+import { createHash } from 'node:crypto';
+import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
 
@@ -14,8 +15,17 @@ import type { Keyspace } from './keyspace.js';
  * which serve live watchers, an hour after the end (a late watcher gets the final state from the record).
  */
 const EVENTS_RETENTION_SECONDS = 3600;
+/**
+ * ARGV[12], when not empty, is the SHA-1 of the stored JSON the writer holds (a write from a held record,
+ * JobStore.updateHeld): the write happens only if the record is still exactly that one, else -2 and nothing
+ * is written. ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known):
+ * only then does a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
+ */
 const WRITE_SCRIPT = `
-if ARGV[8] ~= '' then
+if ARGV[12] ~= '' then
+  local current = redis.call('GET', KEYS[1])
+  if not current or redis.sha1hex(current) ~= ARGV[12] then return -2 end
+elseif ARGV[8] ~= '' then
   local current = redis.call('GET', KEYS[1])
   if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
 end
@@ -24,8 +34,7 @@ if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'ev
 if ARGV[10] == '1' then
   redis.call('EXPIRE', KEYS[1], ARGV[9])
   redis.call('EXPIRE', KEYS[2], ARGV[11])
-else
-  redis.call('PERSIST', KEYS[1])
+elseif ARGV[13] == '1' then
   redis.call('PERSIST', KEYS[2])
 end
 if ARGV[4] == '' then return 0 end
@@ -46,12 +55,17 @@ end
 local progress = cjson.encode({ job_id = ARGV[5], index = tonumber(ARGV[6]), status = ARGV[4], counts = counts })
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'progress', 'data', progress)
 if completion > 0 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'completed', 'data', '') end
--- A completed batch's keys expire with the retention; a reopened one (retry-failed) keeps them.
-for i = 3, #KEYS do
-  if i ~= 4 and i ~= 5 then
-    local ttl = ARGV[9]
-    if i == 6 then ttl = ARGV[11] end
-    if redis.call('HGET', KEYS[7], 'status') == 'completed' then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+-- A completed batch's keys expire with the retention; a reopened one (retry-failed) keeps them. They get
+-- their TTLs together, so the batch hash tells whether the others carry one that a reopened batch must drop.
+local completed = redis.call('HGET', KEYS[7], 'status') == 'completed'
+local persist = not completed and redis.call('TTL', KEYS[7]) ~= -1
+if completed or persist then
+  for i = 3, #KEYS do
+    if i ~= 4 and i ~= 5 then
+      local ttl = ARGV[9]
+      if i == 6 then ttl = ARGV[11] end
+      if completed then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+    end
   end
 end
 return completion`;
@@ -60,23 +74,42 @@ export interface JobUpdate {
   job: JobRecord;
   /** Non-zero when this update completed the job's batch: the batch's completion number. */
   batchCompletion: number;
+  /** The JSON now stored: a later write from this record (updateHeld) needs no read first. */
+  stored: string;
 }
+
+/** A record as read or last written by its one writer, and its stored JSON. */
+export interface HeldJob {
+  job: JobRecord;
+  stored: string;
+}
+
+const sha1 = (text: string) => createHash('sha1').update(text).digest('hex');
 
 /** Job records, one JSON string per job, keyed by job id, with their event streams and batch counters. */
 export class JobStore {
+  readonly #write: RedisScript;
+
   constructor(
     private readonly redis: RedisClient,
     private readonly keys: Keyspace,
     private readonly retentionSeconds: number,
-  ) {}
+  ) {
+    this.#write = defineScript(redis, 'job_write', WRITE_SCRIPT);
+  }
 
   async create(job: JobRecord): Promise<void> {
     await this.redis.set(this.keys.job(job.id), JSON.stringify(job));
   }
 
   async get(id: string): Promise<JobRecord | undefined> {
+    return (await this.getHeld(id))?.job;
+  }
+
+  /** The record with its stored JSON, for a writer that goes on to write it (updateHeld). */
+  async getHeld(id: string): Promise<HeldJob | undefined> {
     const raw = await this.redis.get(this.keys.job(id));
-    return raw ? (JSON.parse(raw) as JobRecord) : undefined;
+    return raw ? { job: JSON.parse(raw) as JobRecord, stored: raw } : undefined;
   }
 
   /** Only the account that owns a job sees it. */
@@ -101,42 +134,81 @@ export class JobStore {
    * Undefined when the record is missing or its status moved on.
    */
   async updateIf(id: string, expected: JobStatus | undefined, change: (job: JobRecord) => void): Promise<JobUpdate | undefined> {
-    const job = await this.get(id);
-    if (!job || (expected !== undefined && job.status !== expected)) return undefined;
+    const held = await this.getHeld(id);
+    if (!held || (expected !== undefined && held.job.status !== expected)) return undefined;
+    const done = await this.#apply(held.job, change, { expected });
+    return done === 'changed' ? undefined : done;
+  }
+
+  /**
+   * Like updateIf, from a record the caller holds (read or written by it): one round trip, no read first.
+   * The write script checks that the stored record is still exactly the held one; if anything else wrote
+   * it meanwhile, this falls back to updateIf (read, check `expected`, write), as if nothing had been held.
+   * The held record itself is left as it was.
+   */
+  async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus): Promise<JobUpdate | undefined> {
+    if (expected === undefined || held.job.status === expected) {
+      const done = await this.#apply(JSON.parse(held.stored) as JobRecord, change, { expected, version: sha1(held.stored) });
+      if (done !== 'changed') return done;
+    }
+    return this.updateIf(held.job.id, expected, change);
+  }
+
+  /** updateHeld that must write: throws if the record is missing. */
+  async updateFrom(held: HeldJob, change: (job: JobRecord) => void): Promise<JobUpdate> {
+    const done = await this.updateHeld(held, change);
+    if (!done) throw new Error(`job record ${held.job.id} is missing`);
+    return done;
+  }
+
+  /**
+   * Writes `job` after `change`; with a version, only if the stored JSON still has that SHA-1 ('changed' if
+   * not); with `expected`, only if the stored status is still that (undefined if not).
+   */
+  async #apply(job: JobRecord, change: (job: JobRecord) => void, opts: { expected: JobStatus | undefined; version?: string }): Promise<JobUpdate | undefined | 'changed'> {
+    const { id } = job;
     const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
     job.updated_at = new Date().toISOString();
     const changed = job.status !== before.status || job.step !== before.step;
     const batchMove = job.batch_id !== null && job.status !== before.status;
     const batchId = job.batch_id ?? id;
-    const batchKeys = job.batch_id
-      ? [...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(batchId, s))]
-      : [];
-    const completion = await this.redis.eval(
-      WRITE_SCRIPT,
-      7 + batchKeys.length,
-      this.keys.job(id),
-      this.keys.jobEvents(id),
-      this.keys.batchCounts(batchId),
-      this.keys.batchStatusIndex(batchId, before.status),
-      this.keys.batchStatusIndex(batchId, job.status),
-      this.keys.batchEvents(batchId),
-      this.keys.batch(batchId),
-      ...batchKeys,
-      JSON.stringify(job),
-      changed ? JSON.stringify(jobResource(job)) : '',
-      before.status,
-      batchMove ? job.status : '',
-      id,
-      String(job.batch_index ?? 0),
-      job.updated_at,
-      expected ?? '',
-      String(this.retentionSeconds),
-      FINAL_STATUSES.includes(job.status) ? '1' : '0',
-      String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
+    const stored = JSON.stringify(job);
+    // Keys carry a TTL only after a final write: a record known to be unfinished needs no PERSIST.
+    const mayHaveTtl = opts.version === undefined || FINAL_STATUSES.includes(before.status);
+    // The batch's keys only when the job moves between the batch's statuses: the script touches no other then.
+    const keys = [this.keys.job(id), this.keys.jobEvents(id)];
+    if (batchMove) {
+      keys.push(
+        this.keys.batchCounts(batchId),
+        this.keys.batchStatusIndex(batchId, before.status),
+        this.keys.batchStatusIndex(batchId, job.status),
+        this.keys.batchEvents(batchId),
+        this.keys.batch(batchId),
+        ...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(batchId, s)),
+      );
+    }
+    const completion = await this.#write(
+      keys,
+      [
+        stored,
+        changed ? JSON.stringify(jobResource(job)) : '',
+        before.status,
+        batchMove ? job.status : '',
+        id,
+        String(job.batch_index ?? 0),
+        job.updated_at,
+        opts.expected ?? '',
+        String(this.retentionSeconds),
+        FINAL_STATUSES.includes(job.status) ? '1' : '0',
+        String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
+        opts.version ?? '',
+        mayHaveTtl ? '1' : '0',
+      ],
     );
+    if (Number(completion) === -2) return 'changed';
     if (Number(completion) === -1) return undefined;
-    return { job, batchCompletion: Number(completion) };
+    return { job, batchCompletion: Number(completion), stored };
   }
 
   async delete(id: string): Promise<void> {

@@ -1,4 +1,4 @@
-import type { RedisClient } from '../redis.js';
+import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { ConflictError, NotFoundError } from '../errors.js';
 import type { Keyspace } from './keyspace.js';
 
@@ -29,22 +29,23 @@ export interface AccountResource {
  * id → JSON and a hash of name → id in one slot, so creation with a unique name is one MULTI.
  */
 export class ResourceStore<T extends AccountResource> {
+  readonly #create: RedisScript;
+  readonly #find: RedisScript;
+
   constructor(
     private readonly redis: RedisClient,
     private readonly keys: Keyspace,
     private readonly kind: string,
     private readonly label: string,
-  ) {}
+  ) {
+    this.#create = defineScript(redis, 'resource_create', CREATE_SCRIPT);
+    this.#find = defineScript(redis, 'resource_find', FIND_SCRIPT);
+  }
 
   async create(record: T): Promise<T> {
-    const claimed = await this.redis.eval(
-      CREATE_SCRIPT,
-      2,
-      this.keys.resourceNames(record.account, this.kind),
-      this.keys.resources(record.account, this.kind),
-      record.name,
-      record.id,
-      JSON.stringify(record),
+    const claimed = await this.#create(
+      [this.keys.resourceNames(record.account, this.kind), this.keys.resources(record.account, this.kind)],
+      [record.name, record.id, JSON.stringify(record)],
     );
     if (claimed === 0) throw new ConflictError('name_taken', `A ${this.label} named "${record.name}" already exists.`);
     return record;
@@ -52,7 +53,7 @@ export class ResourceStore<T extends AccountResource> {
 
   /** Finds by id, then by name, in one round trip; another account's resources are not found. */
   async find(account: string, idOrName: string): Promise<T | undefined> {
-    const raw = (await this.redis.eval(FIND_SCRIPT, 2, this.keys.resources(account, this.kind), this.keys.resourceNames(account, this.kind), idOrName)) as string | null;
+    const raw = (await this.#find([this.keys.resources(account, this.kind), this.keys.resourceNames(account, this.kind)], [idOrName])) as string | null;
     return raw ? (JSON.parse(raw) as T) : undefined;
   }
 

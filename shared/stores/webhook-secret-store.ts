@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { zeroize, type SecretBox } from '../crypto.js';
-import type { RedisClient } from '../redis.js';
+import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import type { Keyspace } from './keyspace.js';
 
 /**
@@ -32,11 +32,15 @@ export interface RotatedSecret {
  * receivers can switch secrets without rejecting a delivery.
  */
 export class WebhookSecretStore {
+  readonly #rotate: RedisScript;
+
   constructor(
     private readonly redis: RedisClient,
     private readonly keys: Keyspace,
     private readonly box: SecretBox,
-  ) {}
+  ) {
+    this.#rotate = defineScript(redis, 'webhook_secret_rotate', ROTATE_SCRIPT);
+  }
 
   static context(account: string): string {
     return `webhook-secret:${account}`;
@@ -50,14 +54,7 @@ export class WebhookSecretStore {
     const now = Date.now();
     const until = graceSeconds > 0 ? new Date(now + graceSeconds * 1000).toISOString() : '';
     const createdAt = new Date(now).toISOString();
-    const kept = await this.redis.eval(
-      ROTATE_SCRIPT,
-      1,
-      this.keys.webhookSecret(account),
-      this.box.seal(secret, WebhookSecretStore.context(account)),
-      createdAt,
-      until,
-    );
+    const kept = await this.#rotate([this.keys.webhookSecret(account)], [this.box.seal(secret, WebhookSecretStore.context(account)), createdAt, until]);
     return { secret, previous_valid_until: kept === 1 ? until : null, created_at: createdAt };
   }
 

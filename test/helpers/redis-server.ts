@@ -37,6 +37,8 @@ export class OwnRedis {
   async restart(): Promise<void> {
     this.#proc = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--dir', this.dir], { stdio: 'ignore' });
     const probe = new Redis(this.url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+    // Refused connections while redis-server starts are expected: each is retried below, not an unhandled error.
+    probe.on('error', () => {});
     try {
       for (let i = 0; i < 100; i++) {
         try {
