@@ -1,5 +1,5 @@
 import type { RequestHandler } from 'express';
-import { verifyToken, type AuthOptions, type Principal } from '../shared/auth.js';
+import { verifyTokenCached, type AuthOptions, type Principal } from '../shared/auth.js';
 import { UnauthorizedError } from '../shared/errors.js';
 
 declare module 'express-serve-static-core' {
@@ -13,7 +13,7 @@ export function requireAuth(opts: AuthOptions): RequestHandler {
     const header = req.get('authorization') ?? '';
     const match = /^Bearer ([A-Za-z0-9_.-]+)$/.exec(header);
     if (!match?.[1]) throw new UnauthorizedError();
-    req.principal = await verifyToken(match[1], opts);
+    req.principal = await verifyTokenCached(match[1], opts);
     next();
   };
 }

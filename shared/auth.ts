@@ -35,6 +35,40 @@ export function authOptions(config: Pick<Config, 'JWT_SECRET' | 'JWT_ISSUER' | '
  * is checked against JWT_SECRET and fails. The account is the `acc` claim, as in CCKM's tokens.
  */
 export async function verifyToken(token: string, opts: AuthOptions): Promise<Principal> {
+  return (await verify(token, opts)).principal;
+}
+
+/** How long a verified token is taken as verified without checking it again (at most until it expires). */
+const VERIFIED_FOR_MS = 60_000;
+/** Verified tokens remembered per verification settings; the least recently used go first. */
+const VERIFIED_MAX = 1000;
+const verifiedTokens = new WeakMap<AuthOptions, Map<string, { principal: Principal; until: number }>>();
+
+/**
+ * verifyToken for the API's bearer tokens, remembering the tokens it verified (per `opts`, at most
+ * VERIFIED_MAX): a token verified less than VERIFIED_FOR_MS ago, and not expired since, is not checked again.
+ * Failures are never remembered. Each call gets a principal of its own.
+ */
+export async function verifyTokenCached(token: string, opts: AuthOptions): Promise<Principal> {
+  let verified = verifiedTokens.get(opts);
+  if (!verified) verifiedTokens.set(opts, (verified = new Map()));
+  const hit = verified.get(token);
+  if (hit) {
+    verified.delete(token);
+    if (hit.until > Date.now()) {
+      verified.set(token, hit); // now the most recently used
+      return { ...hit.principal, groups: [...hit.principal.groups] };
+    }
+  }
+  const { principal, exp } = await verify(token, opts);
+  // exp is in seconds; the token is valid while the clock is before it (as jose checks it).
+  verified.set(token, { principal: { ...principal, groups: [...principal.groups] }, until: Math.min(exp * 1000, Date.now() + VERIFIED_FOR_MS) });
+  if (verified.size > VERIFIED_MAX) verified.delete(verified.keys().next().value as string);
+  return principal;
+}
+
+/** verifyToken, with the token's `exp` (seconds; required). */
+async function verify(token: string, opts: AuthOptions): Promise<{ principal: Principal; exp: number }> {
   const secret = new TextEncoder().encode(opts.secret);
   const claims = {
     requiredClaims: ['exp'],
@@ -49,7 +83,7 @@ export async function verifyToken(token: string, opts: AuthOptions): Promise<Pri
     if (typeof payload.acc !== 'string' || payload.acc.length === 0) throw new Error('no acc claim');
     const cust = payload.cust as { groups?: unknown } | undefined;
     const groups = Array.isArray(cust?.groups) ? cust.groups.filter((g): g is string => typeof g === 'string') : [];
-    return { account: payload.acc, subject: payload.sub, groups };
+    return { principal: { account: payload.acc, subject: payload.sub, groups }, exp: payload.exp as number };
   } catch {
     throw new UnauthorizedError('The bearer token is missing, malformed, expired or not signed by a trusted key.');
   }
