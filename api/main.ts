@@ -1,5 +1,5 @@
 import { loadConfigOrExit } from '../shared/config.js';
-import { createLogger } from '../shared/logger.js';
+import { createLogger, exitAfter } from '../shared/logger.js';
 import { startTracing } from '../shared/tracing.js';
 import { startApi } from './server.js';
 
@@ -13,16 +13,10 @@ const api = await startApi(config, logger);
 for (const signal of ['SIGTERM', 'SIGINT'] as const) {
   process.once(signal, () => {
     logger.info({ signal }, 'shutting down');
-    api
-      .close()
-      // The last spans (the queue's close among them) are exported before the process exits.
-      .then(() => tracing?.shutdown())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          logger.error({ err }, 'shutdown failed');
-          process.exit(1);
-        },
-      );
+    // The last spans (the queue's close among them) are exported before the process exits.
+    exitAfter(
+      api.close().then(() => tracing?.shutdown()),
+      logger,
+    );
   });
 }

@@ -24,6 +24,9 @@ import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
 
 /** A positive integer parameter: `--flag` if given, else the environment variable, else the default. */
+/** Intake limits out of the way and keyferry's default retries, for benchmarks that push many jobs through. */
+export const BENCH_JOB_ENV = { INTAKE_RATE_PER_SECOND: '1000000', INTAKE_BURST: '1000000', JOB_ATTEMPTS: '8', JOB_BACKOFF_MS: '1000' };
+
 export function intParam(flag: string | undefined, envName: string, fallback: number, min = 1): number {
   const raw = flag ?? process.env[envName] ?? String(fallback);
   const n = Number(raw);

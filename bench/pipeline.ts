@@ -27,25 +27,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import {
-  bareUpload,
-  fmt,
-  histogramDelta,
-  intParam,
-  machineLine,
-  printTable,
-  procCpuMs,
-  QUOTAS_OFF,
-  runBatch,
-  runPool,
-  scrapeHistogram,
-  scrapeValues,
-  seed,
-  selfCpuMs,
-  startPrivateRedis,
-  startWorkerProcess,
-  type WorkerProcess,
-} from './lib-bench.js';
+import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -86,10 +68,7 @@ const env = testEnv('bench-pipeline', {
   KMS_QUOTAS: QUOTAS_OFF,
   KMS_TIMEOUT_MS: String(KMS_TIMEOUT_MS),
   DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
-  INTAKE_RATE_PER_SECOND: '1000000',
-  INTAKE_BURST: '1000000',
-  JOB_ATTEMPTS: '8',
-  JOB_BACKOFF_MS: '1000',
+  ...BENCH_JOB_ENV,
 });
 const config = loadConfig(env);
 const api = await startApi(config, createLogger('silent'));

@@ -25,20 +25,7 @@ import { createLogger } from '../shared/logger.js';
 import { KmsEmulator } from '../test/kms-emulator/emulator.js';
 import { EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
 import { startWorker, type WorkerHandle } from '../worker/runner.js';
-import {
-  BareUploadError,
-  bareUpload,
-  batchJobs,
-  fmt,
-  intParam,
-  kmsQuotasEnv,
-  machineLine,
-  printTable,
-  runBatch,
-  scaledQuotas,
-  seed,
-  startPrivateRedis,
-} from './lib-bench.js';
+import { bareUpload, BareUploadError, batchJobs, BENCH_JOB_ENV, fmt, intParam, kmsQuotasEnv, machineLine, printTable, runBatch, scaledQuotas, seed, startPrivateRedis } from './lib-bench.js';
 
 const { values } = parseArgs({
   options: { jobs: { type: 'string' }, buckets: { type: 'string' }, scale: { type: 'string' }, workers: { type: 'string' }, concurrency: { type: 'string' } },
@@ -76,10 +63,7 @@ const env = testEnv('bench-quota', {
   WORKER_CONCURRENCY: String(CONCURRENCY),
   KMS_QUOTAS: kmsQuotasEnv(QUOTAS),
   DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
-  INTAKE_RATE_PER_SECOND: '1000000',
-  INTAKE_BURST: '1000000',
-  JOB_ATTEMPTS: '8',
-  JOB_BACKOFF_MS: '1000',
+  ...BENCH_JOB_ENV,
 });
 const config = loadConfig(env);
 const logger = createLogger('silent');

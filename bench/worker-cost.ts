@@ -24,23 +24,7 @@ import { createLogger } from '../shared/logger.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { KmsEmulator } from '../test/kms-emulator/emulator.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import {
-  commandCalls,
-  fmt,
-  intParam,
-  machineLine,
-  printTable,
-  procCpuMs,
-  procMemoryMiB,
-  procReadSyscalls,
-  QUOTAS_OFF,
-  runBatch,
-  scrapeValues,
-  seed,
-  startPrivateRedis,
-  startWorkerProcess,
-  type WorkerProcess,
-} from './lib-bench.js';
+import { BENCH_JOB_ENV, commandCalls, fmt, intParam, machineLine, printTable, procCpuMs, procMemoryMiB, procReadSyscalls, QUOTAS_OFF, runBatch, scrapeValues, seed, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 
 const { values } = parseArgs({ options: { uploads: { type: 'string' }, concurrency: { type: 'string' }, warmup: { type: 'string' } } });
 const N = intParam(values.uploads, 'BENCH_N', 10_000);
@@ -62,10 +46,7 @@ const env = testEnv('bench-cost', {
   WORKER_CONCURRENCY: String(CONCURRENCY),
   KMS_QUOTAS: QUOTAS_OFF,
   DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
-  INTAKE_RATE_PER_SECOND: '1000000',
-  INTAKE_BURST: '1000000',
-  JOB_ATTEMPTS: '8',
-  JOB_BACKOFF_MS: '1000',
+  ...BENCH_JOB_ENV,
 });
 const config = loadConfig(env);
 const keys = new Keyspace(config.KEYFERRY_PREFIX);

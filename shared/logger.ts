@@ -33,3 +33,14 @@ export function createLogger(level = 'info', name = 'keyferry', destination?: No
 }
 
 export type { Logger };
+
+/** Exits 0 once `shutdown` settles, or 1, logged, if it fails: the end of a process's SIGTERM handler. */
+export function exitAfter(shutdown: Promise<unknown>, logger: Logger): void {
+  shutdown.then(
+    () => process.exit(0),
+    (err: unknown) => {
+      logger.error({ err }, 'shutdown failed');
+      process.exit(1);
+    },
+  );
+}

@@ -1,5 +1,5 @@
 import { loadConfigOrExit } from '../shared/config.js';
-import { createLogger } from '../shared/logger.js';
+import { createLogger, exitAfter } from '../shared/logger.js';
 import { startTracing } from '../shared/tracing.js';
 import { startWorker } from './runner.js';
 
@@ -20,15 +20,9 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
       // Spans of the finished jobs still go out, within a second.
       void Promise.resolve(tracing?.shutdown(1000)).finally(() => process.exit(0));
     }, config.WORKER_SHUTDOWN_GRACE_MS).unref();
-    handle
-      .close()
-      .then(() => tracing?.shutdown())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          logger.error({ err }, 'shutdown failed');
-          process.exit(1);
-        },
-      );
+    exitAfter(
+      handle.close().then(() => tracing?.shutdown()),
+      logger,
+    );
   });
 }
