@@ -1,7 +1,7 @@
 import type { Redis } from 'ioredis';
 import type { Stores } from './context.js';
-import { kmsSecretContext, localKeyContext, type KmsConnection, type LocalKey } from './resources.js';
-import { dsmKeyContext, hsmPinContext, type DsmConnection, type HsmConnection } from './source-connections.js';
+import { kmsSecretContext, localKeyContext } from './resources.js';
+import { dsmKeyContext, hsmPinContext } from './source-connections.js';
 import { WebhookSecretStore } from './stores/webhook-secret-store.js';
 
 export interface RekeyCounts {
@@ -11,6 +11,21 @@ export interface RekeyCounts {
   dsm_connections: number;
   webhook_secrets: number;
 }
+
+/** Account resources holding one sealed value each: where it is in the record, and its sealing context. */
+const SEALED_FIELDS: {
+  kind: string;
+  count: Exclude<keyof RekeyCounts, 'webhook_secrets'>;
+  holder: (record: Record<string, unknown>) => Record<string, unknown> | undefined;
+  field: string;
+  context: (account: string, id: string) => string;
+}[] = [
+  // A KMS connection's secret sits in its credentials (absent for the default credential chain).
+  { kind: 'kms', count: 'kms_connections', holder: (r) => r.credentials as Record<string, unknown> | undefined, field: 'secret_sealed', context: kmsSecretContext },
+  { kind: 'localkeys', count: 'local_keys', holder: (r) => r, field: 'material_sealed', context: localKeyContext },
+  { kind: 'hsm', count: 'hsm_connections', holder: (r) => r, field: 'pin_sealed', context: hsmPinContext },
+  { kind: 'dsm', count: 'dsm_connections', holder: (r) => r, field: 'client_key_sealed', context: dsmKeyContext },
+];
 
 /**
  * Re-seals every secret at rest under the current master key: KMS connection secrets, local key material,
@@ -28,33 +43,15 @@ export async function rekeyAll(redis: Redis, stores: Stores): Promise<RekeyCount
     for (const key of found) {
       const account = /:acct:\{(.+)\}:/.exec(key)?.[1];
       if (account === undefined) continue;
-      if (key === keys.resources(account, 'kms')) {
-        counts.kms_connections += await resealHash<KmsConnection>(redis, key, (c) => {
-          if (c.credentials.type !== 'access_key') return false;
-          const next = box.reseal(c.credentials.secret_sealed, kmsSecretContext(account, c.id));
-          if (next === c.credentials.secret_sealed) return false;
-          c.credentials.secret_sealed = next;
-          return true;
-        });
-      } else if (key === keys.resources(account, 'localkeys')) {
-        counts.local_keys += await resealHash<LocalKey>(redis, key, (k) => {
-          const next = box.reseal(k.material_sealed, localKeyContext(account, k.id));
-          if (next === k.material_sealed) return false;
-          k.material_sealed = next;
-          return true;
-        });
-      } else if (key === keys.resources(account, 'hsm')) {
-        counts.hsm_connections += await resealHash<HsmConnection>(redis, key, (c) => {
-          const next = box.reseal(c.pin_sealed, hsmPinContext(account, c.id));
-          if (next === c.pin_sealed) return false;
-          c.pin_sealed = next;
-          return true;
-        });
-      } else if (key === keys.resources(account, 'dsm')) {
-        counts.dsm_connections += await resealHash<DsmConnection>(redis, key, (c) => {
-          const next = box.reseal(c.client_key_sealed, dsmKeyContext(account, c.id));
-          if (next === c.client_key_sealed) return false;
-          c.client_key_sealed = next;
+      const sealedField = SEALED_FIELDS.find((f) => key === keys.resources(account, f.kind));
+      if (sealedField) {
+        counts[sealedField.count] += await resealHash<Record<string, unknown> & { id: string }>(redis, key, (record) => {
+          const holder = sealedField.holder(record);
+          const sealed = holder?.[sealedField.field];
+          if (typeof sealed !== 'string') return false;
+          const next = box.reseal(sealed, sealedField.context(account, record.id));
+          if (next === sealed) return false;
+          (holder as Record<string, unknown>)[sealedField.field] = next;
           return true;
         });
       } else if (key === keys.webhookSecret(account)) {

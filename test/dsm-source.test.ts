@@ -20,6 +20,16 @@ import { activate, createAesKey, registerSecretData, registerSymmetricKey, revok
 import { redisValuesUnder } from './helpers/redis-dump.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
 
+/** The PipelineError a promise rejects with (failing the test if it resolves or rejects otherwise). */
+async function failure(p: Promise<unknown>): Promise<PipelineError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(PipelineError);
+  return err as PipelineError;
+}
+
 let pykmip: PyKmip;
 let stack: TestStack;
 let token: string;
@@ -413,14 +423,6 @@ describe('the dsm source provider on its own', () => {
       },
       o.limits,
     );
-  const failure = async (p: Promise<unknown>) => {
-    const err = await p.then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    expect(err).toBeInstanceOf(PipelineError);
-    return err as PipelineError;
-  };
 
   it('when DSM_ALLOW_CIDRS holds something that is not a CIDR, then the provider (and so the worker) refuses to start, naming it', () => {
     expect(() => provider('10.0.0.0/8,10.1.0.0/99')).toThrow(/^DSM_ALLOW_CIDRS: "10.1.0.0\/99" is not a CIDR/);
@@ -500,14 +502,6 @@ describe('the dsm source provider: ports, client pool, state at wrap, server tex
       },
       o.limits,
     );
-  const failure = async (p: Promise<unknown>) => {
-    const err = await p.then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    expect(err).toBeInstanceOf(PipelineError);
-    return err as PipelineError;
-  };
   const closes = (id: string) => logLines('kmip client closed').filter((l) => l.dsm_connection === id).map((l) => l.reason);
 
   it('when the connection\'s port is outside DSM_ALLOWED_PORTS (or the config does not carry it: 5696 only), then source_address_forbidden without connecting', async () => {

@@ -18,11 +18,7 @@ import {
 import { ValidationError } from '../../shared/errors.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
-
-const stamp = (account: string, id: string, name: string) => {
-  const now = new Date().toISOString();
-  return { id, name, account, created_at: now, updated_at: now };
-};
+import { newResourceStamp } from '../../shared/stores/resource-store.js';
 
 /** KMS connections, policy templates and the local key store: create, list, get. */
 export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolean }): Router {
@@ -37,7 +33,7 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
     }
     const id = randomUUID();
     const record: KmsConnection = {
-      ...stamp(account, id, body.name),
+      ...newResourceStamp(account, id, body.name),
       account_id: body.account_id,
       regions: body.regions,
       credentials:
@@ -67,7 +63,7 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
     const account = accountOf(req);
     const body = parseOrThrow(templateSchema, req.body);
     const id = randomUUID();
-    const record: PolicyTemplate = { ...stamp(account, id, body.name), policy: body.policy };
+    const record: PolicyTemplate = { ...newResourceStamp(account, id, body.name), policy: body.policy };
     await stores.templates.create(record);
     res.status(201).location(`/api/v1/cckm/aws/templates/${id}`).json(templateView(record));
   });
@@ -85,7 +81,7 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
     const id = randomBytes(32).toString('hex');
     const material = body.material ? Buffer.from(body.material, 'hex') : randomBytes(32);
     const record: LocalKey = {
-      ...stamp(account, id, body.name),
+      ...newResourceStamp(account, id, body.name),
       algorithm: body.algorithm,
       size: body.size,
       origin: body.material ? 'imported' : 'generated',

@@ -17,11 +17,7 @@ import {
 } from '../../shared/source-connections.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
-
-const stamp = (account: string, id: string, name: string) => {
-  const now = new Date().toISOString();
-  return { id, name, account, created_at: now, updated_at: now };
-};
+import { newResourceStamp } from '../../shared/stores/resource-store.js';
 
 /** Connections to the HSMs (`hsm-luna` tier, PKCS#11) and KMIP servers (`dsm` tier) keys are uploaded from. */
 export function sourceConnectionRoutes(deps: {
@@ -54,7 +50,7 @@ export function sourceConnectionRoutes(deps: {
     if (errors.length > 0) throw new ValidationError(errors);
     const id = randomUUID();
     const record: HsmConnection = {
-      ...stamp(account, id, body.name),
+      ...newResourceStamp(account, id, body.name),
       library: body.library,
       token_label: body.token_label ?? null,
       slot: body.slot ?? null,
@@ -79,7 +75,7 @@ export function sourceConnectionRoutes(deps: {
     if (errors.length > 0) throw new ValidationError(errors);
     const id = randomUUID();
     const record: DsmConnection = {
-      ...stamp(account, id, body.name),
+      ...newResourceStamp(account, id, body.name),
       host: body.host,
       port: body.port,
       server_name: body.server_name ?? null,

@@ -24,6 +24,12 @@ export interface AccountResource {
   updated_at: string;
 }
 
+/** The common fields of a resource made now. */
+export function newResourceStamp(account: string, id: string, name: string): AccountResource {
+  const now = new Date().toISOString();
+  return { id, name, account, created_at: now, updated_at: now };
+}
+
 /**
  * Named resources owned by one account (KMS connections, policy templates, local keys): a hash of
  * id → JSON and a hash of name → id in one slot, so creation with a unique name is one MULTI.
