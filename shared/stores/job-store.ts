@@ -16,17 +16,29 @@ import type { Keyspace } from './keyspace.js';
  */
 const EVENTS_RETENTION_SECONDS = 3600;
 /**
+ * A write whose JSON is already the stored one has happened: it is this very write sent again (ioredis sends
+ * the commands Redis did not answer once more after a reconnect, and Redis may have run them before the
+ * connection dropped). Nothing is applied twice (no event, no batch counter moved again, no failed
+ * compare-and-set against its own result); it answers as the first run did, as far as it matters: the batch's
+ * completion number when this final write left the batch completed, else 0. (Every write stamps `updated_at`
+ * in milliseconds, and a genuinely new write with the same JSON would change nothing anyway.)
+ *
  * ARGV[12], when not empty, is the SHA-1 of the stored JSON the writer holds (a write from a held record,
  * JobStore.updateHeld): the write happens only if the record is still exactly that one, else -2 and nothing
  * is written. ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known):
  * only then does a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
  */
 const WRITE_SCRIPT = `
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  if ARGV[4] ~= '' and ARGV[10] == '1' and redis.call('HGET', KEYS[7], 'status') == 'completed' then
+    return tonumber(redis.call('HGET', KEYS[7], 'completions'))
+  end
+  return 0
+end
 if ARGV[12] ~= '' then
-  local current = redis.call('GET', KEYS[1])
   if not current or redis.sha1hex(current) ~= ARGV[12] then return -2 end
 elseif ARGV[8] ~= '' then
-  local current = redis.call('GET', KEYS[1])
   if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
 end
 redis.call('SET', KEYS[1], ARGV[1])

@@ -2,9 +2,16 @@ import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { ConflictError, NotFoundError } from '../errors.js';
 import type { Keyspace } from './keyspace.js';
 
-/** Claims the name and stores the record in one step (both keys share the account's hash slot). */
+/**
+ * Claims the name and stores the record in one step (both keys share the account's hash slot). A name that
+ * already stands for this record's (new, random) id was claimed by this very call, sent again by ioredis
+ * after a reconnect because Redis's answer was lost: it succeeds again instead of reporting a conflict.
+ */
 const CREATE_SCRIPT = `
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 1 end
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1`;
 

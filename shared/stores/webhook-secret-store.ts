@@ -6,9 +6,15 @@ import type { Keyspace } from './keyspace.js';
 /**
  * Makes the new secret current; the old current one becomes `previous` until ARGV[3] (or is dropped when
  * ARGV[3] is empty: no grace). Returns 1 when a previous secret is kept. One key: atomic, cluster-safe.
+ * When the new (sealed, random) secret is already current, this very call ran before and ioredis sent it
+ * again after a reconnect: it changes nothing, so the secret that was current before stays `previous`.
  */
 const ROTATE_SCRIPT = `
 local current = redis.call('HGET', KEYS[1], 'current')
+if current == ARGV[1] then
+  if redis.call('HEXISTS', KEYS[1], 'previous') == 1 then return 1 end
+  return 0
+end
 local kept = 0
 if current and ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'previous', current, 'previous_until', ARGV[3])
