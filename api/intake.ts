@@ -191,6 +191,8 @@ export class Intake {
     const raw = await this.redis.get(redisKey);
     const prior = raw ? (JSON.parse(raw) as { fingerprint: string; id: string }) : undefined;
     if (!prior) return this.claimIdempotency(account, key, body, newId); // it expired just now
+    // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
+    if (prior.id === newId) return { release };
     if (prior.fingerprint !== fingerprint) {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
     }

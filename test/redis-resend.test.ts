@@ -11,8 +11,11 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { BatchRecord } from '../shared/batches.js';
 import { loadConfig } from '../shared/config.js';
+import { sha256Hex } from '../shared/crypto.js';
 import { createStores, type Stores } from '../shared/context.js';
 import { newJobRecord } from '../shared/jobs.js';
+import { createUploadQueue, type UploadQueue } from '../shared/queues.js';
+import { Intake } from '../api/intake.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
@@ -23,11 +26,11 @@ import { testEnv } from './helpers/stack.js';
 
 const request = parseUploadKey(JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')));
 
-/** A proxy to Redis that, once armed with a marker, drops the connection carrying the next EVAL or EVALSHA that names it right after Redis answers it. */
+/** A proxy to Redis that, once armed, drops the connection carrying the next command that names a marker right after Redis answers it. */
 class AnswerDroppingProxy {
   readonly #server: net.Server;
   readonly #sockets = new Set<Socket>();
-  #marker: string | undefined;
+  #marker: { text: string; command: RegExp } | undefined;
   /** Script calls whose answers were dropped. */
   dropped = 0;
 
@@ -42,7 +45,7 @@ class AnswerDroppingProxy {
       };
       client.on('data', (chunk) => {
         const text = chunk.toString('latin1');
-        if (this.#marker !== undefined && /eval/i.test(text) && text.includes(this.#marker)) {
+        if (this.#marker !== undefined && this.#marker.command.test(text) && text.includes(this.#marker.text)) {
           this.#marker = undefined;
           dropNextAnswer = true;
         }
@@ -63,9 +66,9 @@ class AnswerDroppingProxy {
     return (this.#server.address() as AddressInfo).port;
   }
 
-  /** The next EVAL or EVALSHA whose arguments contain `marker` loses its answer. */
-  dropAnswerTo(marker: string): void {
-    this.#marker = marker;
+  /** The next `command` (default: a script call, EVAL or EVALSHA) whose arguments contain `text` loses its answer. */
+  dropAnswerTo(text: string, command = /eval/i): void {
+    this.#marker = { text, command };
   }
 
   async close(): Promise<void> {
@@ -78,6 +81,9 @@ const env = testEnv('resend');
 const upstream = new URL(env.REDIS_URL as string);
 const proxy = new AnswerDroppingProxy({ host: upstream.hostname, port: Number(upstream.port || 6379) });
 let viaProxy: RedisClient;
+/** As the API's connection: fails fast while Redis is away, but also sends unanswered commands again. */
+let apiViaProxy: RedisClient;
+let queue: UploadQueue | undefined;
 let direct: Redis;
 let stores: Stores;
 let config: ReturnType<typeof loadConfig>;
@@ -90,8 +96,12 @@ beforeAll(async () => {
   viaProxy.on('error', () => undefined); // the dropped connections are on purpose
   direct = new Redis(env.REDIS_URL as string);
   stores = createStores(config, viaProxy);
+  apiViaProxy = createRedis(config, { failFast: true });
+  apiViaProxy.on('error', () => undefined);
 });
 afterAll(async () => {
+  await queue?.close();
+  apiViaProxy?.disconnect();
   viaProxy?.disconnect();
   await proxy.close();
   if (direct) {
@@ -153,5 +163,23 @@ describe('a script call that Redis ran but whose answer was lost is sent again b
     expect(second.previous_valid_until).not.toBeNull();
     const signing = await secrets.signingSecrets('acme');
     expect(signing).toEqual(expect.arrayContaining([first.secret, second.secret]));
+  });
+
+  it('when the SET NX that claims an Idempotency-Key runs twice, then the upload is accepted (not "in flight" for good) and a retry replays it', async () => {
+    const apiStores = createStores(config, apiViaProxy);
+    queue = createUploadQueue(apiViaProxy, apiStores.keys);
+    const intake = new Intake(config, apiViaProxy, apiStores, queue);
+    await apiStores.kmsConnections.create({ ...newResourceStamp('acme', randomUUID(), 'kms'), account_id: '123456789012', regions: ['ap-south-1'] } as unknown as KmsConnection);
+    const body = { source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'resend-1' } };
+    const key = `idem-${randomUUID()}`;
+    proxy.dropAnswerTo(apiStores.keys.idempotency('acme', sha256Hex(key)), /set/i);
+    const before = proxy.dropped;
+    const first = await intake.submitUpload('acme', body, key);
+    expect(proxy.dropped).toBe(before + 1);
+    expect(first.replayed).toBe(false);
+    expect((await apiStores.jobs.get(first.job.id))?.status).toBe('queued');
+    expect(await queue.getJobState(first.job.id)).toBe('waiting');
+    const again = await intake.submitUpload('acme', body, key);
+    expect(again).toMatchObject({ replayed: true, job: { id: first.job.id } });
   });
 });
