@@ -13,6 +13,7 @@ import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
+import { median } from './lib-bench.js';
 
 const { values } = parseArgs({ options: { items: { type: 'string', default: '10000' }, runs: { type: 'string', default: '5' } } });
 const N = Number(values.items);
@@ -49,7 +50,6 @@ try {
   }
   await queue.close();
 
-  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
   const k = median(keyferry);
   const b = median(raw);
   console.log(`batch intake, ${N} items, median of ${RUNS} runs (node ${process.version})`);

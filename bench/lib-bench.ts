@@ -386,3 +386,9 @@ export async function batchJobs(apiUrl: string, token: string, id: string): Prom
   }
   return jobs;
 }
+
+/** The median of a non-empty list (the mean of the middle two when its length is even). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2;
+}

@@ -27,7 +27,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -218,10 +218,6 @@ try {
   const kms = histogramDelta(await scrapeAll('keyferry_kms_request_duration_seconds', 'operation'), kms0);
 
   const rate = (p: Phase) => N / p.seconds;
-  const median = (xs: number[]) => {
-    const s = [...xs].sort((a, b) => a - b);
-    return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2;
-  };
   const of = (side: Phase['side']) => phases.filter((p) => p.side === side);
   const bareRate = median(of('bare').map(rate));
   const kfRate = median(of('keyferry').map(rate));
