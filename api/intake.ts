@@ -8,12 +8,19 @@ import { AppError, UnprocessableError, ValidationError, type FieldError } from '
 import { newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
-import type { RedisClient } from '../shared/redis.js';
+import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
 import { checkWebhookUrl } from '../shared/ssrf.js';
 import { parseOrThrow } from '../shared/validation.js';
 
 const IDEMPOTENCY_TTL_SECONDS = 86_400;
+/** A claim older than this whose record does not exist was left by a request that failed (claimIdempotency). */
+const STALE_CLAIM_MS = 30_000;
+/** Replaces the claim ARGV[1] by ARGV[2] (with a fresh TTL of ARGV[3] s) only if it is still ARGV[1]. */
+const TAKE_OVER_CLAIM = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1`;
 const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,255}$/;
 /** A 400 for a huge batch lists this many errors at most (the rest are counted). */
 const MAX_REPORTED_ERRORS = 1000;
@@ -31,12 +38,18 @@ export interface BatchSubmission {
 
 /** Validates, authorises against the account's resources, records and enqueues upload jobs and batches. */
 export class Intake {
+  readonly #takeOverClaim: RedisScript;
+
   constructor(
     private readonly config: Config,
     private readonly redis: RedisClient,
     private readonly stores: Stores,
     private readonly queue: UploadQueue,
-  ) {}
+    /** How old a claim without a record must be before a retry takes it over (see claimIdempotency). */
+    private readonly staleClaimMs = STALE_CLAIM_MS,
+  ) {
+    this.#takeOverClaim = defineScript(redis, 'idempotency_take_over', TAKE_OVER_CLAIM);
+  }
 
   async submitUpload(account: string, body: unknown, idempotencyKey: string | undefined): Promise<Submission> {
     checkIdempotencyKey(idempotencyKey);
@@ -45,9 +58,12 @@ export class Intake {
     const [kmsId] = await this.resolveReferences(account, [req], (_i, path) => path);
     const id = randomUUID();
 
-    const claim = await this.claimIdempotency(account, idempotencyKey, req, id);
+    const claim = await this.claimIdempotency(account, idempotencyKey, req, id, async (prior) => (await this.stores.jobs.getOwned(account, prior)) !== undefined);
     if (claim.priorId) {
       const job = await this.waitForRecord(() => this.stores.jobs.getOwned(account, claim.priorId as string));
+      // The first request may have recorded its job and then failed to enqueue it (and to clean up, with Redis
+      // away): a replay enqueues a still-queued job again. BullMQ ignores a job id it already has.
+      if (job.status === 'queued') await this.queue.add('upload-key', { jobId: job.id, account }, { ...uploadJobOptions(this.config), jobId: job.id });
       return { job, bullJob: undefined, replayed: true };
     }
     const job = newJobRecord({ id, account, request: req, kmsId: kmsId as string, maxAttempts: this.config.JOB_ATTEMPTS });
@@ -89,7 +105,7 @@ export class Intake {
     if (dupes.length > 0) throw batchValidationError(dupes);
 
     const batchId = randomUUID();
-    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId);
+    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId, async (prior) => (await this.stores.batches.getOwned(account, prior)) !== undefined);
     if (claim.priorId) {
       const prior = await this.waitForRecord(() => this.stores.batches.getOwned(account, claim.priorId as string));
       if (!prior.batch.enqueued) await this.enqueueBatch(prior.batch.id, account, prior.batch.total);
@@ -180,21 +196,39 @@ export class Intake {
   /**
    * Claims an Idempotency-Key for `newId`. If the key was used before with the same body, returns the
    * earlier id; with another body, throws 422. `release` frees a claim whose request then failed.
+   *
+   * A claim can outlive its request without a record: Redis ran the SET NX but its answer was lost and the
+   * request failed (503) before it could release the claim. A claim older than `staleClaimMs` whose record
+   * `recorded` does not find is taken over (compare-and-set on the claim's value), so a retry is accepted
+   * instead of answering 409 `idempotency_key_in_flight` for the key's whole lifetime. A request writes its
+   * record right after claiming (one Redis command, failing fast while Redis is away), far within that time.
    */
-  private async claimIdempotency(account: string, key: string | undefined, body: unknown, newId: string): Promise<{ priorId?: string; release(): Promise<unknown> }> {
+  private async claimIdempotency(
+    account: string,
+    key: string | undefined,
+    body: unknown,
+    newId: string,
+    recorded: (priorId: string) => Promise<boolean>,
+  ): Promise<{ priorId?: string; release(): Promise<unknown> }> {
     if (key === undefined) return { release: async () => 0 };
     const redisKey = this.stores.keys.idempotency(account, sha256Hex(key));
     const fingerprint = sha256Hex(canonicalJson(body));
     const release = () => this.redis.del(redisKey);
-    const claimed = await this.redis.set(redisKey, JSON.stringify({ fingerprint, id: newId }), 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
+    const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() });
+    const claimed = await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
     if (claimed !== null) return { release };
     const raw = await this.redis.get(redisKey);
-    const prior = raw ? (JSON.parse(raw) as { fingerprint: string; id: string }) : undefined;
-    if (!prior) return this.claimIdempotency(account, key, body, newId); // it expired just now
+    const prior = raw ? (JSON.parse(raw) as { fingerprint: string; id: string; at?: number }) : undefined;
+    if (!raw || !prior) return this.claimIdempotency(account, key, body, newId, recorded); // it expired just now
     // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
     if (prior.id === newId) return { release };
     if (prior.fingerprint !== fingerprint) {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
+    }
+    if (Date.now() - (prior.at ?? 0) > this.staleClaimMs && !(await recorded(prior.id))) {
+      const taken = await this.#takeOverClaim([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS]);
+      if (Number(taken) === 1) return { release };
+      return this.claimIdempotency(account, key, body, newId, recorded); // another request changed it meanwhile
     }
     return { priorId: prior.id, release };
   }

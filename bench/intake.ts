@@ -2,10 +2,10 @@
  * Single-upload intake throughput (run by hand: `npm run bench:intake`, optional `-- --duration S --connections N
  * --rounds R`). Drives POST /api/v1/cckm/aws/upload-key with autocannon against the real API (no worker, so jobs
  * only queue; rate limiter set out of the way), next to a bare Express 5 JSON endpoint, alternating the two for R
- * rounds: this machine is shared, and its speed moves by tens of percent from one minute to the next, so each
- * round's ratio compares two runs made seconds apart, and the figure printed is the median of those ratios. Then
- * keyferry once more at half its median throughput to see p99 away from saturation. Prints a markdown table.
- * Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
+ * rounds (which side goes first alternates too): this machine is shared, and its speed moves by tens of percent
+ * from one minute to the next, so each round's ratio compares two runs made seconds apart, and the figure printed
+ * is the median of those ratios. Then keyferry once more at half its median throughput to see p99 away from
+ * saturation. Prints a markdown table. Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
  */
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -83,9 +83,16 @@ try {
   const rps = (r: Result) => r.requests.total / r.duration;
   const rounds: { bare: Result; full: Result }[] = [];
   for (let i = 0; i < ROUNDS; i++) {
-    const bareRun = await load('bare express', { url: bareUrl, connections: CONNECTIONS, duration: DURATION });
-    const full = await load('keyferry full load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION });
-    rounds.push({ bare: bareRun, full });
+    // Which side goes first alternates (A-B, B-A, ...), so a steady drift of the machine's speed does not favour one.
+    const runBare = () => load('bare express', { url: bareUrl, connections: CONNECTIONS, duration: DURATION });
+    const runKeyferry = () => load('keyferry full load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION });
+    if (i % 2 === 0) {
+      const bareRun = await runBare();
+      rounds.push({ bare: bareRun, full: await runKeyferry() });
+    } else {
+      const full = await runKeyferry();
+      rounds.push({ bare: await runBare(), full });
+    }
   }
   const halfRate = Math.max(1, Math.round(median(rounds.map((r) => rps(r.full))) / 2));
   const half = await load('keyferry half load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION, overallRate: halfRate });

@@ -58,6 +58,11 @@ export interface JobRecord {
   /** The BullMQ job now carrying this record (`<id>` at first, `<id>-r<n>` after a retry-failed). */
   queue_job_id: string;
   progress: JobProgress;
+  /**
+   * A random id of the write that stored this record (JobStore): a write sent again after a lost answer finds
+   * its own id stored, while another writer's write, even one with otherwise identical JSON, does not.
+   */
+  write_id?: string;
 }
 
 /** A new job record, status `queued`. */

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import net, { type AddressInfo, type Socket } from 'node:net';
 import { Redis } from 'ioredis';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { BatchRecord } from '../shared/batches.js';
 import { loadConfig } from '../shared/config.js';
 import { sha256Hex } from '../shared/crypto.js';
@@ -26,54 +26,73 @@ import { testEnv } from './helpers/stack.js';
 
 const request = parseUploadKey(JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')));
 
-/** A proxy to Redis that, once armed, drops the connection carrying the next command that names a marker right after Redis answers it. */
+/** The name of the command a client chunk starts with (RESP: `*<n>\r\n$<len>\r\n<name>\r\n`), lower-cased. */
+const commandName = (chunk: string) => /^\*\d+\r\n\$\d+\r\n([^\r]+)\r\n/.exec(chunk)?.[1]?.toLowerCase();
+
+/**
+ * A proxy to Redis that, once armed, lets the next command of the given names that mentions a marker through,
+ * then drops that connection as soon as Redis answers, before the answer reaches ioredis; optionally it then
+ * refuses connections for a while (an outage longer than the client's retries). Each client used through it
+ * runs one command at a time (the tests await every call), so the answer that comes next is that command's.
+ */
 class AnswerDroppingProxy {
   readonly #server: net.Server;
   readonly #sockets = new Set<Socket>();
-  #marker: { text: string; command: RegExp } | undefined;
-  /** Script calls whose answers were dropped. */
+  #marker: { text: string; commands: string[]; outageMs: number } | undefined;
+  #port = 0;
+  /** Answers dropped so far. */
   dropped = 0;
 
   constructor(upstream: { host: string; port: number }) {
     this.#server = net.createServer((client) => {
       const server = net.connect(upstream);
       this.#sockets.add(client).add(server);
-      let dropNextAnswer = false;
+      let dropAnswer: { outageMs: number } | undefined;
       const closeBoth = () => {
         client.destroy();
         server.destroy();
       };
       client.on('data', (chunk) => {
         const text = chunk.toString('latin1');
-        if (this.#marker !== undefined && this.#marker.command.test(text) && text.includes(this.#marker.text)) {
+        const marker = this.#marker;
+        if (marker && marker.commands.includes(commandName(text) ?? '') && text.includes(marker.text)) {
           this.#marker = undefined;
-          dropNextAnswer = true;
+          dropAnswer = { outageMs: marker.outageMs };
         }
         server.write(chunk);
       });
       server.on('data', (chunk) => {
-        if (!dropNextAnswer) return void client.write(chunk);
+        if (!dropAnswer) return void client.write(chunk);
         this.dropped++;
-        closeBoth(); // Redis ran the call; its answer never reaches ioredis
+        closeBoth(); // Redis ran the command; its answer never reaches ioredis
+        if (dropAnswer.outageMs > 0) {
+          // Connections are refused until the proxy listens again on its port.
+          this.#server.close();
+          setTimeout(() => this.#server.listen(this.#port, '127.0.0.1'), dropAnswer.outageMs);
+        }
       });
       client.on('error', closeBoth).on('close', closeBoth);
       server.on('error', closeBoth).on('close', closeBoth);
     });
   }
 
-  async listen(): Promise<number> {
-    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve));
-    return (this.#server.address() as AddressInfo).port;
+  /**
+   * The next of `commands` (default: script calls; ioredis sends the first one on a connection as EVAL)
+   * whose arguments contain `text` loses its answer, and connections are refused for `outageMs` after that.
+   */
+  dropAnswerTo(text: string, opts: { commands?: string[]; outageMs?: number } = {}): void {
+    this.#marker = { text, commands: opts.commands ?? ['evalsha', 'eval'], outageMs: opts.outageMs ?? 0 };
   }
 
-  /** The next `command` (default: a script call, EVAL or EVALSHA) whose arguments contain `text` loses its answer. */
-  dropAnswerTo(text: string, command = /eval/i): void {
-    this.#marker = { text, command };
+  async listen(): Promise<number> {
+    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve));
+    this.#port = (this.#server.address() as AddressInfo).port;
+    return this.#port;
   }
 
   async close(): Promise<void> {
     for (const s of this.#sockets) s.destroy();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    await new Promise<void>((resolve) => (this.#server.listening ? this.#server.close(() => resolve()) : resolve()));
   }
 }
 
@@ -110,7 +129,7 @@ afterAll(async () => {
   }
 });
 
-describe('a script call that Redis ran but whose answer was lost is sent again by ioredis', () => {
+describe('a call that Redis ran but whose answer was lost is sent again by ioredis', () => {
   it('when the compare-and-set that starts a job runs twice, then the job starts (not "changed before it started") with one event', async () => {
     const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
     await stores.jobs.create(job);
@@ -165,21 +184,79 @@ describe('a script call that Redis ran but whose answer was lost is sent again b
     expect(signing).toEqual(expect.arrayContaining([first.secret, second.secret]));
   });
 
-  it('when the SET NX that claims an Idempotency-Key runs twice, then the upload is accepted (not "in flight" for good) and a retry replays it', async () => {
-    const apiStores = createStores(config, apiViaProxy);
-    queue = createUploadQueue(apiViaProxy, apiStores.keys);
-    const intake = new Intake(config, apiViaProxy, apiStores, queue);
+  it('and a write from a held record that something else changed meanwhile is still refused', async () => {
+    const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+    await stores.jobs.create(job);
+    const held = await stores.jobs.getHeld(job.id);
+    await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
+    expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued')).toBeUndefined();
+    expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
+  });
+});
+
+describe('two writers, one compare-and-set', () => {
+  it('when two writers make the same change in the same millisecond, then only one of them wins', async () => {
+    const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+    await stores.jobs.create(job);
+    vi.useFakeTimers({ toFake: ['Date'], now: Date.now() }); // every write stamps the same updated_at
+    try {
+      const both = await Promise.all([1, 2].map(() => stores.jobs.updateIf(job.id, 'queued', (j) => void (j.status = 'canceled'))));
+      expect(both.filter((won) => won !== undefined)).toHaveLength(1);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+});
+
+describe('Idempotency-Key claims when Redis loses an answer', () => {
+  const STALE_CLAIM_MS = 500;
+  let apiStores: Stores;
+  let intake: Intake;
+  const body = (alias: string) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: alias } });
+  const claimKey = (key: string) => apiStores.keys.idempotency('acme', sha256Hex(key));
+
+  beforeAll(async () => {
+    apiStores = createStores(config, apiViaProxy);
+    // BullMQ on a connection of its own, so that the proxied one carries only the calls under test.
+    queue = createUploadQueue(direct, apiStores.keys);
+    intake = new Intake(config, apiViaProxy, apiStores, queue, STALE_CLAIM_MS);
     await apiStores.kmsConnections.create({ ...newResourceStamp('acme', randomUUID(), 'kms'), account_id: '123456789012', regions: ['ap-south-1'] } as unknown as KmsConnection);
-    const body = { source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'resend-1' } };
+  });
+
+  it('when the SET NX that claims a key runs twice, then the upload is accepted (not "in flight" for good) and a retry replays it', async () => {
     const key = `idem-${randomUUID()}`;
-    proxy.dropAnswerTo(apiStores.keys.idempotency('acme', sha256Hex(key)), /set/i);
+    proxy.dropAnswerTo(claimKey(key), { commands: ['set'] });
     const before = proxy.dropped;
-    const first = await intake.submitUpload('acme', body, key);
+    const first = await intake.submitUpload('acme', body('resend-1'), key);
     expect(proxy.dropped).toBe(before + 1);
     expect(first.replayed).toBe(false);
     expect((await apiStores.jobs.get(first.job.id))?.status).toBe('queued');
-    expect(await queue.getJobState(first.job.id)).toBe('waiting');
-    const again = await intake.submitUpload('acme', body, key);
+    expect(await queue!.getJobState(first.job.id)).toBe('waiting');
+    const again = await intake.submitUpload('acme', body('resend-1'), key);
     expect(again).toMatchObject({ replayed: true, job: { id: first.job.id } });
+  });
+
+  it("when Redis stays away past the client's retries after running the claim, then the request fails, and a retry once the claim is stale is accepted and replayed after", async () => {
+    const key = `idem-${randomUUID()}`;
+    proxy.dropAnswerTo(claimKey(key), { commands: ['set'], outageMs: 400 });
+    await expect(intake.submitUpload('acme', body('outage-1'), key)).rejects.toThrow();
+    const left = JSON.parse((await direct.get(claimKey(key))) as string) as { id: string };
+    expect(await direct.exists(apiStores.keys.job(left.id))).toBe(0); // a claim without a record
+
+    await new Promise((r) => setTimeout(r, STALE_CLAIM_MS + 100));
+    const retried = await intake.submitUpload('acme', body('outage-1'), key);
+    expect(retried.replayed).toBe(false);
+    expect(retried.job.id).not.toBe(left.id);
+    expect(await queue!.getJobState(retried.job.id)).toBe('waiting');
+    expect(await intake.submitUpload('acme', body('outage-1'), key)).toMatchObject({ replayed: true, job: { id: retried.job.id } });
+  });
+
+  it('when a replayed upload is recorded but was never enqueued, then the replay enqueues it', async () => {
+    const key = `idem-${randomUUID()}`;
+    const first = await intake.submitUpload('acme', body('enqueue-1'), key);
+    await queue!.remove(first.job.id); // as if the first request's add had failed after its record was written
+    expect(await queue!.getJobState(first.job.id)).toBe('unknown');
+    expect(await intake.submitUpload('acme', body('enqueue-1'), key)).toMatchObject({ replayed: true, job: { id: first.job.id } });
+    expect(await queue!.getJobState(first.job.id)).toBe('waiting');
   });
 });

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
@@ -18,10 +18,11 @@ const EVENTS_RETENTION_SECONDS = 3600;
 /**
  * A write whose JSON is already the stored one has happened: it is this very write sent again (ioredis sends
  * the commands Redis did not answer once more after a reconnect, and Redis may have run them before the
- * connection dropped). Nothing is applied twice (no event, no batch counter moved again, no failed
- * compare-and-set against its own result); it answers as the first run did, as far as it matters: the batch's
- * completion number when this final write left the batch completed, else 0. (Every write stamps `updated_at`
- * in milliseconds, and a genuinely new write with the same JSON would change nothing anyway.)
+ * connection dropped). Every write carries a random `write_id` in its JSON, so two writers' writes never look
+ * the same (two retry-failed calls in the same millisecond would otherwise both win the compare-and-set).
+ * Nothing is applied twice (no event, no batch counter moved again, no failed compare-and-set against its own
+ * result); it answers as the first run did, as far as it matters: the batch's completion number when this
+ * final write left the batch completed, else 0.
  *
  * ARGV[12], when not empty, is the SHA-1 of the stored JSON the writer holds (a write from a held record,
  * JobStore.updateHeld): the write happens only if the record is still exactly that one, else -2 and nothing
@@ -182,6 +183,7 @@ export class JobStore {
     const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
     job.updated_at = new Date().toISOString();
+    job.write_id = randomUUID();
     const changed = job.status !== before.status || job.step !== before.step;
     const batchMove = job.batch_id !== null && job.status !== before.status;
     const batchId = job.batch_id ?? id;
