@@ -149,7 +149,10 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     const batch: BatchRecord = { id: batchId, account: 'acme', status: 'running', total: 2, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 1, completions: 0 };
     const jobs = [0, 1].map((index) => newJobRecord({ id: `${batchId}.${index}`, account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5, batch: { id: batchId, index } }));
     await stores.batches.create(batch, jobs);
-    await stores.jobs.update(`${batchId}.0`, (j) => void (j.status = 'succeeded'));
+    proxy.dropAnswerTo(`${batchId}.0`);
+    const first = await stores.jobs.update(`${batchId}.0`, (j) => void (j.status = 'succeeded'));
+    expect(first.batchCompletion).toBe(0);
+    expect((await stores.batches.get(batchId))?.counts).toMatchObject({ queued: 1, succeeded: 1 });
 
     proxy.dropAnswerTo(`${batchId}.1`);
     const before = proxy.dropped;

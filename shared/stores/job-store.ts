@@ -22,7 +22,7 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * the same (two retry-failed calls in the same millisecond would otherwise both win the compare-and-set).
  * Nothing is applied twice (no event, no batch counter moved again, no failed compare-and-set against its own
  * result); it answers as the first run did, as far as it matters: the batch's completion number when this
- * final write left the batch completed, else 0.
+ * final write completed the batch (the batch's finished_at is this write's time), else 0.
  *
  * ARGV[12], when not empty, is the SHA-1 of the stored JSON the writer holds (a write from a held record,
  * JobStore.updateHeld): the write happens only if the record is still exactly that one, else -2 and nothing
@@ -32,7 +32,7 @@ const EVENTS_RETENTION_SECONDS = 3600;
 const WRITE_SCRIPT = `
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
-  if ARGV[4] ~= '' and ARGV[10] == '1' and redis.call('HGET', KEYS[7], 'status') == 'completed' then
+  if ARGV[4] ~= '' and ARGV[10] == '1' and redis.call('HGET', KEYS[7], 'status') == 'completed' and redis.call('HGET', KEYS[7], 'finished_at') == ARGV[7] then
     return tonumber(redis.call('HGET', KEYS[7], 'completions'))
   end
   return 0
