@@ -21,6 +21,10 @@ const TAKE_OVER_CLAIM = `
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1`;
+/** Deletes the claim only if it is still ARGV[1] (a request that failed late must not free a claim taken over). */
+const RELEASE_CLAIM = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])`;
 const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,255}$/;
 /** A 400 for a huge batch lists this many errors at most (the rest are counted). */
 const MAX_REPORTED_ERRORS = 1000;
@@ -39,6 +43,7 @@ export interface BatchSubmission {
 /** Validates, authorises against the account's resources, records and enqueues upload jobs and batches. */
 export class Intake {
   readonly #takeOverClaim: RedisScript;
+  readonly #releaseClaim: RedisScript;
 
   constructor(
     private readonly config: Config,
@@ -49,6 +54,7 @@ export class Intake {
     private readonly staleClaimMs = STALE_CLAIM_MS,
   ) {
     this.#takeOverClaim = defineScript(redis, 'idempotency_take_over', TAKE_OVER_CLAIM);
+    this.#releaseClaim = defineScript(redis, 'idempotency_release', RELEASE_CLAIM);
   }
 
   async submitUpload(account: string, body: unknown, idempotencyKey: string | undefined): Promise<Submission> {
@@ -58,9 +64,10 @@ export class Intake {
     const [kmsId] = await this.resolveReferences(account, [req], (_i, path) => path);
     const id = randomUUID();
 
-    const claim = await this.claimIdempotency(account, idempotencyKey, req, id, async (prior) => (await this.stores.jobs.getOwned(account, prior)) !== undefined);
+    const load = (jobId: string) => this.stores.jobs.getOwned(account, jobId);
+    const claim = await this.claimIdempotency(account, idempotencyKey, req, id, load);
     if (claim.priorId) {
-      const job = await this.waitForRecord(() => this.stores.jobs.getOwned(account, claim.priorId as string));
+      const job = await this.waitForRecord(() => load(claim.priorId as string));
       // The first request may have recorded its job and then failed to enqueue it (and to clean up, with Redis
       // away): a replay enqueues a still-queued job again. BullMQ ignores a job id it already has.
       if (job.status === 'queued') await this.queue.add('upload-key', { jobId: job.id, account }, { ...uploadJobOptions(this.config), jobId: job.id });
@@ -105,9 +112,10 @@ export class Intake {
     if (dupes.length > 0) throw batchValidationError(dupes);
 
     const batchId = randomUUID();
-    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId, async (prior) => (await this.stores.batches.getOwned(account, prior)) !== undefined);
+    const load = (id: string) => this.stores.batches.getOwned(account, id);
+    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId, load);
     if (claim.priorId) {
-      const prior = await this.waitForRecord(() => this.stores.batches.getOwned(account, claim.priorId as string));
+      const prior = await this.waitForRecord(() => load(claim.priorId as string));
       if (!prior.batch.enqueued) await this.enqueueBatch(prior.batch.id, account, prior.batch.total);
       return { batchId: prior.batch.id, replayed: true };
     }
@@ -199,36 +207,37 @@ export class Intake {
    *
    * A claim can outlive its request without a record: Redis ran the SET NX but its answer was lost and the
    * request failed (503) before it could release the claim. A claim older than `staleClaimMs` whose record
-   * `recorded` does not find is taken over (compare-and-set on the claim's value), so a retry is accepted
-   * instead of answering 409 `idempotency_key_in_flight` for the key's whole lifetime. A request writes its
-   * record right after claiming (one Redis command, failing fast while Redis is away), far within that time.
+   * `load` does not find is taken over (compare-and-set on the claim's value), so a retry is accepted instead
+   * of answering 409 `idempotency_key_in_flight` for the key's whole lifetime. A request writes its record
+   * right after claiming (one Redis command, or one MULTI for a batch, failing fast while Redis is away), far
+   * within that time. `release` deletes the claim only while it is still this request's.
    */
   private async claimIdempotency(
     account: string,
     key: string | undefined,
     body: unknown,
     newId: string,
-    recorded: (priorId: string) => Promise<boolean>,
+    load: (priorId: string) => Promise<unknown>,
   ): Promise<{ priorId?: string; release(): Promise<unknown> }> {
     if (key === undefined) return { release: async () => 0 };
     const redisKey = this.stores.keys.idempotency(account, sha256Hex(key));
     const fingerprint = sha256Hex(canonicalJson(body));
-    const release = () => this.redis.del(redisKey);
     const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() });
+    const release = () => this.#releaseClaim([redisKey], [value]);
     const claimed = await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
     if (claimed !== null) return { release };
     const raw = await this.redis.get(redisKey);
-    const prior = raw ? (JSON.parse(raw) as { fingerprint: string; id: string; at?: number }) : undefined;
-    if (!raw || !prior) return this.claimIdempotency(account, key, body, newId, recorded); // it expired just now
+    if (!raw) return this.claimIdempotency(account, key, body, newId, load); // it expired just now
+    const prior = JSON.parse(raw) as { fingerprint: string; id: string; at?: number };
     // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
     if (prior.id === newId) return { release };
     if (prior.fingerprint !== fingerprint) {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
     }
-    if (Date.now() - (prior.at ?? 0) > this.staleClaimMs && !(await recorded(prior.id))) {
+    if (Date.now() - (prior.at ?? 0) > this.staleClaimMs && (await load(prior.id)) === undefined) {
       const taken = await this.#takeOverClaim([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS]);
       if (Number(taken) === 1) return { release };
-      return this.claimIdempotency(account, key, body, newId, recorded); // another request changed it meanwhile
+      return this.claimIdempotency(account, key, body, newId, load); // another request changed it meanwhile
     }
     return { priorId: prior.id, release };
   }

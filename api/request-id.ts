@@ -37,7 +37,7 @@ export function requestLogging(logger: Logger): RequestHandler {
     logger,
     quietReqLogger: true,
     quietResLogger: true,
-    customAttributeKeys: { reqId: 'req_id', responseTime: 'responseTime' },
+    customAttributeKeys: { reqId: 'req_id' },
     genReqId: (req, res) => {
       const id = requestIdFrom(req.headers['x-request-id']);
       res.setHeader(REQUEST_ID_HEADER, id);

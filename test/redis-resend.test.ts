@@ -1,8 +1,9 @@
 /**
  * ioredis sends the commands Redis did not answer once more after it reconnects (autoResendUnfulfilledCommands),
  * and Redis may have run them before the connection dropped. These tests put a TCP proxy between ioredis and the
- * real Redis that lets one script call through, then drops the connection before its answer comes back, so the
- * same call runs twice in Redis; each of keyferry's non-idempotent scripts must count it once.
+ * real Redis that lets one call through, then drops the connection before its answer comes back, so the same
+ * call runs twice in Redis; each of keyferry's non-idempotent writes must count it once. When the client gives
+ * up instead (Redis away past its retries), the write ran once and the caller saw an error.
  */
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -97,6 +98,18 @@ class AnswerDroppingProxy {
 }
 
 const env = testEnv('resend');
+const newJob = () => newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+
+/** Runs `fn` with the answer to the next call naming `text` dropped (see AnswerDroppingProxy), and checks it was. */
+async function withDroppedAnswer<T>(text: string, fn: () => Promise<T>, opts: { commands?: string[]; outageMs?: number } = {}): Promise<T> {
+  const before = proxy.dropped;
+  proxy.dropAnswerTo(text, opts);
+  try {
+    return await fn();
+  } finally {
+    expect(proxy.dropped).toBe(before + 1);
+  }
+}
 const upstream = new URL(env.REDIS_URL as string);
 const proxy = new AnswerDroppingProxy({ host: upstream.hostname, port: Number(upstream.port || 6379) });
 let viaProxy: RedisClient;
@@ -131,13 +144,10 @@ afterAll(async () => {
 
 describe('a call that Redis ran but whose answer was lost is sent again by ioredis', () => {
   it('when the compare-and-set that starts a job runs twice, then the job starts (not "changed before it started") with one event', async () => {
-    const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+    const job = newJob();
     await stores.jobs.create(job);
     const held = await stores.jobs.getHeld(job.id);
-    proxy.dropAnswerTo(job.id);
-    const before = proxy.dropped;
-    const started = await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued');
-    expect(proxy.dropped).toBe(before + 1);
+    const started = await withDroppedAnswer(job.id, () => stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued'));
     expect(started?.job.status).toBe('running');
     expect((await stores.jobs.get(job.id))?.status).toBe('running');
     expect(await direct.xlen(stores.keys.jobEvents(job.id))).toBe(1);
@@ -149,15 +159,11 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     const batch: BatchRecord = { id: batchId, account: 'acme', status: 'running', total: 2, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 1, completions: 0 };
     const jobs = [0, 1].map((index) => newJobRecord({ id: `${batchId}.${index}`, account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5, batch: { id: batchId, index } }));
     await stores.batches.create(batch, jobs);
-    proxy.dropAnswerTo(`${batchId}.0`);
-    const first = await stores.jobs.update(`${batchId}.0`, (j) => void (j.status = 'succeeded'));
+    const first = await withDroppedAnswer(`${batchId}.0`, () => stores.jobs.update(`${batchId}.0`, (j) => void (j.status = 'succeeded')));
     expect(first.batchCompletion).toBe(0);
     expect((await stores.batches.get(batchId))?.counts).toMatchObject({ queued: 1, succeeded: 1 });
 
-    proxy.dropAnswerTo(`${batchId}.1`);
-    const before = proxy.dropped;
-    const last = await stores.jobs.update(`${batchId}.1`, (j) => void (j.status = 'succeeded'));
-    expect(proxy.dropped).toBe(before + 1);
+    const last = await withDroppedAnswer(`${batchId}.1`, () => stores.jobs.update(`${batchId}.1`, (j) => void (j.status = 'succeeded')));
     expect(last.batchCompletion).toBe(1);
     const found = await stores.batches.get(batchId);
     expect(found?.counts).toMatchObject({ queued: 0, succeeded: 2 });
@@ -167,10 +173,7 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
 
   it('when creating a named resource runs twice, then it is created once and not reported as a name conflict', async () => {
     const conn = { ...newResourceStamp('acme', randomUUID(), 'kms-resend'), account_id: '123456789012', regions: ['us-east-1'] } as unknown as KmsConnection;
-    proxy.dropAnswerTo(conn.id);
-    const before = proxy.dropped;
-    await expect(stores.kmsConnections.create(conn)).resolves.toMatchObject({ id: conn.id });
-    expect(proxy.dropped).toBe(before + 1);
+    await expect(withDroppedAnswer(conn.id, () => stores.kmsConnections.create(conn))).resolves.toMatchObject({ id: conn.id });
     expect((await stores.kmsConnections.list('acme')).map((c) => c.id)).toEqual([conn.id]);
     await expect(stores.kmsConnections.create({ ...conn, id: randomUUID() })).rejects.toMatchObject({ status: 409 });
   });
@@ -178,28 +181,25 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
   it('when rotating the webhook secret runs twice, then the secret it replaced stays valid for the grace period', async () => {
     const secrets = new WebhookSecretStore(viaProxy, stores.keys, stores.box);
     const first = await secrets.rotate('acme', 0);
-    proxy.dropAnswerTo(stores.keys.webhookSecret('acme'));
-    const before = proxy.dropped;
-    const second = await secrets.rotate('acme', 3600);
-    expect(proxy.dropped).toBe(before + 1);
+    const second = await withDroppedAnswer(stores.keys.webhookSecret('acme'), () => secrets.rotate('acme', 3600));
     expect(second.previous_valid_until).not.toBeNull();
     const signing = await secrets.signingSecrets('acme');
     expect(signing).toEqual(expect.arrayContaining([first.secret, second.secret]));
   });
+});
 
-  it('and a write from a held record that something else changed meanwhile is still refused', async () => {
-    const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+describe('two writers, one compare-and-set', () => {
+  it('when something else changed a held record meanwhile, then a write from it is refused', async () => {
+    const job = newJob();
     await stores.jobs.create(job);
     const held = await stores.jobs.getHeld(job.id);
     await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
     expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued')).toBeUndefined();
     expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
   });
-});
 
-describe('two writers, one compare-and-set', () => {
   it('when two writers make the same change in the same millisecond, then only one of them wins', async () => {
-    const job = newJobRecord({ id: randomUUID(), account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5 });
+    const job = newJob();
     await stores.jobs.create(job);
     vi.useFakeTimers({ toFake: ['Date'], now: Date.now() }); // every write stamps the same updated_at
     try {
@@ -228,10 +228,7 @@ describe('Idempotency-Key claims when Redis loses an answer', () => {
 
   it('when the SET NX that claims a key runs twice, then the upload is accepted (not "in flight" for good) and a retry replays it', async () => {
     const key = `idem-${randomUUID()}`;
-    proxy.dropAnswerTo(claimKey(key), { commands: ['set'] });
-    const before = proxy.dropped;
-    const first = await intake.submitUpload('acme', body('resend-1'), key);
-    expect(proxy.dropped).toBe(before + 1);
+    const first = await withDroppedAnswer(claimKey(key), () => intake.submitUpload('acme', body('resend-1'), key), { commands: ['set'] });
     expect(first.replayed).toBe(false);
     expect((await apiStores.jobs.get(first.job.id))?.status).toBe('queued');
     expect(await queue!.getJobState(first.job.id)).toBe('waiting');
@@ -241,8 +238,7 @@ describe('Idempotency-Key claims when Redis loses an answer', () => {
 
   it("when Redis stays away past the client's retries after running the claim, then the request fails, and a retry once the claim is stale is accepted and replayed after", async () => {
     const key = `idem-${randomUUID()}`;
-    proxy.dropAnswerTo(claimKey(key), { commands: ['set'], outageMs: 400 });
-    await expect(intake.submitUpload('acme', body('outage-1'), key)).rejects.toThrow();
+    await expect(withDroppedAnswer(claimKey(key), () => intake.submitUpload('acme', body('outage-1'), key), { commands: ['set'], outageMs: 400 })).rejects.toThrow();
     const left = JSON.parse((await direct.get(claimKey(key))) as string) as { id: string };
     expect(await direct.exists(apiStores.keys.job(left.id))).toBe(0); // a claim without a record
 

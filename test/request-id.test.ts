@@ -92,6 +92,8 @@ describe('access log', () => {
     const line = await accessLine(stack.logs.lines, 'access-1');
     expect(line).toMatchObject({ req_id: 'access-1', method: 'POST', path: '/api/v1/cckm/aws/upload-key', status: 400, level: 40, msg: 'request completed' });
     expect(line.responseTime).toEqual(expect.any(Number));
+    // Exactly these fields: no request or response object (headers), no body, no query.
+    expect(Object.keys(line).sort()).toEqual(['level', 'method', 'msg', 'name', 'path', 'pid', 'req_id', 'responseTime', 'status', 'time'].sort());
     expect(parsed(stack.logs.lines.slice(before)).filter((l) => l.req_id === 'access-1' && typeof l.status === 'number')).toHaveLength(1);
 
     const ok = await stack.call('GET', '/api/v1/jobs/nope', { token, headers: { 'x-request-id': 'access-2' } });
@@ -104,6 +106,12 @@ describe('access log', () => {
       expect(l).not.toContain(querySecret);
       expect(l.toLowerCase()).not.toContain('bearer');
     }
+  });
+
+  it('when a request succeeds, then its access line is at info level', async () => {
+    const res = await stack.call('GET', '/api/v1/cckm/aws/kms', { token, headers: { 'x-request-id': 'ok-1' } });
+    expect(res.status).toBe(200);
+    expect(await accessLine(stack.logs.lines, 'ok-1')).toMatchObject({ level: 30, status: 200, msg: 'request completed' });
   });
 
   it('when a probe is answered, then its access line is at debug level', async () => {
@@ -138,7 +146,8 @@ describe('unhandled errors', () => {
     expect(res.status).toBe(500);
     expect(await res.json()).toMatchObject({ code: 'internal_error', request_id: 'boom-1' });
     const access = await accessLine(logs.lines, 'boom-1');
-    expect(access).toMatchObject({ level: 50, status: 500, path: '/boom' });
+    expect(access).toMatchObject({ level: 50, status: 500, path: '/boom', msg: 'request failed' });
+    expect(access).not.toHaveProperty('err'); // a plain 5xx: the status says it all
     const errorLine = parsed(logs.lines).find((l) => l.msg === 'unhandled error');
     expect(errorLine).toMatchObject({ req_id: 'boom-1', level: 50 });
     for (const l of logs.lines) expect(l).not.toContain('not-to-be-logged');
