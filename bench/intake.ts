@@ -11,7 +11,6 @@ import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import autocannon, { type Options, type Result } from 'autocannon';
-import express from 'express';
 import { Redis } from 'ioredis';
 import { startApi } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
@@ -19,6 +18,7 @@ import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
+import { createBareApp } from './lib-bare-express.js';
 import { median } from './lib-bench.js';
 
 const { values } = parseArgs({
@@ -45,13 +45,8 @@ const prefix = config.KEYFERRY_PREFIX;
 const redis = new Redis(config.REDIS_URL);
 const api = await startApi(config, createLogger('silent'));
 
-const bareApp = express();
-bareApp.use(express.json());
-bareApp.post('/upload-key', (req, res) => {
-  res.status(202).json({ id: 'bare', status: 'queued', alias: (req.body as { aws_param?: { Alias?: string } })?.aws_param?.Alias });
-});
 const bare = await new Promise<Server>((resolve, reject) => {
-  const s = bareApp.listen(0, '127.0.0.1', (err?: Error) => (err ? reject(err) : resolve(s)));
+  const s = createBareApp().listen(0, '127.0.0.1', (err?: Error) => (err ? reject(err) : resolve(s)));
 });
 const bareUrl = `http://127.0.0.1:${(bare.address() as AddressInfo).port}/upload-key`;
 

@@ -9,6 +9,7 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
   { script: 'bench/batch-intake.ts', args: ['--items', '10', '--runs', '1'], figures: [/ratio keyferry \/ raw addBulk: \d/] },
   { script: 'bench/memory.ts', args: ['--jobs', '5'], figures: [/bytes per finished job/] },
   { script: 'bench/intake.ts', args: ['--duration', '1', '--connections', '2', '--rounds', '1'], figures: [/ratio keyferry \/ bare express \(requests\/s\), median of 1 rounds: \d/] },
+  { script: 'bench/api-cpu.ts', args: ['--requests', '200', '--rounds', '1'], figures: [/ratio bare \/ keyferry CPU per request: \d/] },
   {
     script: 'bench/pipeline.ts',
     env: { BENCH_N: '16', BENCH_ROUNDS: '1', BENCH_WARMUP: '4', BENCH_CONCURRENCY: '4' },
