@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAULT_POINTS, type FaultPoint } from '../worker/fault-point.js';
 import { JOB_TAG_KEY } from '../worker/result.js';
 import { runEntry, type Child } from './helpers/child.js';
-import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
+import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
 // Short locks, so that a job whose worker died is taken up again within about 1.5 s.
 const LOCK_MS = 1000;
@@ -73,12 +73,7 @@ beforeAll(async () => {
   token = await stack.token('crash');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'crash-source', material.toString('hex'));
-  childEnv = {
-    ...testEnv('crash', LOCK_ENV),
-    KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
-    KEYFERRY_MASTER_KEY: stack.config.KEYFERRY_MASTER_KEY.toString('hex'),
-    JWT_SECRET: stack.config.JWT_SECRET,
-  };
+  childEnv = stack.childEnv();
   kms = new KMSClient({ region: 'ap-south-1', endpoint: stack.emulator.url, credentials: { accessKeyId: EMULATOR_ACCESS_KEY, secretAccessKey: EMULATOR_SECRET_KEY }, maxAttempts: 1 });
   // More keys than one ListKeys page (100), some tagged by another keyferry job.
   for (let i = 0; i < 150; i++) {

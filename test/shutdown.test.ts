@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runEntry } from './helpers/child.js';
-import { seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
+import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 
@@ -16,13 +16,7 @@ beforeAll(async () => {
   token = await stack.token('acme');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'test-key');
-  childEnv = {
-    ...testEnv('shutdown'),
-    KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
-    KEYFERRY_MASTER_KEY: stack.config.KEYFERRY_MASTER_KEY.toString('hex'),
-    JWT_SECRET: stack.config.JWT_SECRET,
-    LOG_LEVEL: 'info',
-  };
+  childEnv = stack.childEnv({ LOG_LEVEL: 'info' });
 });
 afterAll(async () => {
   await stack?.close();

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createUploadQueue } from '../shared/queues.js';
 import { bullTelemetry, startTracing, tracesUrl } from '../shared/tracing.js';
 import { runEntry, type Child } from './helpers/child.js';
-import { seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
+import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 
@@ -93,14 +93,10 @@ beforeAll(async () => {
   token = await stack.token('acme');
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'test-key');
-  childEnv = {
-    ...testEnv('tracing'),
-    KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
-    KEYFERRY_MASTER_KEY: stack.config.KEYFERRY_MASTER_KEY.toString('hex'),
-    JWT_SECRET: stack.config.JWT_SECRET,
+  childEnv = stack.childEnv({
     LOG_LEVEL: 'info',
     OTEL_EXPORTER_OTLP_ENDPOINT: collector.url,
-  };
+  });
 });
 afterAll(async () => {
   for (const child of children) if (child.proc.exitCode === null) child.proc.kill('SIGKILL');

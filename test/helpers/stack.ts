@@ -42,6 +42,8 @@ export interface TestStack {
   token(account?: string, opts?: { ttlSeconds?: number; secret?: string }): Promise<string>;
   call(method: string, path: string, opts?: { body?: unknown; token?: string; headers?: Record<string, string>; raw?: string }): Promise<{ status: number; headers: Headers; body: any }>;
   startWorker(env?: Record<string, string>): Promise<WorkerHandle>;
+  /** Environment for another API or worker (in-process or a child) sharing this stack's data and tokens. */
+  childEnv(env?: Record<string, string>): Record<string, string>;
   /** Registers secrets (key material, AWS secret keys) that must never show up in Redis or the logs. */
   watchForLeaks(...secrets: (string | Buffer)[]): void;
   /** Stops everything; first fails if any watched secret is in a Redis value or a log line of this stack. */
@@ -117,11 +119,20 @@ export async function startStack(opts: StackOptions): Promise<TestStack> {
       return { status: res.status, headers: res.headers, body: parsed };
     },
     async startWorker(env = {}) {
-      const wconfig = loadConfig({ ...testEnv(opts.name, opts.env), ...env, KEYFERRY_PREFIX: config.KEYFERRY_PREFIX, KEYFERRY_MASTER_KEY: config.KEYFERRY_MASTER_KEY.toString('hex'), JWT_SECRET: config.JWT_SECRET });
+      const wconfig = loadConfig(stack.childEnv(env));
       const w = await startWorker(wconfig, logger);
       workers.push(w);
       stack.worker ??= w;
       return w;
+    },
+    childEnv(env = {}) {
+      return {
+        ...testEnv(opts.name, opts.env),
+        ...env,
+        KEYFERRY_PREFIX: config.KEYFERRY_PREFIX,
+        KEYFERRY_MASTER_KEY: config.KEYFERRY_MASTER_KEY.toString('hex'),
+        JWT_SECRET: config.JWT_SECRET,
+      };
     },
     watchForLeaks(...secrets) {
       for (const secret of secrets) for (const form of leakForms(secret)) watched.add(form);
