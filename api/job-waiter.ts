@@ -1,47 +1,132 @@
 import type { QueueEvents } from 'bullmq';
 
+/** A running QueueEvents subscription and how to end it (with its connection). */
+export interface EventSubscription {
+  events: QueueEvents;
+  close(): Promise<void>;
+}
+
+export interface JobWaiterOptions {
+  /** The id of the newest entry of the queue's event stream, `0-0` when it is empty. */
+  lastEventId(): Promise<string>;
+  /** Starts a QueueEvents that reads the stream after `lastEventId`, on a connection of its own. */
+  subscribe(lastEventId: string): EventSubscription;
+  /** How long the subscription stays open after the last wait ended (a burst of waits shares one). */
+  lingerMs?: number;
+}
+
+const LINGER_MS = 10_000;
+
 /**
- * Waits for jobs to finish on BullMQ's event stream: one QueueEvents subscription per API process,
- * fanned out to the requests waiting on a job id (no polling loop per request).
+ * Waits for jobs to finish on BullMQ's event stream: one QueueEvents subscription per API process, fanned
+ * out to the requests waiting on a job id (no polling loop per request). The subscription runs only while
+ * requests wait (and `lingerMs` after): a QueueEvents receives every event of the queue, several per job,
+ * and an API process that read them all the time would spend its CPU on events nobody waits for.
  */
 export class JobWaiter {
   readonly #waiting = new Map<string, Set<() => void>>();
+  readonly #lingerMs: number;
+  #subscription: Promise<EventSubscription> | undefined;
+  #active = 0;
+  #idle: NodeJS.Timeout | undefined;
 
-  constructor(events: QueueEvents) {
-    const wake = ({ jobId }: { jobId: string }) => {
-      const set = this.#waiting.get(jobId);
-      if (!set) return;
-      this.#waiting.delete(jobId);
-      for (const fn of set) fn();
-    };
-    events.on('completed', wake);
-    events.on('failed', wake);
+  constructor(private readonly opts: JobWaiterOptions) {
+    this.#lingerMs = opts.lingerMs ?? LINGER_MS;
+  }
+
+  /** True while a subscription is open (or opening). */
+  get subscribed(): boolean {
+    return this.#subscription !== undefined;
   }
 
   /**
-   * Resolves when the job finishes or after `ms`, whichever is first. `isDone` is checked after
-   * subscribing, so a job that finished just before the call is not missed.
+   * Resolves once `isDone` says the job finished, or after `ms`. `isDone` is checked first and again after
+   * each completed or failed event of the job (a failed attempt may be retried). The subscription reads the
+   * stream from an entry taken before the first check, and the job's record is final before BullMQ adds the
+   * event: a job that finishes at any moment is not missed. Without a subscription (Redis away) it resolves
+   * at once; the caller answers with what it has.
    */
   async wait(jobId: string, ms: number, isDone: () => Promise<boolean>): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    let wakeFn: (() => void) | undefined;
-    const finished = new Promise<void>((resolve) => {
-      wakeFn = resolve;
-      const set = this.#waiting.get(jobId) ?? new Set();
-      set.add(resolve);
-      this.#waiting.set(jobId, set);
-      timer = setTimeout(resolve, ms);
-    });
+    const deadline = Date.now() + ms;
+    this.#active++;
     try {
-      if (await isDone()) return;
-      await finished;
-    } finally {
-      clearTimeout(timer);
-      const set = this.#waiting.get(jobId);
-      if (set && wakeFn) {
-        set.delete(wakeFn);
-        if (set.size === 0) this.#waiting.delete(jobId);
+      try {
+        await this.#subscribe();
+      } catch {
+        return;
       }
+      for (;;) {
+        const next = this.#nextEvent(jobId, deadline - Date.now());
+        try {
+          if ((await isDone()) || !(await next.woken)) return;
+        } finally {
+          next.cancel();
+        }
+      }
+    } finally {
+      this.#active--;
+      this.#closeWhenIdle();
     }
+  }
+
+  /** Ends the subscription now (API shutdown). */
+  async close(): Promise<void> {
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const subscription = this.#subscription;
+    this.#subscription = undefined;
+    await subscription?.then((s) => s.close()).catch(() => undefined);
+  }
+
+  #subscribe(): Promise<EventSubscription> {
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    if (!this.#subscription) {
+      const opening = (async () => {
+        const subscription = this.opts.subscribe(await this.opts.lastEventId());
+        subscription.events.on('completed', this.#wake);
+        subscription.events.on('failed', this.#wake);
+        return subscription;
+      })();
+      this.#subscription = opening;
+      opening.catch(() => {
+        if (this.#subscription === opening) this.#subscription = undefined;
+      });
+    }
+    return this.#subscription;
+  }
+
+  readonly #wake = ({ jobId }: { jobId: string }) => {
+    const set = this.#waiting.get(jobId);
+    if (!set) return;
+    this.#waiting.delete(jobId);
+    for (const fn of set) fn();
+  };
+
+  /** Registers now for the job's next event: `woken` is true on the event, false after `ms`. */
+  #nextEvent(jobId: string, ms: number): { woken: Promise<boolean>; cancel(): void } {
+    let wake!: () => void;
+    let timer: NodeJS.Timeout | undefined;
+    const woken = new Promise<boolean>((resolve) => {
+      wake = () => resolve(true);
+      timer = setTimeout(() => resolve(false), Math.max(0, ms));
+    });
+    const set = this.#waiting.get(jobId) ?? new Set();
+    set.add(wake);
+    this.#waiting.set(jobId, set);
+    return {
+      woken,
+      cancel: () => {
+        clearTimeout(timer);
+        set.delete(wake);
+        if (set.size === 0 && this.#waiting.get(jobId) === set) this.#waiting.delete(jobId);
+      },
+    };
+  }
+
+  #closeWhenIdle(): void {
+    if (this.#active > 0 || !this.#subscription || this.#idle) return;
+    this.#idle = setTimeout(() => void this.close(), this.#lingerMs);
+    this.#idle.unref();
   }
 }

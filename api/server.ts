@@ -28,11 +28,23 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   const stores = createStores(config, redis);
   const queue = createUploadQueue(redis, stores.keys);
   queue.on('error', warn('upload queue error'));
-  const eventsRedis = createRedis(config);
-  eventsRedis.on('error', warn('queue events connection error'));
-  const events = createUploadQueueEvents(eventsRedis, stores.keys);
-  events.on('error', warn('queue events error'));
-  const waiter = new JobWaiter(events);
+  const waiter = new JobWaiter({
+    lastEventId: async () => (await redis.xrevrange(queue.toKey('events'), '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0',
+    subscribe: (lastEventId) => {
+      const eventsRedis = createRedis(config);
+      eventsRedis.on('error', warn('queue events connection error'));
+      const events = createUploadQueueEvents(eventsRedis, stores.keys, { lastEventId });
+      events.on('error', warn('queue events error'));
+      return {
+        events,
+        async close() {
+          // While Redis is away, QueueEvents.close() would wait forever for its connection to come back.
+          if (eventsRedis.status === 'ready') await events.close();
+          eventsRedis.disconnect();
+        },
+      };
+    },
+  });
   const intake = new Intake(config, redis, stores, queue);
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   webhookQueue.on('error', warn('webhook queue error'));
@@ -78,9 +90,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
         server.closeIdleConnections();
         for (const res of streams) res.end();
       });
-      // While Redis is away, QueueEvents.close() would wait forever for its connection to come back.
-      if (eventsRedis.status === 'ready') await events.close();
-      else eventsRedis.disconnect();
+      await waiter.close();
       await queue.close();
       await webhookQueue.close();
       redis.disconnect();

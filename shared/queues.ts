@@ -33,7 +33,10 @@ export function createUploadQueue(redis: RedisClient, keys: Keyspace): UploadQue
   return new Queue<UploadJobData>(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix, ...bullTelemetry() });
 }
 
-/** QueueEvents blocks on a stream read: give it a client of its own (the caller disconnects it). */
-export function createUploadQueueEvents(redis: RedisClient, keys: Keyspace): QueueEvents {
-  return new QueueEvents(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix });
+/**
+ * QueueEvents blocks on a stream read: give it a client of its own (the caller disconnects it). It reads the
+ * events after `lastEventId` (default: those added after its first read), from now on unless `autorun` is false.
+ */
+export function createUploadQueueEvents(redis: RedisClient, keys: Keyspace, opts: { lastEventId?: string; autorun?: boolean } = {}): QueueEvents {
+  return new QueueEvents(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix, ...opts });
 }
