@@ -41,9 +41,10 @@ export function uploadKeyRoutes(deps: { intake: Intake; stores: Stores; waiter: 
     const wait = preferWait(req.get('prefer'), deps.maxWait);
     if (wait === undefined || wait === 0) return sendAccepted(res, job);
 
+    // The job is accepted: if its record cannot be read now (Redis away), the answer is the 202 with what is known.
     let latest = job;
     const isDone = async () => {
-      latest = (await deps.stores.jobs.get(job.id)) ?? latest;
+      latest = (await deps.stores.jobs.get(job.id).catch(() => undefined)) ?? latest;
       return FINAL_STATUSES.includes(latest.status);
     };
     await deps.waiter.wait(job.id, wait * 1000, isDone);
