@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Request, RequestHandler, Response } from 'express';
 import { pinoHttp } from 'pino-http';
-import type { Logger } from '../shared/logger.js';
+import { REDACTED, topLevelRedactPaths, type Logger } from '../shared/logger.js';
 
 export const REQUEST_ID_HEADER = 'X-Request-Id';
 
@@ -35,12 +35,17 @@ export function requestLogging(logger: Logger): RequestHandler {
   });
   return pinoHttp<Request, Response>({
     logger,
+    // Access lines hold scalars only (method, path, status, responseTime, req_id, an error message), so only
+    // the top-level redaction paths can match them; the others would make pino copy every line.
+    redact: { paths: topLevelRedactPaths, censor: REDACTED },
     quietReqLogger: true,
     quietResLogger: true,
     customAttributeKeys: { reqId: 'req_id' },
     genReqId: (req, res) => {
       const id = requestIdFrom(req.headers['x-request-id']);
       res.setHeader(REQUEST_ID_HEADER, id);
+      // The request's logger for handlers, with every redaction path (pino-http keeps a req.log already set).
+      req.log = logger.child({ req_id: id });
       return id;
     },
     customLogLevel: (req, res, err) => {

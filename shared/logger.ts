@@ -25,9 +25,17 @@ export const redactPaths = [
   '*.Plaintext',
 ];
 
+export const REDACTED = '[redacted]';
+
+/**
+ * The redaction paths that name a top-level key. A log line whose values are all scalars can only match
+ * these; pino redacts them as it writes each key, where the paths into nested values make it copy every line.
+ */
+export const topLevelRedactPaths = redactPaths.filter((p) => !p.includes('.'));
+
 export function createLogger(level = 'info', name = 'keyferry', destination?: NodeJS.WritableStream): Logger {
   return pino(
-    { name, level, redact: { paths: redactPaths, censor: '[redacted]' }, base: { pid: process.pid } },
+    { name, level, redact: { paths: redactPaths, censor: REDACTED }, base: { pid: process.pid } },
     destination as never,
   );
 }

@@ -131,6 +131,10 @@ describe('unhandled errors', () => {
     app.get('/boom', () => {
       throw new Error('kaboom');
     });
+    app.get('/log-secrets', (req, res) => {
+      req.log.info({ material: 'top-material-0001', conn: { aws_secret_access_key: 'nested-secret-0002' }, a: { b: { material: 'deep-material-0003' } } }, 'handler line');
+      res.json({ ok: true });
+    });
     app.use(problemHandler(createLogger('debug', 'keyferry-test', logs)));
     server = await new Promise<Server>((resolve) => {
       const s = app.listen(0, '127.0.0.1', () => resolve(s));
@@ -151,5 +155,14 @@ describe('unhandled errors', () => {
     const errorLine = parsed(logs.lines).find((l) => l.msg === 'unhandled error');
     expect(errorLine).toMatchObject({ req_id: 'boom-1', level: 50 });
     for (const l of logs.lines) expect(l).not.toContain('not-to-be-logged');
+  });
+
+  it('when a handler logs through req.log, then every redaction path applies, nested ones included', async () => {
+    const res = await fetch(`${url}/log-secrets`, { headers: { 'x-request-id': 'secrets-1' } });
+    expect(res.status).toBe(200);
+    await accessLine(logs.lines, 'secrets-1');
+    const line = parsed(logs.lines).find((l) => l.msg === 'handler line');
+    expect(line).toMatchObject({ req_id: 'secrets-1', material: '[redacted]', conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
+    for (const l of logs.lines) expect(l).not.toMatch(/top-material|nested-secret|deep-material/);
   });
 });
