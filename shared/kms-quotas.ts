@@ -25,16 +25,31 @@ export type KmsQuotas = Record<KmsOperation, number>;
 
 const OPERATIONS = Object.keys(DEFAULT_KMS_QUOTAS) as [KmsOperation, ...KmsOperation[]];
 
+/** A quota of `off` (KMS_QUOTAS only): the operation is not metered, no slot is taken before its requests. */
+export const UNMETERED = Number.POSITIVE_INFINITY;
+
+const rate = z.number().positive().max(1_000_000);
+
+/** Some operations' quotas, as `value` validates them; other operations keep theirs. */
+const quotaRecord = <T extends z.ZodType<number>>(value: T) =>
+  z.partialRecord(z.enum(OPERATIONS), value, {
+    error: (issue) => (issue.code === 'invalid_type' ? undefined : `Unknown KMS operation; one of ${OPERATIONS.join(', ')}.`),
+  });
+
 /** Some operations' quotas (requests per second); other operations keep theirs. */
-export const kmsQuotaOverridesSchema = z.partialRecord(z.enum(OPERATIONS), z.number().positive().max(1_000_000), {
-  error: (issue) => (issue.code === 'invalid_type' ? undefined : `Unknown KMS operation; one of ${OPERATIONS.join(', ')}.`),
-});
+export const kmsQuotaOverridesSchema = quotaRecord(rate);
 export type KmsQuotaOverrides = z.infer<typeof kmsQuotaOverridesSchema>;
 
-/** `Op=rate,Op=rate` (the KMS_QUOTAS variable) → the whole quota table: the defaults with these replaced. */
+/**
+ * `Op=rate,Op=rate` (the KMS_QUOTAS variable) → the whole quota table: the defaults with these replaced. A rate
+ * of `off` leaves that operation unmetered (UNMETERED); `off` alone, every operation.
+ */
 export const kmsQuotaListSchema = z
   .string()
-  .regex(/^$|^\s*\w+\s*=\s*[\d.]+\s*(,\s*\w+\s*=\s*[\d.]+\s*)*$/, 'Op=rate pairs, comma-separated, e.g. CreateKey=10,GetParametersForImport=2')
-  .transform((list) => Object.fromEntries([...list.matchAll(/(\w+)\s*=\s*([\d.]+)/g)].map(([, op, rate]) => [op, Number(rate)])))
-  .pipe(kmsQuotaOverridesSchema)
+  .regex(/^$|^\s*off\s*$|^\s*\w+\s*=\s*(?:[\d.]+|off)\s*(,\s*\w+\s*=\s*(?:[\d.]+|off)\s*)*$/, 'Op=rate pairs, comma-separated, e.g. CreateKey=10,GetParametersForImport=2 (a rate of off: not metered), or off')
+  .transform((list) => {
+    const pairs = list.trim() === 'off' ? OPERATIONS.map((op) => [op, 'off']) : [...list.matchAll(/(\w+)\s*=\s*([\d.]+|off)/g)].map(([, op, r]) => [op, r]);
+    return Object.fromEntries(pairs.map(([op, r]) => [op, r === 'off' ? UNMETERED : Number(r)]));
+  })
+  .pipe(quotaRecord(rate.or(z.custom<number>((v) => v === UNMETERED))))
   .transform((overrides): KmsQuotas => ({ ...DEFAULT_KMS_QUOTAS, ...overrides }));

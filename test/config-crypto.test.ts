@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../shared/config.js';
 import { SecretBox, canonicalJson, zeroize } from '../shared/crypto.js';
+import { DEFAULT_KMS_QUOTAS } from '../shared/kms-quotas.js';
 
 const good = { KEYFERRY_MASTER_KEY: randomBytes(32).toString('hex'), JWT_SECRET: 'j'.repeat(32) };
 
@@ -27,7 +28,10 @@ describe('configuration', () => {
   it('when KMS_QUOTAS names some operations, then their quotas replace AWS defaults and the others stay; a bad list names the variable', () => {
     expect(loadConfig(good).KMS_QUOTAS).toMatchObject({ CreateKey: 5, GetParametersForImport: 1, DescribeKey: 2000 });
     expect(loadConfig({ ...good, KMS_QUOTAS: 'CreateKey=10, GetParametersForImport=0.5' }).KMS_QUOTAS).toMatchObject({ CreateKey: 10, GetParametersForImport: 0.5, DescribeKey: 2000 });
-    for (const bad of ['Frobnicate=1', 'CreateKey=0', 'CreateKey', 'CreateKey=1;ListKeys=2']) {
+    // off: not metered (an infinite rate), for one operation or, alone, for all.
+    expect(loadConfig({ ...good, KMS_QUOTAS: 'CreateKey=off,ListKeys=7' }).KMS_QUOTAS).toMatchObject({ CreateKey: Infinity, ListKeys: 7, CreateAlias: 5 });
+    expect(Object.values(loadConfig({ ...good, KMS_QUOTAS: 'off' }).KMS_QUOTAS)).toEqual(Object.keys(DEFAULT_KMS_QUOTAS).map(() => Infinity));
+    for (const bad of ['Frobnicate=1', 'Frobnicate=off', 'CreateKey=0', 'CreateKey', 'CreateKey=1;ListKeys=2', 'offf', 'off,CreateKey=1']) {
       expect(() => loadConfig({ ...good, KMS_QUOTAS: bad }), bad).toThrow(/KMS_QUOTAS/);
     }
   });

@@ -168,3 +168,36 @@ describe('AWS KMS quotas per account and region, kept by all workers together', 
     expect(retried - throttled).toBeGreaterThanOrEqual(2 * interval - 50);
   });
 });
+
+describe('KMS_QUOTAS with operations turned off', () => {
+  let offStack: TestStack;
+  beforeAll(async () => {
+    offStack = await startStack({ name: 'quotas-off', env: { KMS_QUOTAS: 'CreateKey=off,GetParametersForImport=off' } });
+  });
+  afterAll(async () => {
+    await offStack?.close();
+  });
+
+  it('when an operation is off, then its requests take no slot in Redis, the other operations still do, and uploads succeed', async () => {
+    const offToken = await offStack.token('quota-off');
+    await seedKms(offStack, offToken, { name: 'kms' });
+    await seedLocalKey(offStack, offToken, 'off-key');
+    // Every command on this stack's quota buckets, Lua's own included, as Redis's MONITOR shows them.
+    const bucketPrefix = `${offStack.config.KEYFERRY_PREFIX}:quota:`;
+    const touched = new Set<string>();
+    const monitor = await offStack.redis.monitor();
+    monitor.on('monitor', (_time: string, args: string[]) => {
+      for (const a of args) if (a.startsWith(bucketPrefix)) touched.add(/\}:(\w+)/.exec(a)?.[1] ?? a);
+    });
+    try {
+      const res = await offStack.call('POST', '/api/v1/cckm/aws/upload-key', { token: offToken, body: { source_key_identifier: 'off-key', kms: 'kms', region: 'us-east-1', aws_param: { Alias: 'off-key' } } });
+      expect(await waitForJob(offStack, offToken, res.body.id)).toMatchObject({ status: 'succeeded', attempts: 1 });
+    } finally {
+      monitor.disconnect();
+    }
+    expect(touched).toContain('CreateAlias');
+    expect(touched).toContain('ImportKeyMaterial');
+    expect(touched).not.toContain('CreateKey');
+    expect(touched).not.toContain('GetParametersForImport');
+  });
+});

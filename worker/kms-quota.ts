@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { KMSClient } from '@aws-sdk/client-kms';
 import type { JobRecord } from '../shared/jobs.js';
-import type { KmsOperation, KmsQuotas } from '../shared/kms-quotas.js';
+import { UNMETERED, type KmsOperation, type KmsQuotas } from '../shared/kms-quotas.js';
 import { kmsRequestDuration, kmsRequests } from '../shared/metrics.js';
 import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
@@ -113,6 +113,8 @@ export interface MeteredKms {
 
 /** A slot as the script answers: granted (1) or reserved (0), and the wait until it, ms. */
 type Slot = readonly [granted: number, waitMs: number];
+/** The slot of an operation that is not metered: granted, now. */
+const UNMETERED_SLOT: Slot = [1, 0];
 
 /** AWS KMS request quotas per (AWS account, region, operation), kept by all workers together through Redis. */
 export class KmsQuota {
@@ -166,17 +168,20 @@ export class KmsQuota {
     };
   }
 
-  /** One slot of each operation's bucket, in one script call. */
+  /** One slot of each metered operation's bucket, in one script call (none when none is metered). */
   async #take(target: Target, ops: readonly KmsOperation[], ticket: string, single: boolean, maxSleepMs: number): Promise<Slot[]> {
+    const rateOf = (op: KmsOperation) => target.conn.quotas?.[op] ?? this.deps.quotas[op];
+    const metered = ops.filter((op) => rateOf(op) !== UNMETERED);
     const keys: string[] = [];
     const intervals: number[] = [];
-    for (const op of ops) {
+    for (const op of metered) {
       const key = this.deps.keys.kmsQuota(target.conn.account_id, target.region, op);
       keys.push(key, `${key}:batch`, `${key}:single`);
-      intervals.push(1000 / (target.conn.quotas?.[op] ?? this.deps.quotas[op]));
+      intervals.push(1000 / rateOf(op));
     }
-    const flat = (await this.#takeSlots(keys, [maxSleepMs, ticket, single ? '1' : '0', RESERVATION_GRACE_MS, ...intervals])) as number[];
-    return ops.map((_op, i) => [flat[2 * i] as number, flat[2 * i + 1] as number] as const);
+    const flat = metered.length > 0 ? ((await this.#takeSlots(keys, [maxSleepMs, ticket, single ? '1' : '0', RESERVATION_GRACE_MS, ...intervals])) as number[]) : [];
+    const slots = new Map(metered.map((op, i) => [op, [flat[2 * i] as number, flat[2 * i + 1] as number] as const]));
+    return ops.map((op) => slots.get(op) ?? UNMETERED_SLOT);
   }
 
   /** The one way keyferry calls KMS: a slot of the operation's bucket, then the command with its deadline. */
