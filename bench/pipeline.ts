@@ -8,7 +8,7 @@
  * CreateKey EXTERNAL, CreateAlias, GetParametersForImport, wrap, ImportKeyMaterial, DescribeKey, GetKeyPolicy,
  * ListAliases, ListResourceTags, GetKeyRotationStatus — what worker/pipeline.ts sends on the happy path).
  * The KMS emulator runs in a process of its own and adds a fixed latency to every request; quotas are off in
- * the emulator and, through KMS_QUOTAS, in keyferry (which still takes a slot in Redis per request). The two
+ * the emulator and, through KMS_QUOTAS=off, in keyferry (which then takes no slot in Redis per request). The two
  * alternate for R rounds (each round in fresh emulator regions, so both see as many keys); the figures are the
  * medians. keyferry's uploads count as done when its batch is completed: the batch's finished_at, written in the
  * same script as the last job's `succeeded`, ends the measurement (a poll every 250 ms only notices it). Also
