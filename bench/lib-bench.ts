@@ -62,6 +62,8 @@ export function kmsQuotasEnv(quotas: Record<string, number>): string {
 
 /** KMS_QUOTAS turning metering off for every operation: no slot is taken in Redis before a KMS request. */
 export const QUOTAS_OFF = 'off';
+/** KMS_QUOTAS that never bind but are metered: a slot is taken in Redis before every KMS request, as in production. */
+export const QUOTAS_METERED_UNBOUND = kmsQuotasEnv(Object.fromEntries(Object.keys(DEFAULT_KMS_QUOTAS).map((op) => [op, 1_000_000])));
 
 const CLK_TCK = (() => {
   try {

@@ -1,9 +1,12 @@
 /**
  * Worker cost (run by hand: `npm run bench:worker-cost`; sizes by flag or environment: `--uploads N` / BENCH_N
- * (at most 10,000: one batch), `--concurrency C` / BENCH_CONCURRENCY, `--warmup N` / BENCH_WARMUP).
+ * (at most 10,000: one batch), `--concurrency C` / BENCH_CONCURRENCY, `--warmup N` / BENCH_WARMUP, `--metered` /
+ * BENCH_METERED=1).
  *
  * N uploads as one batch through the API (in this process) and one worker process (worker/main.ts, as in
- * production, LOG_LEVEL=info) against the KMS emulator (in this process, no latency, no quotas). Measures, from
+ * production, LOG_LEVEL=info) against the KMS emulator (in this process, no latency, no quotas). keyferry's KMS
+ * quotas are off (KMS_QUOTAS=off), or with --metered metered as in production but never binding (a slot taken in
+ * Redis before every KMS request, at 1,000,000 per second). Measures, from
  * the batch's submission to its completion (after a warm-up batch, not counted):
  * - the worker's CPU time (/proc/<pid>/stat utime + stime) per upload, and its peak RSS (/proc/<pid>/status
  *   VmHWM, over its whole life, warm-up included);
@@ -24,9 +27,10 @@ import { createLogger } from '../shared/logger.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { KmsEmulator } from '../test/kms-emulator/emulator.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { BENCH_JOB_ENV, commandCalls, fmt, intParam, machineLine, printTable, procCpuMs, procMemoryMiB, procReadSyscalls, QUOTAS_OFF, runBatch, scrapeValues, seed, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { BENCH_JOB_ENV, commandCalls, fmt, intParam, machineLine, printTable, procCpuMs, procMemoryMiB, procReadSyscalls, QUOTAS_METERED_UNBOUND, QUOTAS_OFF, runBatch, scrapeValues, seed, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 
-const { values } = parseArgs({ options: { uploads: { type: 'string' }, concurrency: { type: 'string' }, warmup: { type: 'string' } } });
+const { values } = parseArgs({ options: { uploads: { type: 'string' }, concurrency: { type: 'string' }, warmup: { type: 'string' }, metered: { type: 'boolean' } } });
+const METERED = values.metered === true || process.env.BENCH_METERED === '1';
 const N = intParam(values.uploads, 'BENCH_N', 10_000);
 const CONCURRENCY = intParam(values.concurrency, 'BENCH_CONCURRENCY', 8);
 const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 100, 0);
@@ -44,7 +48,7 @@ const env = testEnv('bench-cost', {
   REDIS_URL: redis.url,
   LOG_LEVEL: 'info',
   WORKER_CONCURRENCY: String(CONCURRENCY),
-  KMS_QUOTAS: QUOTAS_OFF,
+  KMS_QUOTAS: METERED ? QUOTAS_METERED_UNBOUND : QUOTAS_OFF,
   DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
   ...BENCH_JOB_ENV,
 });
@@ -144,7 +148,7 @@ try {
 
   console.log(machineLine());
   console.log(`redis ${redis.version} (private, appendfsync everysec); API and emulator (no latency, no quotas) in this process; one worker process (tsx, LOG_LEVEL=info), concurrency ${CONCURRENCY}; wrapping key ${KEY_SPEC}; warm-up ${WARMUP}`);
-  console.log(`worker cost: ${N} uploads in one batch, ${fmt(N / wall, 1)} uploads/s, intake (POST until its 202) ${fmt(intakeMs, 0)} ms`);
+  console.log(`worker cost: ${N} uploads in one batch, KMS quotas ${METERED ? 'metered (never binding)' : 'off'}, ${fmt(N / wall, 1)} uploads/s, intake (POST until its 202) ${fmt(intakeMs, 0)} ms`);
   printTable(
     ['uploads', 'wall s', 'worker CPU ms/upload', 'Redis commands/upload (incl. inside Lua)', 'of which intake (API)', 'Lua script calls/upload', 'Redis read syscalls/upload (≈ round trips)', 'Redis CPU ms/upload', 'Redis network in / out KiB/upload', 'worker peak RSS MB (VmHWM)', 'worker RSS MB: started, after warm-up, end'],
     [[N, fmt(wall, 1), fmt(cpuMs / N, 2), fmt(all / N, 1), fmt(total(intakeCalls) / N, 1), fmt(scripts / N, 1), fmt(reads / N, 1), fmt(redisCpuMs / N, 2), `${fmt(netKiB('total_net_input_bytes') / N, 1)} / ${fmt(netKiB('total_net_output_bytes') / N, 1)}`, fmt(mem.peak, 1), `${fmt(rssStarted, 1)}, ${fmt(rssWarm, 1)}, ${fmt(mem.now, 1)}`]],

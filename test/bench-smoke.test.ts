@@ -43,9 +43,10 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
   },
   {
     script: 'bench/worker-cost.ts',
-    env: { BENCH_N: '12', BENCH_WARMUP: '2' },
+    env: { BENCH_N: '12', BENCH_WARMUP: '2', BENCH_METERED: '1' },
     figures: [
       /^machine: \d+ × .+, node v\d+/m,
+      /^worker cost: 12 uploads in one batch, KMS quotas metered \(never binding\),/m,
       /^\| 12 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \/ [\d.]+ \| [\d.]+ \|/m,
       /^\| (eval|evalsha|get|set|persist) \| [\d.]+ \| [\d.]+% \|$/m,
       /^Redis commands per upload: [\d.]+; worker CPU ms per upload: [\d.]+; worker peak RSS MB: [\d.]+/m,
