@@ -56,6 +56,25 @@ describe('faults', () => {
     expectOneKeyPerJob(stack, Array.from({ length: 30 }, (_, i) => `${res.body.id}.${i}`));
   }, 90_000);
 
+  it('when Redis goes away while a request waits (Prefer: wait), then the accepted job is answered 202, not 503', async () => {
+    const redis = await OwnRedis.start();
+    cleanups.push(() => redis.stop());
+    const stack = await startStack({ name: 'faults-wait', env: { REDIS_URL: redis.url }, worker: false });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+
+    // No worker: the job stays queued, and the request waits its 2 s; Redis dies in the middle of them.
+    const pending = stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: example, headers: { prefer: 'wait=2' } });
+    await new Promise((r) => setTimeout(r, 500));
+    await redis.kill();
+    const res = await pending;
+    expect(res.status).toBe(202);
+    expect(res.body).toMatchObject({ status: 'queued' });
+    expect(res.headers.get('location')).toBe(`/api/v1/jobs/${res.body.id}`);
+  }, 30_000);
+
   it('when KMS fails 30% of calls with 5xx and throttling, then every job completes after retries with one key', async () => {
     const stack = await startStack({ name: 'faults-flaky', env: fastRecovery });
     cleanups.push(() => stack.close());
