@@ -1,4 +1,8 @@
 import type { QueueEvents } from 'bullmq';
+import type { Config } from '../shared/config.js';
+import { closeQueueEvents, createUploadQueueEvents, type UploadQueue } from '../shared/queues.js';
+import { createRedis, type RedisClient } from '../shared/redis.js';
+import type { Keyspace } from '../shared/stores/keyspace.js';
 
 /** A running QueueEvents subscription and how to end it (with its connection). */
 export interface EventSubscription {
@@ -16,6 +20,21 @@ export interface JobWaiterOptions {
 }
 
 const LINGER_MS = 10_000;
+
+/**
+ * The API's waiter options for the upload queue: the newest entry of its event stream read on the API's client,
+ * and each subscription on a connection BullMQ makes for it and drops when it closes (also while Redis is away).
+ */
+export function uploadQueueWaiting(deps: { config: Config; redis: RedisClient; queue: UploadQueue; keys: Keyspace; onError: (err: Error) => void }): JobWaiterOptions {
+  return {
+    lastEventId: async () => (await deps.redis.xrevrange(deps.queue.toKey('events'), '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0',
+    subscribe: (lastEventId) => {
+      const events = createUploadQueueEvents(createRedis(deps.config, { lazyConnect: true }), deps.keys, { lastEventId });
+      events.on('error', deps.onError);
+      return { events, close: () => closeQueueEvents(events) };
+    },
+  };
+}
 
 /**
  * Waits for jobs to finish on BullMQ's event stream: one QueueEvents subscription per API process, fanned

@@ -4,14 +4,14 @@ import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
 import { countQueue } from '../shared/metrics.js';
 import { createLogger, type Logger } from '../shared/logger.js';
-import { createUploadQueue, createUploadQueueEvents } from '../shared/queues.js';
+import { createUploadQueue } from '../shared/queues.js';
 import { Notifier } from '../shared/notifier.js';
 import { createRedis } from '../shared/redis.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import { createWebhookQueue, enqueueWebhook, WebhookDeliveries } from '../shared/webhooks.js';
 import { createApp } from './app.js';
 import { Intake } from './intake.js';
-import { JobWaiter } from './job-waiter.js';
+import { JobWaiter, uploadQueueWaiting } from './job-waiter.js';
 import { answerClientError } from './problem.js';
 
 export interface ApiServer {
@@ -28,23 +28,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   const stores = createStores(config, redis);
   const queue = createUploadQueue(redis, stores.keys);
   queue.on('error', warn('upload queue error'));
-  const waiter = new JobWaiter({
-    lastEventId: async () => (await redis.xrevrange(queue.toKey('events'), '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0',
-    subscribe: (lastEventId) => {
-      const eventsRedis = createRedis(config);
-      eventsRedis.on('error', warn('queue events connection error'));
-      const events = createUploadQueueEvents(eventsRedis, stores.keys, { lastEventId });
-      events.on('error', warn('queue events error'));
-      return {
-        events,
-        async close() {
-          // While Redis is away, QueueEvents.close() would wait forever for its connection to come back.
-          if (eventsRedis.status === 'ready') await events.close();
-          eventsRedis.disconnect();
-        },
-      };
-    },
-  });
+  const waiter = new JobWaiter(uploadQueueWaiting({ config, redis, queue, keys: stores.keys, onError: warn('queue events error') }));
   const intake = new Intake(config, redis, stores, queue);
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   webhookQueue.on('error', warn('webhook queue error'));

@@ -34,9 +34,19 @@ export function createUploadQueue(redis: RedisClient, keys: Keyspace): UploadQue
 }
 
 /**
- * QueueEvents blocks on a stream read: give it a client of its own (the caller disconnects it). It reads the
- * events after `lastEventId` (default: those added after its first read), from now on unless `autorun` is false.
+ * QueueEvents reads on a connection BullMQ makes for it, a copy of `redis`, and closes with it (closeQueueEvents):
+ * pass a client made with `lazyConnect`, which never connects itself. It reads the events after `lastEventId`
+ * (default: those added after its first read), from now on unless `autorun` is false.
  */
 export function createUploadQueueEvents(redis: RedisClient, keys: Keyspace, opts: { lastEventId?: string; autorun?: boolean } = {}): QueueEvents {
   return new QueueEvents(UPLOAD_QUEUE, { connection: redis, prefix: keys.bullPrefix, ...opts });
+}
+
+/**
+ * Stops a QueueEvents and drops its connection at once, also while Redis is away: QueueEvents.close() alone then
+ * waits until Redis is back, and its read loop and reconnects go on meanwhile.
+ */
+export async function closeQueueEvents(events: QueueEvents): Promise<void> {
+  events.close().catch(() => undefined); // ends the read loop once its read fails, when the connection below is down
+  await events.getBackend().close(true);
 }

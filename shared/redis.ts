@@ -8,14 +8,18 @@ export type RedisClient = Redis | Cluster;
  * API-side clients pass `failFast` so a request fails quickly instead of hanging while Redis is away:
  * ioredis fails the commands waiting for the connection at every second failed reconnect, and these
  * reconnects are at most 500 ms apart (its default backs off to 2 s, so commands would wait up to 4 s).
+ * `lazyConnect`: the client connects on its first command (or connect()); a copy BullMQ makes of it does too.
  */
 export function createRedis(
   config: Pick<Config, 'REDIS_URL' | 'REDIS_CLUSTER_NODES'>,
-  opts: { failFast?: boolean } = {},
+  opts: { failFast?: boolean; lazyConnect?: boolean } = {},
 ): RedisClient {
-  const common = opts.failFast
-    ? { maxRetriesPerRequest: 1, enableOfflineQueue: true, connectTimeout: 2000, retryStrategy: (times: number) => Math.min(times * 50, 500) }
-    : { maxRetriesPerRequest: null };
+  const common = {
+    ...(opts.failFast
+      ? { maxRetriesPerRequest: 1, enableOfflineQueue: true, connectTimeout: 2000, retryStrategy: (times: number) => Math.min(times * 50, 500) }
+      : { maxRetriesPerRequest: null }),
+    ...(opts.lazyConnect ? { lazyConnect: true } : {}),
+  };
   if (config.REDIS_CLUSTER_NODES) {
     const nodes = config.REDIS_CLUSTER_NODES.split(',').map((hp) => {
       const [host, port] = hp.trim().split(':');

@@ -4,13 +4,14 @@
  */
 import { Worker, type Job } from 'bullmq';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { JobWaiter, type EventSubscription, type JobWaiterOptions } from '../api/job-waiter.js';
+import { JobWaiter, uploadQueueWaiting, type EventSubscription, type JobWaiterOptions } from '../api/job-waiter.js';
 import { loadConfig } from '../shared/config.js';
 import { UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
-import { createUploadQueue, createUploadQueueEvents, type UploadQueue } from '../shared/queues.js';
+import { closeQueueEvents, createUploadQueue, createUploadQueueEvents, type UploadQueue } from '../shared/queues.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import { Redis } from 'ioredis';
 import { deleteKeyspace, Keyspace } from '../shared/stores/keyspace.js';
+import { OwnRedis } from './helpers/redis-server.js';
 import { testEnv } from './helpers/stack.js';
 
 const config = loadConfig(testEnv('job-waiter'));
@@ -45,30 +46,37 @@ async function activeJob(id: string): Promise<{ finish(): Promise<void> }> {
   return { finish: async () => void (await job.moveToCompleted('done', token, false)) };
 }
 
-/** The production wiring (api/server.ts), with a hook that delays the subscription's first read and a log of what opened and closed. */
-function waiterOptions(extra: Partial<JobWaiterOptions> & { startDelayMs?: number } = {}) {
+/** The API's own options (uploadQueueWaiting), with a log of the subscriptions opened and closed. */
+function waiterOptions(extra: Partial<JobWaiterOptions> = {}) {
   const log = { opened: 0, closed: 0, from: [] as string[] };
+  const api = uploadQueueWaiting({ config, redis, queue, keys, onError: () => undefined });
   const opts: JobWaiterOptions = {
-    lastEventId: async () => (await redis.xrevrange(queue.toKey('events'), '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0',
+    ...api,
     subscribe: (lastEventId): EventSubscription => {
       log.opened++;
       log.from.push(lastEventId);
-      const conn = createRedis(config);
-      const events = createUploadQueueEvents(conn, keys, { lastEventId, autorun: false });
-      const started = new Promise((r) => setTimeout(r, extra.startDelayMs ?? 0)).then(() => events.run());
-      started.catch(() => undefined);
+      const subscription = api.subscribe(lastEventId);
       return {
-        events,
+        events: subscription.events,
         async close() {
           log.closed++;
-          await events.close();
-          conn.disconnect();
+          await subscription.close();
         },
       };
     },
     ...extra,
   };
   return { opts, log };
+}
+
+/** A subscription like the API's whose first read of the stream comes `delayMs` late (a slow connection). */
+function slowSubscription(delayMs: number) {
+  return (lastEventId: string): EventSubscription => {
+    const events = createUploadQueueEvents(createRedis(config, { lazyConnect: true }), keys, { lastEventId, autorun: false });
+    const started = new Promise((r) => setTimeout(r, delayMs)).then(() => events.run());
+    started.catch(() => undefined);
+    return { events, close: () => closeQueueEvents(events) };
+  };
 }
 
 describe('JobWaiter', () => {
@@ -92,8 +100,9 @@ describe('JobWaiter', () => {
   });
 
   it('does not miss a job that finishes before the subscription\'s first read: it reads from the entry taken before the first check', async () => {
-    const { opts, log } = waiterOptions({ startDelayMs: 300, lingerMs: 60_000 });
-    const waiter = new JobWaiter(opts);
+    const from: string[] = [];
+    const { opts } = waiterOptions({ lingerMs: 60_000 });
+    const waiter = new JobWaiter({ ...opts, subscribe: (id) => (from.push(id), slowSubscription(300)(id)) });
     const job = await activeJob('race-1');
     let checks = 0;
     await waiter.wait('race-1', 5000, async () => {
@@ -104,7 +113,7 @@ describe('JobWaiter', () => {
       return false;
     });
     expect(checks).toBe(2); // 1 if the event was missed and the wait timed out
-    expect(log.from[0]).toMatch(/^\d+-\d+$/);
+    expect(from[0]).toMatch(/^\d+-\d+$/);
     await waiter.close();
   });
 
@@ -151,4 +160,37 @@ describe('JobWaiter', () => {
     expect(checks).toBe(0);
     expect(waiter.subscribed).toBe(false);
   });
+});
+
+describe('JobWaiter while Redis is away', () => {
+  it('closes the subscription at once, and once Redis is back nothing of it reconnects to read events', async () => {
+    const own = await OwnRedis.start();
+    const ownConfig = loadConfig(testEnv('job-waiter-outage', { REDIS_URL: own.url }));
+    const client = new Redis(own.url, { maxRetriesPerRequest: null });
+    client.on('error', () => undefined);
+    const ownQueue = createUploadQueue(client, new Keyspace(ownConfig.KEYFERRY_PREFIX));
+    const waiter = new JobWaiter({ ...uploadQueueWaiting({ config: ownConfig, redis: client, queue: ownQueue, keys: new Keyspace(ownConfig.KEYFERRY_PREFIX), onError: () => undefined }), lingerMs: 60_000 });
+    /** The clients whose last command was a stream read: the subscription's. */
+    const readers = async () => ((await client.client('LIST')) as string).split('\n').filter((l) => / cmd=xread /.test(l)).length;
+    try {
+      await waiter.wait('outage-1', 300, async () => false);
+      await expect.poll(readers, { timeout: 5000 }).toBe(1);
+
+      await own.kill();
+      const started = Date.now();
+      await waiter.close();
+      expect(Date.now() - started).toBeLessThan(2000); // not waiting for Redis to come back
+      expect(waiter.subscribed).toBe(false);
+
+      await own.restart();
+      await client.ping();
+      // A subscription left running would reconnect (ioredis retries within 2 s) and read again.
+      await new Promise((r) => setTimeout(r, 3000));
+      expect(await readers()).toBe(0);
+    } finally {
+      await ownQueue.close();
+      client.disconnect();
+      await own.stop();
+    }
+  }, 30_000);
 });
