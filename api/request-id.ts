@@ -36,16 +36,20 @@ export function requestLogging(logger: Logger): RequestHandler {
   return pinoHttp<Request, Response>({
     logger,
     // Access lines hold scalars only (method, path, status, responseTime, req_id, an error message), so only
-    // the top-level redaction paths can match them; the others would make pino copy every line.
+    // the top-level redaction paths can match them; the others would make pino copy every line. The request and
+    // response objects are never serialized (pino-http binds the request to a logger of its own, unused here).
     redact: { paths: topLevelRedactPaths, censor: REDACTED },
+    wrapSerializers: false,
+    serializers: { req: () => undefined, res: () => undefined },
     quietReqLogger: true,
     quietResLogger: true,
     customAttributeKeys: { reqId: 'req_id' },
     genReqId: (req, res) => {
       const id = requestIdFrom(req.headers['x-request-id']);
       res.setHeader(REQUEST_ID_HEADER, id);
-      // The request's logger for handlers, with every redaction path (pino-http keeps a req.log already set).
+      // The request's logger for handlers, with every redaction path (pino-http keeps a req.log or res.log already set).
       req.log = logger.child({ req_id: id });
+      res.log = req.log;
       return id;
     },
     customLogLevel: (req, res, err) => {

@@ -133,6 +133,7 @@ describe('unhandled errors', () => {
     });
     app.get('/log-secrets', (req, res) => {
       req.log.info({ material: 'top-material-0001', conn: { aws_secret_access_key: 'nested-secret-0002' }, a: { b: { material: 'deep-material-0003' } } }, 'handler line');
+      res.log.info({ conn: { aws_secret_access_key: 'nested-secret-0004' } }, 'response logger line');
       res.json({ ok: true });
     });
     app.use(problemHandler(createLogger('debug', 'keyferry-test', logs)));
@@ -157,12 +158,13 @@ describe('unhandled errors', () => {
     for (const l of logs.lines) expect(l).not.toContain('not-to-be-logged');
   });
 
-  it('when a handler logs through req.log, then every redaction path applies, nested ones included', async () => {
+  it('when a handler logs through req.log or res.log, then every redaction path applies, nested ones included', async () => {
     const res = await fetch(`${url}/log-secrets`, { headers: { 'x-request-id': 'secrets-1' } });
     expect(res.status).toBe(200);
     await accessLine(logs.lines, 'secrets-1');
     const line = parsed(logs.lines).find((l) => l.msg === 'handler line');
     expect(line).toMatchObject({ req_id: 'secrets-1', material: '[redacted]', conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
+    expect(parsed(logs.lines).find((l) => l.msg === 'response logger line')).toMatchObject({ req_id: 'secrets-1', conn: { aws_secret_access_key: '[redacted]' } });
     for (const l of logs.lines) expect(l).not.toMatch(/top-material|nested-secret|deep-material/);
   });
 });
