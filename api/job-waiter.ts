@@ -88,7 +88,10 @@ export class JobWaiter {
     }
   }
 
-  /** Ends the subscription now (API shutdown). */
+  /**
+   * Ends the subscription now: at API shutdown, once the server has finished its requests, or after lingerMs
+   * without a wait. A wait still running would not be woken by its job's events any more (only its timeout).
+   */
   async close(): Promise<void> {
     clearTimeout(this.#idle);
     this.#idle = undefined;
