@@ -60,7 +60,7 @@ export class JobWaiter {
 
   /**
    * Resolves once `isDone` says the job finished, or after `ms`. `isDone` is checked first and again after
-   * each completed or failed event of the job (a failed attempt may be retried). The subscription reads the
+   * each completed or failed event of the job, until the record says so. The subscription reads the
    * stream from an entry taken before the first check, and the job's record is final before BullMQ adds the
    * event: a job that finishes at any moment is not missed. Without a subscription (Redis away) it resolves
    * at once; the caller answers with what it has.
