@@ -40,15 +40,18 @@ const quotaRecord = <T extends z.ZodType<number>>(value: T) =>
 export const kmsQuotaOverridesSchema = quotaRecord(rate);
 export type KmsQuotaOverrides = z.infer<typeof kmsQuotaOverridesSchema>;
 
+/** One `Op=rate` of KMS_QUOTAS (the rate may be `off`): the operation and the rate. */
+const PAIR = String.raw`(\w+)\s*=\s*([\d.]+|off)`;
+
 /**
  * `Op=rate,Op=rate` (the KMS_QUOTAS variable) → the whole quota table: the defaults with these replaced. A rate
  * of `off` leaves that operation unmetered (UNMETERED); `off` alone, every operation.
  */
 export const kmsQuotaListSchema = z
   .string()
-  .regex(/^$|^\s*off\s*$|^\s*\w+\s*=\s*(?:[\d.]+|off)\s*(,\s*\w+\s*=\s*(?:[\d.]+|off)\s*)*$/, 'Op=rate pairs, comma-separated, e.g. CreateKey=10,GetParametersForImport=2 (a rate of off: not metered), or off')
+  .regex(new RegExp(`^$|^\\s*off\\s*$|^\\s*${PAIR}\\s*(,\\s*${PAIR}\\s*)*$`), 'Op=rate pairs, comma-separated, e.g. CreateKey=10,GetParametersForImport=2 (a rate of off: not metered), or off')
   .transform((list) => {
-    const pairs = list.trim() === 'off' ? OPERATIONS.map((op) => [op, 'off']) : [...list.matchAll(/(\w+)\s*=\s*([\d.]+|off)/g)].map(([, op, r]) => [op, r]);
+    const pairs = list.trim() === 'off' ? OPERATIONS.map((op) => [op, 'off']) : [...list.matchAll(new RegExp(PAIR, 'g'))].map(([, op, r]) => [op, r]);
     return Object.fromEntries(pairs.map(([op, r]) => [op, r === 'off' ? UNMETERED : Number(r)]));
   })
   .pipe(quotaRecord(rate.or(z.custom<number>((v) => v === UNMETERED))))
