@@ -48,13 +48,12 @@ async function activeJob(id: string): Promise<{ finish(): Promise<void> }> {
 
 /** The API's own options (uploadQueueWaiting), with a log of the subscriptions opened and closed. */
 function waiterOptions(extra: Partial<JobWaiterOptions> = {}) {
-  const log = { opened: 0, closed: 0, from: [] as string[] };
+  const log = { opened: 0, closed: 0 };
   const api = uploadQueueWaiting({ config, redis, queue, keys, onError: () => undefined });
   const opts: JobWaiterOptions = {
     ...api,
     subscribe: (lastEventId): EventSubscription => {
       log.opened++;
-      log.from.push(lastEventId);
       const subscription = api.subscribe(lastEventId);
       return {
         events: subscription.events,
@@ -168,8 +167,9 @@ describe('JobWaiter while Redis is away', () => {
     const ownConfig = loadConfig(testEnv('job-waiter-outage', { REDIS_URL: own.url }));
     const client = new Redis(own.url, { maxRetriesPerRequest: null });
     client.on('error', () => undefined);
-    const ownQueue = createUploadQueue(client, new Keyspace(ownConfig.KEYFERRY_PREFIX));
-    const waiter = new JobWaiter({ ...uploadQueueWaiting({ config: ownConfig, redis: client, queue: ownQueue, keys: new Keyspace(ownConfig.KEYFERRY_PREFIX), onError: () => undefined }), lingerMs: 60_000 });
+    const ownKeys = new Keyspace(ownConfig.KEYFERRY_PREFIX);
+    const ownQueue = createUploadQueue(client, ownKeys);
+    const waiter = new JobWaiter({ ...uploadQueueWaiting({ config: ownConfig, redis: client, queue: ownQueue, keys: ownKeys, onError: () => undefined }), lingerMs: 60_000 });
     /** The clients whose last command was a stream read: the subscription's. */
     const readers = async () => ((await client.client('LIST')) as string).split('\n').filter((l) => / cmd=xread /.test(l)).length;
     try {
