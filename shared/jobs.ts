@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { UploadKeyRequest } from './schemas/upload-key.js';
 
 export const UPLOAD_QUEUE = 'upload-key';
@@ -60,7 +61,9 @@ export interface JobRecord {
   progress: JobProgress;
   /**
    * A random id of the write that stored this record (JobStore): a write sent again after a lost answer finds
-   * its own id stored, while another writer's write, even one with otherwise identical JSON, does not.
+   * its own id stored, while another writer's write, even one with otherwise identical JSON, does not; and a
+   * write from a held record checks that the stored one still has the held id. Records written before there
+   * were ids have none.
    */
   write_id?: string;
 }
@@ -88,6 +91,7 @@ export function newJobRecord(args: { id: string; account: string; request: Uploa
     callback_url: args.request.callback_url ?? null,
     queue_job_id: args.id,
     progress: {},
+    write_id: randomUUID(),
   };
 }
 

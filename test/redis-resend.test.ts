@@ -198,6 +198,27 @@ describe('two writers, one compare-and-set', () => {
     expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
   });
 
+  it("when the other writer's record quotes the held write_id in a field, then a write from the held record still falls back and keeps that write", async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const held = await stores.jobs.getHeld(job.id);
+    const quoted = JSON.stringify({ write_id: held!.job.write_id }).slice(1, -1);
+    await stores.jobs.update(job.id, (j) => void (j.error = { code: 'x', message: quoted, retryable: true }));
+    const done = await stores.jobs.updateHeld(held!, (j) => void (j.step = 'resolve'));
+    expect(done?.job).toMatchObject({ step: 'resolve', error: { message: quoted } });
+    expect(await stores.jobs.get(job.id)).toMatchObject({ step: 'resolve', error: { message: quoted } });
+  });
+
+  it('when a held record was stored before records had a write_id, then a write from it reads the record first and then writes', async () => {
+    const { write_id: _none, ...legacy } = newJob();
+    await direct.set(stores.keys.job(legacy.id), JSON.stringify(legacy));
+    const held = await stores.jobs.getHeld(legacy.id);
+    await stores.jobs.update(legacy.id, (j) => void (j.attempts = 2)); // another writer, after the hold
+    const done = await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued');
+    expect(done?.job).toMatchObject({ status: 'running', attempts: 2, write_id: expect.any(String) });
+    expect(await stores.jobs.get(legacy.id)).toMatchObject({ status: 'running', attempts: 2 });
+  });
+
   it('when two writers make the same change in the same millisecond, then only one of them wins', async () => {
     const job = newJob();
     await stores.jobs.create(job);

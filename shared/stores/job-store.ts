@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
@@ -24,9 +24,10 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * result); it answers as the first run did, as far as it matters: the batch's completion number when this
  * final write completed the batch (the batch's finished_at is this write's time), else 0.
  *
- * ARGV[12], when not empty, is the SHA-1 of the stored JSON the writer holds (a write from a held record,
- * JobStore.updateHeld): the write happens only if the record is still exactly that one, else -2 and nothing
- * is written. ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known):
+ * ARGV[12], when not empty, is the `"write_id":"<id>"` member of the stored JSON the writer holds (a write from
+ * a held record, JobStore.updateHeld): the write happens only if the stored JSON still holds it, that is, if the
+ * record is still exactly that one (every write stores a new random id; inside a JSON string every quote is
+ * escaped, so no field's value can hold the member), else -2 and nothing is written. ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known):
  * only then does a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
  */
 const WRITE_SCRIPT = `
@@ -38,7 +39,7 @@ if current == ARGV[1] then
   return 0
 end
 if ARGV[12] ~= '' then
-  if not current or redis.sha1hex(current) ~= ARGV[12] then return -2 end
+  if not current or not string.find(current, ARGV[12], 1, true) then return -2 end
 elseif ARGV[8] ~= '' then
   if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
 end
@@ -97,8 +98,6 @@ export interface HeldJob {
   stored: string;
 }
 
-const sha1 = (text: string) => createHash('sha1').update(text).digest('hex');
-
 /** Job records, one JSON string per job, keyed by job id, with their event streams and batch counters. */
 export class JobStore {
   readonly #write: RedisScript;
@@ -155,14 +154,18 @@ export class JobStore {
 
   /**
    * Like updateIf, from a record the caller holds (read or written by it): one round trip, no read first.
-   * The write script checks that the stored record is still exactly the held one; if anything else wrote
-   * it meanwhile, this falls back to updateIf (read, check `expected`, write), as if nothing had been held.
+   * The write script checks that the stored record is still exactly the held one (by its `write_id`); if
+   * anything else wrote it meanwhile, or the held record has no `write_id` (written before there were any),
+   * this falls back to updateIf (read, check `expected`, write), as if nothing had been held.
    * The held record itself is left as it was.
    */
   async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus): Promise<JobUpdate | undefined> {
     if (expected === undefined || held.job.status === expected) {
-      const done = await this.#apply(JSON.parse(held.stored) as JobRecord, change, { expected, version: sha1(held.stored) });
-      if (done !== 'changed') return done;
+      const job = JSON.parse(held.stored) as JobRecord;
+      if (job.write_id !== undefined) {
+        const done = await this.#apply(job, change, { expected, version: job.write_id });
+        if (done !== 'changed') return done;
+      }
     }
     return this.updateIf(held.job.id, expected, change);
   }
@@ -175,8 +178,8 @@ export class JobStore {
   }
 
   /**
-   * Writes `job` after `change`; with a version, only if the stored JSON still has that SHA-1 ('changed' if
-   * not); with `expected`, only if the stored status is still that (undefined if not).
+   * Writes `job` after `change`; with a version (the held record's write_id), only if the stored record is still
+   * that write ('changed' if not); with `expected`, only if the stored status is still that (undefined if not).
    */
   async #apply(job: JobRecord, change: (job: JobRecord) => void, opts: { expected: JobStatus | undefined; version?: string }): Promise<JobUpdate | undefined | 'changed'> {
     const { id } = job;
@@ -216,7 +219,7 @@ export class JobStore {
         String(this.retentionSeconds),
         FINAL_STATUSES.includes(job.status) ? '1' : '0',
         String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
-        opts.version ?? '',
+        opts.version === undefined ? '' : JSON.stringify({ write_id: opts.version }).slice(1, -1),
         mayHaveTtl ? '1' : '0',
       ],
     );
