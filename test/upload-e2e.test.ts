@@ -140,6 +140,29 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     expect(jobTagged(job.id)[0]?.keyState).toBe('Enabled');
   });
 
+  // The alias and import checkpoints go out together with the next request (safe to repeat) and are settled
+  // before that request's failure is recorded: the retry resumes after them.
+  it('when GetParametersForImport fails with a 500 once, then the retry does not create the alias again', async () => {
+    stack.emulator.injectFault({ op: 'GetParametersForImport', error: 'KMSInternalException', count: 1 });
+    const before = { alias: stack.emulator.callCount('CreateAlias'), lists: stack.emulator.callCount('ListAliases') };
+    const res = await upload({ ...exampleRequest, aws_param: { Alias: 'params-500' } });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job).toMatchObject({ status: 'succeeded', attempts: 2 });
+    expect(stack.emulator.callCount('CreateAlias') - before.alias).toBe(1);
+    expect(stack.emulator.callCount('ListAliases') - before.lists).toBe(1); // the describe step's only
+    expect(jobTagged(job.id)[0]?.aliases).toEqual(['alias/params-500']);
+  });
+
+  it('when DescribeKey fails with a 500 once, then the retry does not import again', async () => {
+    stack.emulator.injectFault({ op: 'DescribeKey', error: 'KMSInternalException', count: 1 });
+    const before = stack.emulator.callCount('ImportKeyMaterial');
+    const res = await upload({ ...exampleRequest, aws_param: { Alias: 'describe-500' } });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job).toMatchObject({ status: 'succeeded', attempts: 2 });
+    expect(stack.emulator.callCount('ImportKeyMaterial') - before).toBe(1);
+    expect(jobTagged(job.id)[0]?.keyState).toBe('Enabled');
+  });
+
   it('when the source key does not exist, then the job fails at once with a stable code and no retry', async () => {
     const res = await upload({ ...exampleRequest, source_key_identifier: 'no-such-key' });
     const job = await waitForJob(stack, token, res.body.id);

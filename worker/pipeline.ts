@@ -56,6 +56,17 @@ function didNothing(err: unknown): boolean {
   return status !== undefined && status >= 400 && status < 500;
 }
 
+/**
+ * A record write and a KMS request sent together: both settle before anything is thrown (the request's error
+ * first), so that no failure record can overtake the write.
+ */
+async function together<T>(write: Promise<void> | undefined, request: Promise<T>): Promise<T> {
+  const [written, answered] = await Promise.allSettled([write, request]);
+  if (answered.status === 'rejected') throw answered.reason;
+  if (written.status === 'rejected') throw written.reason;
+  return answered.value;
+}
+
 interface KeyRef {
   KeyId: string;
   Arn: string;
@@ -163,8 +174,19 @@ export class UploadPipeline {
       if (ops && slotsAskedFor !== name) r.kms.takeSlots(ops);
       slotsAskedFor = name;
     };
+    /**
+     * A checkpoint on its way while the request after it goes: only before requests that are safe to repeat
+     * (sendAfter). Every other step or checkpoint waits for it first.
+     */
+    let recording: Promise<void> | undefined;
+    const settle = async () => {
+      const pending = recording;
+      recording = undefined;
+      await pending;
+    };
     /** Enters a step; the record says so at once, unless a checkpoint already wrote it as the upcoming step. */
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
+      await settle();
       timer.enter(name);
       askSlots(name);
       if (job.step === name && !change) return;
@@ -175,6 +197,7 @@ export class UploadPipeline {
     };
     /** Records a side effect (right after it happened) and, with it, the step that comes next. */
     const checkpoint = async (change: (p: JobProgress) => void) => {
+      await settle();
       const progress = { ...job.progress };
       change(progress);
       const next = upcomingStep(job.request, progress);
@@ -183,6 +206,18 @@ export class UploadPipeline {
         change(j.progress);
         j.step = next;
       });
+    };
+    /**
+     * Enters a step whose request is safe to repeat (a crash before the checkpoint before it lands only means
+     * the request is sent again): that checkpoint, which already recorded this step as the upcoming one, goes
+     * out together with the request instead of before it.
+     */
+    const sendAfter = async <T>(name: Step, request: () => Promise<T>): Promise<T> => {
+      const pending = recording;
+      recording = undefined;
+      if (pending) timer.enter(name);
+      else await step(name);
+      return together(pending, Promise.resolve().then(request));
     };
 
     if (!job.progress.kms_key_id) {
@@ -221,7 +256,8 @@ export class UploadPipeline {
       faultPoint('before:create_alias');
       await this.createAlias(r.kms, `alias/${alias}`, keyId);
       faultPoint('after:create_alias');
-      await checkpoint((p) => {
+      // A CreateAlias sent again finds the alias naming this key, which counts as done.
+      recording = checkpoint((p) => {
         p.alias_created = true;
       });
     }
@@ -229,13 +265,14 @@ export class UploadPipeline {
     if (!job.progress.imported) {
       let params = job.progress.import_params;
       if (!usableImportParams(params)) {
-        await step('get_import_params');
-        faultPoint('before:get_import_params');
         const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
-        const out = await r.kms.send(
-          'GetParametersForImport',
-          new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: r.source.wrappingAlgorithm, WrappingKeySpec: keySpec }),
-        );
+        const out = await sendAfter('get_import_params', () => {
+          faultPoint('before:get_import_params');
+          return r.kms.send(
+            'GetParametersForImport',
+            new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: r.source.wrappingAlgorithm, WrappingKeySpec: keySpec }),
+          );
+        });
         if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
           throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
         }
@@ -262,7 +299,7 @@ export class UploadPipeline {
       faultPoint('before:import');
       const expires = job.request.KeyExpiration;
       try {
-        const [stepWrite, imported] = await Promise.allSettled([
+        await together(
           entered,
           r.kms.send(
             'ImportKeyMaterial',
@@ -274,30 +311,28 @@ export class UploadPipeline {
               ...(expires && job.request.aws_param.ValidTo ? { ValidTo: new Date(job.request.aws_param.ValidTo) } : {}),
             }),
           ),
-        ]);
-        for (const outcome of [imported, stepWrite]) if (outcome.status === 'rejected') throw outcome.reason;
+        );
       } finally {
         zeroize(wrapped);
       }
       faultPoint('after:import');
       // The uploaded-key resource's id is fixed here already (see the record step).
       const resourceIdFixed = job.progress.resource_id ?? randomUUID();
-      await checkpoint((p) => {
+      // The describe requests only read: sent again, they answer the same.
+      recording = checkpoint((p) => {
         p.imported = true;
         delete p.import_params;
         p.resource_id = resourceIdFixed;
       });
     }
 
-    await step('describe');
-    const described = await this.describe(r.kms, keyId);
+    const described = await sendAfter('describe', () => this.describe(r.kms, keyId));
 
     // The resource id is checkpointed before the resource is written, so a repeated record step rewrites the
-    // same resource. It normally was with the import; then the write that enters this step records nothing a
-    // retry needs and goes out together with the resource.
-    let entered: Promise<void> | undefined;
+    // same resource. It normally was with the import; then this step writes the record only when it ends
+    // (succeeded, step record): entering it for one write's time would cost a write of its own.
     if (job.progress.resource_id) {
-      entered = step('record');
+      timer.enter('record');
     } else {
       const resourceIdFixed = randomUUID();
       await step('record', (j) => {
@@ -308,8 +343,7 @@ export class UploadPipeline {
     faultPoint('before:record');
     const now = new Date().toISOString();
     const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
-    const [stepWrite, put] = await Promise.allSettled([entered, stores.uploadedKeys.put(job.account, resource)]);
-    for (const outcome of [stepWrite, put]) if (outcome.status === 'rejected') throw outcome.reason;
+    await stores.uploadedKeys.put(job.account, resource);
     faultPoint('after:record');
     return stores.jobs.updateFrom(held, (j) => {
       j.status = 'succeeded';
