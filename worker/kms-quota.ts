@@ -190,9 +190,13 @@ export class KmsQuota {
     if (!granted) throw new KmsQuotaWait(op, waitMs);
     if (waitMs > 0) await sleep(waitMs);
     const endTimer = kmsRequestDuration.startTimer({ operation: op });
+    // The call's deadline, cleared once it settled. (AbortSignal.timeout's timer would still fire for every
+    // signal not yet garbage-collected, each time building a DOMException with its stack trace.)
+    const deadline = new AbortController();
+    const timer = setTimeout(() => deadline.abort(), this.deps.timeoutMs);
     try {
       // KMSClient.send's types cannot take "any KMS command": the command goes in untyped, its output comes back typed.
-      const output: unknown = await target.client.send(command as never, { abortSignal: AbortSignal.timeout(this.deps.timeoutMs) });
+      const output: unknown = await target.client.send(command as never, { abortSignal: deadline.signal });
       endTimer();
       kmsRequests.inc({ operation: op, outcome: 'ok', code: '' });
       return output as Output;
@@ -202,6 +206,8 @@ export class KmsQuota {
       // Another client uses this account's quota too: the next free slot goes unused, for every worker.
       if ((err as Error).name === 'ThrottlingException') await this.#take(target, [op], '', false, NO_LIMIT_MS);
       throw err;
+    } finally {
+      clearTimeout(timer);
     }
   }
 }
