@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEFAULT_KMS_QUOTAS } from '../shared/kms-quotas.js';
 import { JOB_TAG_KEY } from '../worker/result.js';
+import { monitorCommands } from './helpers/redis-dump.js';
 import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
 /**
@@ -185,15 +186,14 @@ describe('KMS_QUOTAS with operations turned off', () => {
     // Every command on this stack's quota buckets, Lua's own included, as Redis's MONITOR shows them.
     const bucketPrefix = `${offStack.config.KEYFERRY_PREFIX}:quota:`;
     const touched = new Set<string>();
-    const monitor = await offStack.redis.monitor();
-    monitor.on('monitor', (_time: string, args: string[]) => {
+    const stop = await monitorCommands(offStack.config.REDIS_URL, (args) => {
       for (const a of args) if (a.startsWith(bucketPrefix)) touched.add(/\}:(\w+)/.exec(a)?.[1] ?? a);
     });
     try {
       const res = await offStack.call('POST', '/api/v1/cckm/aws/upload-key', { token: offToken, body: { source_key_identifier: 'off-key', kms: 'kms', region: 'us-east-1', aws_param: { Alias: 'off-key' } } });
       expect(await waitForJob(offStack, offToken, res.body.id)).toMatchObject({ status: 'succeeded', attempts: 1 });
     } finally {
-      monitor.disconnect();
+      stop();
     }
     expect(touched).toContain('CreateAlias');
     expect(touched).toContain('ImportKeyMaterial');

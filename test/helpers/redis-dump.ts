@@ -1,3 +1,4 @@
+import net from 'node:net';
 import type { Redis } from 'ioredis';
 import { Keyspace } from '../../shared/stores/keyspace.js';
 
@@ -37,3 +38,35 @@ export async function redisValuesUnder(redis: Redis, prefix: string): Promise<st
 
 /** The intake rate limit's bucket, which every intake request writes, accepted or not. */
 export const isRateLimitBucket = (key: string) => key.endsWith(':ratelimit');
+
+/** Redis's escapes in MONITOR's quoted arguments (sdscatrepr): `\\`, `\"`, `\n` and the like, `\xHH`. */
+const unescapeMonitorArg = (text: string) =>
+  text.replace(/\\(x[0-9a-f]{2}|.)/g, (_, e: string) => (e.length === 3 ? String.fromCharCode(parseInt(e.slice(1), 16)) : ({ n: '\n', r: '\r', t: '\t', a: '\x07', b: '\b' } as Record<string, string>)[e] ?? e));
+
+/**
+ * Every command Redis runs from now on (Lua's own included), as MONITOR shows it, on a plain socket of its own.
+ * (ioredis's monitor() fails with "Command queue state error" when the first commands arrive together with
+ * MONITOR's OK, as they do on a busy shared Redis.) Resolves once monitoring runs; call the result to stop.
+ */
+export async function monitorCommands(url: string, onCommand: (args: string[]) => void): Promise<() => void> {
+  const { hostname, port } = new URL(url);
+  const socket = net.connect(Number(port || 6379), hostname);
+  socket.setEncoding('latin1');
+  let buffered = '';
+  const started = new Promise<void>((resolve, reject) => {
+    socket.on('error', reject);
+    socket.on('connect', () => socket.write('MONITOR\r\n'));
+    socket.on('data', (chunk: string) => {
+      buffered += chunk;
+      for (let end = buffered.indexOf('\r\n'); end >= 0; end = buffered.indexOf('\r\n')) {
+        const line = buffered.slice(0, end);
+        buffered = buffered.slice(end + 2);
+        if (line === '+OK') resolve();
+        else if (line.startsWith('-')) reject(new Error(line.slice(1)));
+        else onCommand([...line.matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((m) => unescapeMonitorArg(m[1] ?? '')));
+      }
+    });
+  });
+  await started;
+  return () => socket.destroy();
+}
