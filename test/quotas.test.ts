@@ -168,6 +168,26 @@ describe('AWS KMS quotas per account and region, kept by all workers together', 
     const interval = 1000 / C_GPFI_RATE;
     expect(retried - throttled).toBeGreaterThanOrEqual(2 * interval - 50);
   });
+
+  it('when one upload runs, then each of its KMS requests takes exactly one slot', async () => {
+    // The slots a bucket grants: the script's SET of the bucket's next free slot, as Redis's MONITOR shows it.
+    const slots = new Map<string, number>();
+    const bucket = new RegExp(`^${stack.config.KEYFERRY_PREFIX}:quota:\\{${A}:eu-west-1\\}:(\\w+)$`);
+    const stop = await monitorCommands(stack.config.REDIS_URL, (args) => {
+      const op = args[0]?.toLowerCase() === 'set' ? bucket.exec(args[1] ?? '')?.[1] : undefined;
+      if (op) slots.set(op, (slots.get(op) ?? 0) + 1);
+    });
+    const requests = stack.emulator.callCount();
+    try {
+      const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...item('kms-a', 'eu-west-1'), aws_param: { Alias: 'one-slot-each' } } });
+      expect(await waitForJob(stack, token, res.body.id)).toMatchObject({ status: 'succeeded', attempts: 1 });
+    } finally {
+      stop();
+    }
+    const ops = ['CreateKey', 'CreateAlias', 'GetParametersForImport', 'ImportKeyMaterial', 'DescribeKey', 'GetKeyPolicy', 'ListAliases', 'ListResourceTags', 'GetKeyRotationStatus'];
+    expect(stack.emulator.callCount() - requests).toBe(ops.length);
+    expect(Object.fromEntries(slots)).toEqual(Object.fromEntries(ops.map((op) => [op, 1])));
+  });
 });
 
 describe('KMS_QUOTAS with operations turned off', () => {

@@ -179,16 +179,21 @@ export class UploadPipeline {
      * (sendAfter). Every other step or checkpoint waits for it first.
      */
     let recording: Promise<void> | undefined;
-    const settle = async () => {
+    /** Takes the checkpoint on its way, if any: without one, a step or checkpoint goes on without a pause. */
+    const takeRecording = () => {
       const pending = recording;
       recording = undefined;
-      await pending;
+      return pending;
     };
-    /** Enters a step; the record says so at once, unless a checkpoint already wrote it as the upcoming step. */
+    /**
+     * Enters a step; the record says so at once, unless a checkpoint already wrote it as the upcoming step.
+     * The step's quota slots are asked for before anything is awaited: its request may go out meanwhile.
+     */
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
-      await settle();
       timer.enter(name);
       askSlots(name);
+      const pending = takeRecording();
+      if (pending) await pending;
       if (job.step === name && !change) return;
       await write((j) => {
         j.step = name;
@@ -197,7 +202,8 @@ export class UploadPipeline {
     };
     /** Records a side effect (right after it happened) and, with it, the step that comes next. */
     const checkpoint = async (change: (p: JobProgress) => void) => {
-      await settle();
+      const pending = takeRecording();
+      if (pending) await pending;
       const progress = { ...job.progress };
       change(progress);
       const next = upcomingStep(job.request, progress);
@@ -213,10 +219,13 @@ export class UploadPipeline {
      * out together with the request instead of before it.
      */
     const sendAfter = async <T>(name: Step, request: () => Promise<T>): Promise<T> => {
-      const pending = recording;
-      recording = undefined;
-      if (pending) timer.enter(name);
-      else await step(name);
+      const pending = takeRecording();
+      if (pending) {
+        timer.enter(name);
+        askSlots(name);
+      } else {
+        await step(name);
+      }
       return together(pending, Promise.resolve().then(request));
     };
 
