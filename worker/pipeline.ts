@@ -57,13 +57,16 @@ function didNothing(err: unknown): boolean {
 }
 
 /**
- * A record write and a KMS request sent together: both settle before anything is thrown (the request's error
- * first), so that no failure record can overtake the write.
+ * A record write and a KMS request sent together: both settle before anything is thrown, so that no failure
+ * record can overtake the write. A failed write is thrown first, even when the request failed too: the write
+ * may be a checkpoint, and a request's permanent failure judged without it would leave the clean-up working
+ * from a record that misses it (an alias left naming a key scheduled for deletion). Redis errors are
+ * retryable, so the attempt is retried and ends on the request's own failure with the checkpoint recorded.
  */
-async function together<T>(write: Promise<void> | undefined, request: Promise<T>): Promise<T> {
+export async function together<T>(write: Promise<void> | undefined, request: Promise<T>): Promise<T> {
   const [written, answered] = await Promise.allSettled([write, request]);
-  if (answered.status === 'rejected') throw answered.reason;
   if (written.status === 'rejected') throw written.reason;
+  if (answered.status === 'rejected') throw answered.reason;
   return answered.value;
 }
 
