@@ -44,7 +44,8 @@ const unescapeMonitorArg = (text: string) =>
   text.replace(/\\(x[0-9a-f]{2}|.)/g, (_, e: string) => (e.length === 3 ? String.fromCharCode(parseInt(e.slice(1), 16)) : ({ n: '\n', r: '\r', t: '\t', a: '\x07', b: '\b' } as Record<string, string>)[e] ?? e));
 
 /**
- * Every command Redis runs from now on (Lua's own included), as MONITOR shows it, on a plain socket of its own.
+ * Every command Redis runs from now on (Lua's own included), as MONITOR shows it, on a plain socket of its own
+ * (REDIS_URL's host and port; no password or TLS). Arguments come as latin1 text, byte for byte.
  * (ioredis's monitor() fails with "Command queue state error" when the first commands arrive together with
  * MONITOR's OK, as they do on a busy shared Redis.) Resolves once monitoring runs; call the result to stop.
  */
