@@ -191,7 +191,8 @@ export class KmsQuota {
     if (waitMs > 0) await sleep(waitMs);
     const endTimer = kmsRequestDuration.startTimer({ operation: op });
     // The call's deadline, cleared once it settled. (AbortSignal.timeout's timer would still fire for every
-    // signal not yet garbage-collected, each time building a DOMException with its stack trace.)
+    // signal not yet garbage-collected, building a DOMException with its stack trace, and keep the request's
+    // objects reachable through the SDK's abort listener until then.)
     const deadline = new AbortController();
     const timer = setTimeout(() => deadline.abort(), this.deps.timeoutMs);
     try {

@@ -24,11 +24,12 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * result); it answers as the first run did, as far as it matters: the batch's completion number when this
  * final write completed the batch (the batch's finished_at is this write's time), else 0.
  *
- * ARGV[12], when not empty, is the `"write_id":"<id>"` member of the stored JSON the writer holds (a write from
- * a held record, JobStore.updateHeld): the write happens only if the stored JSON still holds it, that is, if the
- * record is still exactly that one (every write stores a new random id; inside a JSON string every quote is
- * escaped, so no field's value can hold the member), else -2 and nothing is written. ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known):
- * only then does a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
+ * ARGV[12], when not empty, is the `"write_id":"<id>"` member of the stored JSON the writer holds (a write
+ * from a held record, JobStore.updateHeld): the write happens only if the stored JSON still holds it, that is,
+ * if the record is still exactly that one (every write stores a new random id; inside a JSON string every
+ * quote is escaped, so no field's value can hold the member), else -2 and nothing is written.
+ * ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known): only then does
+ * a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
  */
 const WRITE_SCRIPT = `
 local current = redis.call('GET', KEYS[1])
