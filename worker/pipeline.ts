@@ -182,7 +182,7 @@ export class UploadPipeline {
      * (sendAfter). Every other step or checkpoint waits for it first.
      */
     let recording: Promise<void> | undefined;
-    /** Takes the checkpoint on its way, if any: without one, a step or checkpoint goes on without a pause. */
+    /** Takes the checkpoint on its way, if any (undefined when there is none: awaiting it then waits for nothing). */
     const takeRecording = () => {
       const pending = recording;
       recording = undefined;
@@ -195,8 +195,7 @@ export class UploadPipeline {
     const step = async (name: Step, change?: (j: JobRecord) => void) => {
       timer.enter(name);
       askSlots(name);
-      const pending = takeRecording();
-      if (pending) await pending;
+      await takeRecording();
       if (job.step === name && !change) return;
       await write((j) => {
         j.step = name;
@@ -205,8 +204,7 @@ export class UploadPipeline {
     };
     /** Records a side effect (right after it happened) and, with it, the step that comes next. */
     const checkpoint = async (change: (p: JobProgress) => void) => {
-      const pending = takeRecording();
-      if (pending) await pending;
+      await takeRecording();
       const progress = { ...job.progress };
       change(progress);
       const next = upcomingStep(job.request, progress);
