@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decryptEmulatorCiphertext } from './kms-emulator/emulator.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 import { redisValuesUnder } from './helpers/redis-dump.js';
+import { Keyspace } from '../shared/stores/keyspace.js';
 
 const spec = (f: string) => JSON.parse(readFileSync(new URL(`./fixtures/spec-${f}`, import.meta.url), 'utf8')) as Record<string, any>;
 const exampleRequest = spec('example-request.json');
@@ -164,10 +165,24 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
   });
 
   it('when the source key does not exist, then the job fails at once with a stable code and no retry', async () => {
+    const listKeys = stack.emulator.callCount('ListKeys');
     const res = await upload({ ...exampleRequest, source_key_identifier: 'no-such-key' });
     const job = await waitForJob(stack, token, res.body.id);
-    expect(job).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'source_key_not_found', retryable: false } });
+    expect(job).toMatchObject({ status: 'failed', attempts: 1, step: 'resolve', error: { code: 'source_key_not_found', retryable: false } });
     expect(jobTagged(job.id)).toHaveLength(0);
+    // The create_key intent that the start write recorded ahead was taken back: the clean-up did not look for a key.
+    expect(stack.emulator.callCount('ListKeys')).toBe(listKeys);
+  });
+
+  it('when a local-store job starts, then its start write already records the create_key intent', async () => {
+    const res = await upload({ ...exampleRequest, aws_param: { Alias: 'intent-ahead' } });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job.status).toBe('succeeded');
+    const events = await stack.redis.xrange(new Keyspace(stack.config.KEYFERRY_PREFIX).jobEvents(job.id), '-', '+');
+    const changes = events.map(([, fields]) => JSON.parse(fields[fields.indexOf('data') + 1] as string) as { status: string; step: string });
+    const firstRunning = changes.find((c) => c.status === 'running');
+    expect(firstRunning?.step).toBe('create_key');
+    expect(changes.map((c) => c.step)).not.toContain('resolve');
   });
 
   it('when the alias names another key, then the job fails alias_taken and its new key is scheduled for deletion', async () => {

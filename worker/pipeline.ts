@@ -139,13 +139,27 @@ const STEP_OPERATIONS: Partial<Record<Step, readonly KmsOperation[]>> = {
  * right after it happens, so a retry skips what is done and never creates a second key.
  */
 export class UploadPipeline {
-  /** The step an attempt starts at: the worker's start write (status `running`) records it. */
-  static readonly FIRST_STEP: Step = 'resolve';
-
   constructor(private readonly deps: PipelineDeps) {}
 
   /**
-   * `started`: the job's record as the worker's start write left it (status `running`, step FIRST_STEP);
+   * The worker's start write (status `running`, this attempt), applied to the record it read; it enters
+   * `resolve`. A job that has asked KMS for nothing yet, and whose resolve step only reads Redis (a local-tier
+   * source: lookUp sends those reads with this write), also records its create_key intent here and enters
+   * `create_key`: CreateKey then needs no write of its own before it. Should resolve fail, run() takes the
+   * intent back before anything else (no retry or clean-up then looks for a key by tag).
+   */
+  static start(j: JobRecord, attempt: number): void {
+    j.status = 'running';
+    j.attempts = attempt;
+    j.step = 'resolve';
+    if (j.request.source_key_tier === 'local' && !j.progress.kms_key_id && !j.progress.create_key_started_at) {
+      j.progress.create_key_started_at = new Date().toISOString();
+      j.step = 'create_key';
+    }
+  }
+
+  /**
+   * `started`: the job's record as the worker's start write (UploadPipeline.start) left it;
    * `lookups`: lookUp of the record the start write went from (the job's request does not change).
    */
   async run(started: HeldJob, lookups: Lookups = this.lookUp(started.job)): Promise<JobUpdate> {
@@ -166,10 +180,19 @@ export class UploadPipeline {
       held = await stores.jobs.updateFrom(held, change);
       job = held.job;
     };
-    // The worker's start write entered the first step.
-    timer.enter(UploadPipeline.FIRST_STEP);
-    if (job.step !== UploadPipeline.FIRST_STEP) await write((j) => void (j.step = UploadPipeline.FIRST_STEP));
-    const r = await this.resolve(job, lookups);
+    // The worker's start write entered resolve, or create_key with the intent recorded ahead of resolve.
+    const intentAhead = job.step === 'create_key' && !job.progress.kms_key_id && job.progress.create_key_started_at !== undefined;
+    timer.enter('resolve');
+    const r = await this.resolve(job, lookups).catch(async (err: unknown) => {
+      // No CreateKey went out: the failure is recorded at resolve, with no intent to look for a key by.
+      if (intentAhead) {
+        await write((j) => {
+          delete j.progress.create_key_started_at;
+          j.step = 'resolve';
+        });
+      }
+      throw err;
+    });
     /** The step whose requests' quota slots were asked for ahead (once per step). */
     let slotsAskedFor: Step | undefined;
     const askSlots = (name: Step) => {
@@ -232,14 +255,19 @@ export class UploadPipeline {
 
     if (!job.progress.kms_key_id) {
       // An intent without a key id: an earlier attempt may have died between CreateKey and its checkpoint.
-      let key = job.progress.create_key_started_at ? await this.findCreatedKey(r.kms, job.id) : undefined;
+      let key = job.progress.create_key_started_at && !intentAhead ? await this.findCreatedKey(r.kms, job.id) : undefined;
       if (key) {
         this.deps.logger.info({ job_id: job.id, kms_key_id: key.KeyId }, 'resuming with the key an earlier attempt created');
         timer.enter('create_key');
       } else {
-        await step('create_key', (j) => {
-          j.progress.create_key_started_at = new Date().toISOString();
-        });
+        await step(
+          'create_key',
+          intentAhead
+            ? undefined
+            : (j) => {
+                j.progress.create_key_started_at = new Date().toISOString();
+              },
+        );
         faultPoint('before:create_key');
         key = await this.createKey(r, job).catch(async (err: unknown) => {
           // The request made no key: a retry need not look for one.

@@ -111,18 +111,11 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       return;
     }
     // Compare-and-set: a cancel that won the race leaves the job alone. The write goes from the record just
-    // read (checked unchanged inside the write script), and enters the pipeline's first step. The first
-    // step's reads of Redis go out with it; they are dropped if the job does not start.
+    // read (checked unchanged inside the write script), and enters the pipeline's first step (see
+    // UploadPipeline.start). The first step's reads of Redis go out with it; they are dropped if the job does
+    // not start.
     const lookups = pipeline.lookUp(current);
-    const started = await stores.jobs.updateHeld(
-      loaded,
-      (j) => {
-        j.status = 'running';
-        j.attempts = job.attemptsMade + 1;
-        j.step = UploadPipeline.FIRST_STEP;
-      },
-      current.status,
-    );
+    const started = await stores.jobs.updateHeld(loaded, (j) => UploadPipeline.start(j, job.attemptsMade + 1), current.status);
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
       return;
