@@ -132,11 +132,14 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
   it('when ImportKeyMaterial fails with a 500 once, then the retry resumes and no second key is created', async () => {
     stack.emulator.injectFault({ op: 'ImportKeyMaterial', error: 'KMSInternalException', count: 1 });
     const before = stack.emulator.callCount('CreateKey');
+    const paramsBefore = stack.emulator.callCount('GetParametersForImport');
     const res = await upload({ ...exampleRequest, aws_param: { Alias: 'after-500' } });
     const job = await waitForJob(stack, token, res.body.id);
     expect(job.status).toBe('succeeded');
     expect(job.attempts).toBe(2);
     expect(stack.emulator.callCount('CreateKey') - before).toBe(1);
+    // The import-parameters checkpoint (on its way during the wrap) settled before the failure: the retry reuses them.
+    expect(stack.emulator.callCount('GetParametersForImport') - paramsBefore).toBe(1);
     expect(jobTagged(job.id)).toHaveLength(1);
     expect(jobTagged(job.id)[0]?.keyState).toBe('Enabled');
   });

@@ -238,9 +238,9 @@ export class UploadPipeline {
       });
     };
     /**
-     * Enters a step whose request is safe to repeat (a crash before the checkpoint before it lands only means
-     * the request is sent again): that checkpoint, which already recorded this step as the upcoming one, goes
-     * out together with the request instead of before it.
+     * Enters a step whose request (or, for wrap, local work) is safe to repeat (a crash before the checkpoint
+     * before it lands only means it is done again): that checkpoint, which already recorded this step as the
+     * upcoming one, goes out together with the request instead of before it.
      */
     const sendAfter = async <T>(name: Step, request: () => Promise<T>): Promise<T> => {
       const pending = takeRecording();
@@ -323,35 +323,38 @@ export class UploadPipeline {
           key_spec: keySpec,
         };
         const fresh = params;
-        await checkpoint((p) => {
+        // The wrap needs nothing from this checkpoint: the material is wrapped while it is on its way. A failed
+        // wrap (or import) is thrown only once it settled, so that the retry reuses the parameters; a crash
+        // before it lands makes the retry ask for new ones, as a crash right after GetParametersForImport does.
+        recording = checkpoint((p) => {
           p.import_params = fresh;
         });
       }
 
-      await step('wrap');
-      const wrapped = await r.source.wrap(Buffer.from(params.public_key, 'base64'), params.algorithm as WrappingAlgorithm);
-
-      // The write that enters the step records nothing a retry needs: it goes out with the request. Both
-      // are settled before anything is thrown, so that no failure record can overtake it.
-      const entered = step('import');
-      faultPoint('before:import');
-      const expires = job.request.KeyExpiration;
+      const { public_key, algorithm, import_token } = params;
+      let wrapped: Buffer | undefined;
       try {
+        const material = await sendAfter('wrap', async () => (wrapped = await r.source.wrap(Buffer.from(public_key, 'base64'), algorithm as WrappingAlgorithm)));
+        // The write that enters the step records nothing a retry needs: it goes out with the request. Both
+        // are settled before anything is thrown, so that no failure record can overtake it.
+        const entered = step('import');
+        faultPoint('before:import');
+        const expires = job.request.KeyExpiration;
         await together(
           entered,
           r.kms.send(
             'ImportKeyMaterial',
             new ImportKeyMaterialCommand({
               KeyId: keyId,
-              ImportToken: Buffer.from(params.import_token, 'base64'),
-              EncryptedKeyMaterial: wrapped,
+              ImportToken: Buffer.from(import_token, 'base64'),
+              EncryptedKeyMaterial: material,
               ExpirationModel: expires ? 'KEY_MATERIAL_EXPIRES' : 'KEY_MATERIAL_DOES_NOT_EXPIRE',
               ...(expires && job.request.aws_param.ValidTo ? { ValidTo: new Date(job.request.aws_param.ValidTo) } : {}),
             }),
           ),
         );
       } finally {
-        zeroize(wrapped);
+        if (wrapped) zeroize(wrapped);
       }
       faultPoint('after:import');
       // The uploaded-key resource's id is fixed here already (see the record step).
