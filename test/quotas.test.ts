@@ -3,6 +3,7 @@ import { DEFAULT_KMS_QUOTAS } from '../shared/kms-quotas.js';
 import { JOB_TAG_KEY } from '../worker/result.js';
 import { monitorCommands } from './helpers/redis-dump.js';
 import { seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
+import { Keyspace } from '../shared/stores/keyspace.js';
 
 /**
  * AWS's quotas sped up SCALE times, enforced alike by the emulator (ThrottlingException above them) and by
@@ -188,6 +189,29 @@ describe('AWS KMS quotas per account and region, kept by all workers together', 
     const ops = ['CreateKey', 'CreateAlias', 'GetParametersForImport', 'ImportKeyMaterial', 'DescribeKey', 'GetKeyPolicy', 'ListAliases', 'ListResourceTags', 'GetKeyRotationStatus'];
     expect(stack.emulator.callCount() - requests).toBe(ops.length);
     expect(Object.fromEntries(slots)).toEqual(Object.fromEntries(ops.map((op) => [op, 1])));
+  });
+
+  it('when the slot of CreateKey cannot be taken (Redis answers an error), then no CreateKey went out and the retry does not look for a key', async () => {
+    // A hash where the bucket's next free slot should be: the slot script's GET of it fails with WRONGTYPE.
+    const bucket = new Keyspace(stack.config.KEYFERRY_PREFIX).kmsQuota(B, 'us-east-1', 'CreateKey');
+    await stack.redis.del(bucket);
+    await stack.redis.hset(bucket, 'broken', '1');
+    const listKeys = stack.emulator.callCount('ListKeys');
+    const createKeys = stack.emulator.callCount('CreateKey');
+    let jobId = '';
+    try {
+      const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: item('kms-b', 'us-east-1') });
+      jobId = res.body.id;
+      await until(async () => (await stack.call('GET', `/api/v1/jobs/${jobId}`, { token })).body.status === 'retrying');
+      expect(stack.emulator.callCount('CreateKey')).toBe(createKeys);
+    } finally {
+      await stack.redis.del(bucket);
+    }
+    const job = await waitForJob(stack, token, jobId);
+    expect(job).toMatchObject({ status: 'succeeded' });
+    expect(job.attempts).toBeGreaterThan(1);
+    expect(stack.emulator.callCount('CreateKey') - createKeys).toBe(1);
+    expect(stack.emulator.callCount('ListKeys')).toBe(listKeys);
   });
 });
 

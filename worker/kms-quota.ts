@@ -90,6 +90,14 @@ export class KmsQuotaWait extends Error {
   }
 }
 
+/** Errors of taking a request's slot (Redis failed): thrown before the request was sent. */
+const slotFailures = new WeakSet<object>();
+
+/** The request was never sent: its slot is further off than the job may sleep, or could not be taken. */
+export function neverSent(err: unknown): boolean {
+  return err instanceof KmsQuotaWait || (typeof err === 'object' && err !== null && slotFailures.has(err));
+}
+
 interface Target {
   client: KMSClient;
   conn: KmsConnection;
@@ -186,7 +194,10 @@ export class KmsQuota {
 
   /** The one way keyferry calls KMS: a slot of the operation's bucket, then the command with its deadline. */
   async #send<Output>(target: Target, op: KmsOperation, command: KmsCommand<Output>, slot?: Promise<Slot>): Promise<Output> {
-    const [granted, waitMs] = await (slot ?? this.#take(target, [op], target.ticket, target.single, target.maxSleepMs).then((all) => all[0] as Slot));
+    const [granted, waitMs] = await (slot ?? this.#take(target, [op], target.ticket, target.single, target.maxSleepMs).then((all) => all[0] as Slot)).catch((err: unknown) => {
+      if (typeof err === 'object' && err !== null) slotFailures.add(err);
+      throw err;
+    });
     if (!granted) throw new KmsQuotaWait(op, waitMs);
     if (waitMs > 0) await sleep(waitMs);
     const endTimer = kmsRequestDuration.startTimer({ operation: op });

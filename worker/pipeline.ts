@@ -27,7 +27,7 @@ import type { KmsConnection, PolicyTemplate, WrappingKeySpec } from '../shared/r
 import { faultPoint } from './fault-point.js';
 import { classify } from './classify.js';
 import type { KmsClients } from './kms-clients.js';
-import { KmsQuotaWait, type KmsQuota, type MeteredKms } from './kms-quota.js';
+import { neverSent, type KmsQuota, type MeteredKms } from './kms-quota.js';
 import { buildKeyResource, JOB_TAG_KEY, type DescribeOutput } from './result.js';
 import type { SourceKey, Sources } from './sources/index.js';
 
@@ -47,11 +47,11 @@ export interface PipelineDeps {
 }
 
 /**
- * The request did nothing: it waits for its quota (never sent), or KMS answered with a client error (4xx).
- * Timeouts, network errors and 5xx leave that in doubt.
+ * The request did nothing: it was never sent (it waits for its quota, or its slot could not be taken), or KMS
+ * answered with a client error (4xx). Timeouts, network errors and 5xx leave that in doubt.
  */
 function didNothing(err: unknown): boolean {
-  if (err instanceof KmsQuotaWait) return true;
+  if (neverSent(err)) return true;
   const status = (err as { $metadata?: { httpStatusCode?: number } } | undefined)?.$metadata?.httpStatusCode;
   return status !== undefined && status >= 400 && status < 500;
 }
@@ -184,12 +184,14 @@ export class UploadPipeline {
     const intentAhead = job.step === 'create_key' && !job.progress.kms_key_id && job.progress.create_key_started_at !== undefined;
     timer.enter('resolve');
     const r = await this.resolve(job, lookups).catch(async (err: unknown) => {
-      // No CreateKey went out: the failure is recorded at resolve, with no intent to look for a key by.
+      // No CreateKey went out: the failure is recorded at resolve, with no intent to look for a key by. Should
+      // that write fail too (Redis away), the resolve failure still decides: the intent left behind only costs
+      // a look for the key by tag.
       if (intentAhead) {
         await write((j) => {
           delete j.progress.create_key_started_at;
           j.step = 'resolve';
-        });
+        }).catch((e: unknown) => this.deps.logger.warn({ job_id: job.id, err: (e as Error).message }, 'could not take back the create_key intent'));
       }
       throw err;
     });
