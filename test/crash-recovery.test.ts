@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { CreateKeyCommand, KMSClient } from '@aws-sdk/client-kms';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAULT_POINTS, type FaultPoint } from '../worker/fault-point.js';
+import { Keyspace } from '../shared/stores/keyspace.js';
 import { JOB_TAG_KEY } from '../worker/result.js';
 import { runEntry, type Child } from './helpers/child.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
@@ -22,10 +23,10 @@ const bystanders = new Set<string>();
 /** Every job this file submitted: each emulator key but the bystanders must belong to one of them. */
 const jobIds: string[] = [];
 
-async function submit(alias: string): Promise<string> {
+async function submit(alias: string, source = 'crash-source'): Promise<string> {
   const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', {
     token,
-    body: { source_key_identifier: 'crash-source', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: alias, Tags: [{ TagKey: 'team', TagValue: 'crash' }] } },
+    body: { source_key_identifier: source, region: 'ap-south-1', kms: 'kms', aws_param: { Alias: alias, Tags: [{ TagKey: 'team', TagValue: 'crash' }] } },
   });
   expect(res.status).toBe(202);
   jobIds.push(res.body.id);
@@ -36,10 +37,10 @@ async function submit(alias: string): Promise<string> {
  * Submits a job to the real worker process (worker/main.ts, on the stack's Redis prefix) armed with a fault
  * point, and resolves once that process is dead. One that never reaches its point is stopped after 20 s.
  */
-async function jobWhoseWorkerDies(point: FaultPoint, alias: string): Promise<string> {
+async function jobWhoseWorkerDies(point: FaultPoint, alias: string, source?: string): Promise<string> {
   const child = runEntry('worker/main.ts', { ...childEnv, KEYFERRY_FAULT_POINT: point });
   children.push(child);
-  const jobId = await submit(alias);
+  const jobId = await submit(alias, source);
   const timer = setTimeout(() => child.proc.kill('SIGTERM'), 20_000);
   const { signal } = await child.exited;
   clearTimeout(timer);
@@ -130,6 +131,24 @@ describe('crash recovery: the real worker process is killed at each side effect,
     expect(Object.values(states).sort()).toEqual(['Enabled', 'PendingDeletion']);
     expect(states[first?.keyId as string]).toBe('Enabled');
     expect(job.result.aws_param.KeyID).toBe(first?.keyId);
+    expectNoOrphanKeys();
+  });
+
+  it('when a worker dies after CreateKey and the source key is gone before the retry, then the job fails at resolve and the key it made is found by its tag and scheduled for deletion', async () => {
+    const doomed = await seedLocalKey(stack, token, 'crash-doomed', randomBytes(32).toString('hex'));
+    const jobId = await jobWhoseWorkerDies('after:create_key', 'crash-doomed', doomed.name);
+    // The local key disappears from the store (there is no delete route): the retry's resolve cannot find it.
+    const keyspace = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    await stack.redis.hdel(keyspace.resources('crash', 'localkeys'), doomed.id);
+    await stack.redis.hdel(keyspace.resourceNames('crash', 'localkeys'), doomed.name);
+
+    const worker = await stack.startWorker();
+    const job = await waitForJob(stack, token, jobId);
+    await worker.close();
+
+    // The earlier attempt's intent was kept (this attempt's start write did not record it), so the clean-up found the key.
+    expect(job).toMatchObject({ status: 'failed', step: 'resolve', error: { code: 'source_key_not_found' }, deletion_scheduled_for: expect.any(String) });
+    expect(taggedWith(jobId).map((k) => k.keyState)).toEqual(['PendingDeletion']);
     expectNoOrphanKeys();
   });
 
