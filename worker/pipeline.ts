@@ -105,6 +105,11 @@ class StepTimer {
   }
 }
 
+/** The create_key intent: CreateKey may be sent from now on (with no kms_key_id, a retry looks for its key by tag). */
+function recordCreateKeyIntent(j: JobRecord): void {
+  j.progress.create_key_started_at = new Date().toISOString();
+}
+
 /** Import parameters still usable: present and not within IMPORT_PARAMS_MARGIN_MS of expiry. */
 function usableImportParams(params: JobRecord['progress']['import_params']): params is NonNullable<JobRecord['progress']['import_params']> {
   return params !== undefined && Date.parse(params.valid_to) - Date.now() >= IMPORT_PARAMS_MARGIN_MS;
@@ -153,7 +158,7 @@ export class UploadPipeline {
     j.attempts = attempt;
     j.step = 'resolve';
     if (j.request.source_key_tier === 'local' && !j.progress.kms_key_id && !j.progress.create_key_started_at) {
-      j.progress.create_key_started_at = new Date().toISOString();
+      recordCreateKeyIntent(j);
       j.step = 'create_key';
     }
   }
@@ -262,14 +267,7 @@ export class UploadPipeline {
         this.deps.logger.info({ job_id: job.id, kms_key_id: key.KeyId }, 'resuming with the key an earlier attempt created');
         timer.enter('create_key');
       } else {
-        await step(
-          'create_key',
-          intentAhead
-            ? undefined
-            : (j) => {
-                j.progress.create_key_started_at = new Date().toISOString();
-              },
-        );
+        await step('create_key', intentAhead ? undefined : recordCreateKeyIntent);
         faultPoint('before:create_key');
         key = await this.createKey(r, job).catch(async (err: unknown) => {
           // The request made no key: a retry need not look for one.
