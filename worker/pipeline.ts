@@ -110,6 +110,11 @@ function recordCreateKeyIntent(j: JobRecord): void {
   j.progress.create_key_started_at = new Date().toISOString();
 }
 
+/** Takes the intent back: no CreateKey went out, so no retry or clean-up need look for a key. */
+function dropCreateKeyIntent(j: JobRecord): void {
+  delete j.progress.create_key_started_at;
+}
+
 /** Import parameters still usable: present and not within IMPORT_PARAMS_MARGIN_MS of expiry. */
 function usableImportParams(params: JobRecord['progress']['import_params']): params is NonNullable<JobRecord['progress']['import_params']> {
   return params !== undefined && Date.parse(params.valid_to) - Date.now() >= IMPORT_PARAMS_MARGIN_MS;
@@ -194,7 +199,7 @@ export class UploadPipeline {
       // a look for the key by tag.
       if (intentAhead) {
         await write((j) => {
-          delete j.progress.create_key_started_at;
+          dropCreateKeyIntent(j);
           j.step = 'resolve';
         }).catch((e: unknown) => this.deps.logger.warn({ job_id: job.id, err: (e as Error).message }, 'could not take back the create_key intent'));
       }
@@ -271,11 +276,7 @@ export class UploadPipeline {
         faultPoint('before:create_key');
         key = await this.createKey(r, job).catch(async (err: unknown) => {
           // The request made no key: a retry need not look for one.
-          if (didNothing(err)) {
-            await step('create_key', (j) => {
-              delete j.progress.create_key_started_at;
-            });
-          }
+          if (didNothing(err)) await step('create_key', dropCreateKeyIntent);
           throw err;
         });
         faultPoint('after:create_key');
@@ -332,6 +333,7 @@ export class UploadPipeline {
       }
 
       const { public_key, algorithm, import_token } = params;
+      // Held for the zeroing below also when the checkpoint's failure is thrown instead of the wrap's result.
       let wrapped: Buffer | undefined;
       try {
         const material = await sendAfter('wrap', async () => (wrapped = await r.source.wrap(Buffer.from(public_key, 'base64'), algorithm as WrappingAlgorithm)));
