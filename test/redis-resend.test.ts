@@ -198,6 +198,20 @@ describe('two writers, one compare-and-set', () => {
     expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
   });
 
+  it('when a write from a held record changes its status and progress, then the held record itself stays as it was', async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const held = await stores.jobs.getHeld(job.id);
+    const done = await stores.jobs.updateHeld(held!, (j) => {
+      j.status = 'running';
+      j.progress.kms_key_id = 'key-1';
+    });
+    expect(done?.job).toMatchObject({ status: 'running', progress: { kms_key_id: 'key-1' } });
+    expect(held!.job).toEqual(JSON.parse(held!.stored));
+    expect(held!.job.status).toBe('queued');
+    expect(held!.job.progress.kms_key_id).toBeUndefined();
+  });
+
   it("when the other writer's record quotes the held write_id in a field, then a write from the held record still falls back and keeps that write", async () => {
     const job = newJob();
     await stores.jobs.create(job);

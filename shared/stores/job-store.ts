@@ -93,10 +93,19 @@ export interface JobUpdate {
   stored: string;
 }
 
-/** A record as read or last written by its one writer, and its stored JSON. */
+/** A record as read or last written by its one writer, and its stored JSON. Neither is changed afterwards. */
 export interface HeldJob {
   job: JobRecord;
   stored: string;
+}
+
+/**
+ * A copy of a held record for a change to apply to: its top-level fields and those of `progress` are its own.
+ * Changes set those (and replace, never alter, any other object: `error`, `result`, `request`), so the held
+ * record stays as it was; cheaper than parsing the stored JSON again.
+ */
+function copyForChange(job: JobRecord): JobRecord {
+  return { ...job, progress: { ...job.progress } };
 }
 
 /** Job records, one JSON string per job, keyed by job id, with their event streams and batch counters. */
@@ -162,7 +171,7 @@ export class JobStore {
    */
   async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus): Promise<JobUpdate | undefined> {
     if (expected === undefined || held.job.status === expected) {
-      const job = JSON.parse(held.stored) as JobRecord;
+      const job = copyForChange(held.job);
       if (job.write_id !== undefined) {
         const done = await this.#apply(job, change, { expected, version: job.write_id });
         if (done !== 'changed') return done;
