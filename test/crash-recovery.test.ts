@@ -134,23 +134,28 @@ describe('crash recovery: the real worker process is killed at each side effect,
     expectNoOrphanKeys();
   });
 
-  it('when a worker dies after CreateKey and the source key is gone before the retry, then the job fails at resolve and the key it made is found by its tag and scheduled for deletion', async () => {
-    const doomed = await seedLocalKey(stack, token, 'crash-doomed', randomBytes(32).toString('hex'));
-    const jobId = await jobWhoseWorkerDies('after:create_key', 'crash-doomed', doomed.name);
-    // The local key disappears from the store (there is no delete route): the retry's resolve cannot find it.
-    const keyspace = new Keyspace(stack.config.KEYFERRY_PREFIX);
-    await stack.redis.hdel(keyspace.resources('crash', 'localkeys'), doomed.id);
-    await stack.redis.hdel(keyspace.resourceNames('crash', 'localkeys'), doomed.name);
+  it.each(['after:create_key', 'after:create_alias'] as const)(
+    'when a worker dies at %s and the source key is gone before the retry, then the job fails at resolve, and the key it made and its alias are found and cleaned up',
+    async (point) => {
+      const name = `crash-doomed-${point.slice('after:'.length)}`;
+      const doomed = await seedLocalKey(stack, token, name, randomBytes(32).toString('hex'));
+      const jobId = await jobWhoseWorkerDies(point, name, doomed.name);
+      // The local key disappears from the store (there is no delete route): the retry's resolve cannot find it.
+      const keyspace = new Keyspace(stack.config.KEYFERRY_PREFIX);
+      await stack.redis.hdel(keyspace.resources('crash', 'localkeys'), doomed.id);
+      await stack.redis.hdel(keyspace.resourceNames('crash', 'localkeys'), doomed.name);
 
-    const worker = await stack.startWorker();
-    const job = await waitForJob(stack, token, jobId);
-    await worker.close();
+      const worker = await stack.startWorker();
+      const job = await waitForJob(stack, token, jobId);
+      await worker.close();
 
-    // The earlier attempt's intent was kept (this attempt's start write did not record it), so the clean-up found the key.
-    expect(job).toMatchObject({ status: 'failed', step: 'resolve', error: { code: 'source_key_not_found' }, deletion_scheduled_for: expect.any(String) });
-    expect(taggedWith(jobId).map((k) => k.keyState)).toEqual(['PendingDeletion']);
-    expectNoOrphanKeys();
-  });
+      // after:create_key: the earlier attempt's intent was kept (this attempt's start write did not record it), so
+      // the clean-up found the key by its tag. after:create_alias: the record had the key but not the alias.
+      expect(job).toMatchObject({ status: 'failed', step: 'resolve', error: { code: 'source_key_not_found' }, deletion_scheduled_for: expect.any(String) });
+      expect(taggedWith(jobId).map((k) => [k.keyState, k.aliases])).toEqual([['PendingDeletion', []]]);
+      expectNoOrphanKeys();
+    },
+  );
 
   it('when workers die running a job more than WORKER_MAX_STALLED_COUNT times, then it fails worker_lost and the key it made is scheduled for deletion', async () => {
     const jobId = await jobWhoseWorkerDies('after:create_key', 'crash-for-good');

@@ -411,8 +411,10 @@ export class UploadPipeline {
     const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: false });
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
-    // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload.
-    if (progress.alias_created && job.request.aws_param.Alias) await this.deleteAliasIfOurs(kms, `alias/${job.request.aws_param.Alias}`, keyId);
+    // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload. It is
+    // looked for also when the record does not say it was made: a worker may have died between CreateAlias
+    // and the checkpoint that records it.
+    if (job.request.aws_param.Alias) await this.deleteAliasIfOurs(kms, `alias/${job.request.aws_param.Alias}`, keyId);
     const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
     await this.deps.stores.jobs.update(jobId, (j) => {
