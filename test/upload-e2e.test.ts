@@ -26,10 +26,16 @@ async function knownKey(name: string) {
 const upload = (body: Record<string, unknown>, headers: Record<string, string> = {}) =>
   stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body, headers });
 
+/** The job resources in a job's event stream: one per write that changed its status or step. */
+async function jobChanges(jobId: string) {
+  const events = await stack.redis.xrange(new Keyspace(stack.config.KEYFERRY_PREFIX).jobEvents(jobId), '-', '+');
+  return events.map(([, fields]) => JSON.parse(fields[fields.indexOf('data') + 1] as string) as { status: string; step: string });
+}
+
 const jobTagged = (jobId: string) => stack.emulator.keys().filter((k) => k.tags.some((t) => t.TagKey === 'keyferry:job-id' && t.TagValue === jobId));
 
 beforeAll(async () => {
-  stack = await startStack({ name: 'e2e' });
+  stack = await startStack({ name: 'e2e', emulator: { recordRequests: true } });
   token = await stack.token('kylo');
   await seedKms(stack, token);
   await knownKey('test-key');
@@ -181,11 +187,45 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     const res = await upload({ ...exampleRequest, aws_param: { Alias: 'intent-ahead' } });
     const job = await waitForJob(stack, token, res.body.id);
     expect(job.status).toBe('succeeded');
-    const events = await stack.redis.xrange(new Keyspace(stack.config.KEYFERRY_PREFIX).jobEvents(job.id), '-', '+');
-    const changes = events.map(([, fields]) => JSON.parse(fields[fields.indexOf('data') + 1] as string) as { status: string; step: string });
+    const changes = await jobChanges(job.id);
     const firstRunning = changes.find((c) => c.status === 'running');
     expect(firstRunning?.step).toBe('create_key');
     expect(changes.map((c) => c.step)).not.toContain('resolve');
+  });
+
+  it('when a local-store job with an alias runs, then CreateAlias and GetParametersForImport go out together, and its record shows import while wrapping', async () => {
+    const latencyMs = 200;
+    stack.emulator.setLatency(latencyMs);
+    let job;
+    try {
+      const res = await upload({ ...exampleRequest, aws_param: { Alias: 'alias-with-params' } });
+      job = await waitForJob(stack, token, res.body.id);
+    } finally {
+      stack.emulator.setLatency(0);
+    }
+    expect(job.status).toBe('succeeded');
+    // One after the other, the second would arrive a whole KMS round trip after the first.
+    const lastArrival = (op: string) => stack.emulator.requests().filter((r) => r.op === op).at(-1)?.at ?? NaN;
+    expect(Math.abs(lastArrival('GetParametersForImport') - lastArrival('CreateAlias'))).toBeLessThan(latencyMs);
+    // One write per change of step: neither get_import_params (it goes with create_alias) nor wrap is entered by a write.
+    const running = (await jobChanges(job.id)).filter((c) => c.status === 'running').map((c) => c.step);
+    expect(running).toEqual(['create_key', 'create_alias', 'import', 'describe']);
+  });
+
+  it('when the wrap of a local-store key fails, then the job fails at wrap, not at the import its record showed', async () => {
+    await knownKey('unsealable');
+    const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    const { id } = (await stack.call('GET', '/api/v1/vault/keys2/unsealable', { token })).body as { id: string };
+    const hash = keys.resources('kylo', 'localkeys');
+    const stored = JSON.parse((await stack.redis.hget(hash, id)) as string) as { material_sealed: string };
+    // Sealed under a master key the worker does not have: opening it, in the wrap, fails.
+    stored.material_sealed = stored.material_sealed.replace(/^kf1\.[^.]+\./, 'kf1.00000000.');
+    await stack.redis.hset(hash, id, JSON.stringify(stored));
+    const res = await upload({ ...exampleRequest, source_key_identifier: 'unsealable', aws_param: { Alias: 'unsealable' } });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job).toMatchObject({ status: 'failed', step: 'wrap', deletion_scheduled_for: expect.any(String) });
+    expect(stack.emulator.requests().filter((r) => r.op === 'ImportKeyMaterial' && r.at >= Date.parse(job.created_at))).toHaveLength(0);
+    expect(jobTagged(job.id)[0]?.aliases).toEqual([]);
   });
 
   it('when the alias names another key, then the job fails alias_taken and its new key is scheduled for deletion', async () => {

@@ -70,6 +70,8 @@ export async function together<T>(write: Promise<void> | undefined, request: Pro
   return answered.value;
 }
 
+type ImportParams = NonNullable<JobProgress['import_params']>;
+
 interface KeyRef {
   KeyId: string;
   Arn: string;
@@ -92,6 +94,10 @@ interface Resolved {
 /** Times the steps of one attempt into keyferry_step_duration_seconds: a step lasts until the next one starts. */
 class StepTimer {
   #current: { step: Step; end: () => number } | undefined;
+
+  get step(): Step | undefined {
+    return this.#current?.step;
+  }
 
   enter(step: Step): void {
     if (this.#current?.step === step) return;
@@ -121,14 +127,40 @@ function usableImportParams(params: JobRecord['progress']['import_params']): par
 }
 
 /**
- * The step the pipeline goes to next from a job's progress (after resolve). A checkpoint records it along
- * with the progress, so that entering that step needs no write of its own.
+ * The step a record shows while the pipeline is in `step`. A local-store key is wrapped in this process, in
+ * well under a millisecond, right before ImportKeyMaterial: its record shows `import` already, so that no
+ * write enters `import` after the wrap (a failure in the wrap is still recorded at `wrap`: failedStep).
+ */
+function shownStep(request: JobRecord['request'], step: Step): Step {
+  return step === 'wrap' && request.source_key_tier === 'local' ? 'import' : step;
+}
+
+/**
+ * The step the pipeline goes to next from a job's progress (after resolve), as its record shows it. A
+ * checkpoint records it along with the progress, so that entering that step needs no write of its own.
  */
 function upcomingStep(request: JobRecord['request'], p: JobProgress): Step {
   if (!p.kms_key_id) return 'create_key';
   if (request.aws_param.Alias && !p.alias_created) return 'create_alias';
-  if (!p.imported) return usableImportParams(p.import_params) ? 'wrap' : 'get_import_params';
+  if (!p.imported) return usableImportParams(p.import_params) ? shownStep(request, 'wrap') : 'get_import_params';
   return 'describe';
+}
+
+/** The step each failure thrown by UploadPipeline.run happened in. */
+const failedIn = new WeakMap<object, Step>();
+
+/**
+ * The step a failure of UploadPipeline.run happened in, for the failure record: the record may show another
+ * (a local-store job's shows `import` while wrapping, see shownStep).
+ */
+export function failedStep(err: unknown): Step | undefined {
+  return typeof err === 'object' && err !== null ? failedIn.get(err) : undefined;
+}
+
+/** Marks a failure as one of `step` (where the step the pipeline is in would say otherwise); returns it. */
+function failedAt(err: unknown, step: Step): unknown {
+  if (typeof err === 'object' && err !== null) failedIn.set(err, step);
+  return err;
 }
 
 /**
@@ -143,6 +175,12 @@ const STEP_OPERATIONS: Partial<Record<Step, readonly KmsOperation[]>> = {
   import: ['ImportKeyMaterial'],
   describe: DESCRIBE_OPERATIONS,
 };
+
+/** The KMS requests a step starts with: with an alias to create, GetParametersForImport goes with CreateAlias. */
+function stepOperations(step: Step, p: JobProgress): readonly KmsOperation[] | undefined {
+  if (step === 'create_alias' && !p.imported && !usableImportParams(p.import_params)) return ['CreateAlias', 'GetParametersForImport'];
+  return STEP_OPERATIONS[step];
+}
 
 /**
  * Runs (or resumes) the upload pipeline of one job. Each side effect is checkpointed in the job record
@@ -176,6 +214,10 @@ export class UploadPipeline {
     const timer = new StepTimer();
     try {
       return await this.#run(started, lookups, timer);
+    } catch (err) {
+      const step = timer.step;
+      if (step && typeof err === 'object' && err !== null && !failedIn.has(err)) failedIn.set(err, step);
+      throw err;
     } finally {
       timer.end();
     }
@@ -207,8 +249,8 @@ export class UploadPipeline {
     });
     /** The step whose requests' quota slots were asked for ahead (once per step). */
     let slotsAskedFor: Step | undefined;
-    const askSlots = (name: Step) => {
-      const ops = STEP_OPERATIONS[name];
+    const askSlots = (name: Step, progress: JobProgress = job.progress) => {
+      const ops = stepOperations(name, progress);
       if (ops && slotsAskedFor !== name) r.kms.takeSlots(ops);
       slotsAskedFor = name;
     };
@@ -231,19 +273,23 @@ export class UploadPipeline {
       timer.enter(name);
       askSlots(name);
       await takeRecording();
-      if (job.step === name && !change) return;
+      const shown = shownStep(job.request, name);
+      if (job.step === shown && !change) return;
       await write((j) => {
-        j.step = name;
+        j.step = shown;
         change?.(j);
       });
     };
-    /** Records a side effect (right after it happened) and, with it, the step that comes next. */
-    const checkpoint = async (change: (p: JobProgress) => void) => {
+    /**
+     * Records a side effect (right after it happened) and, with it, the step that comes next, whose slots it
+     * asks for, unless `beforeFailure` (a failure is thrown next: nothing will be sent).
+     */
+    const checkpoint = async (change: (p: JobProgress) => void, beforeFailure = false) => {
       await takeRecording();
       const progress = { ...job.progress };
       change(progress);
       const next = upcomingStep(job.request, progress);
-      askSlots(next);
+      if (!beforeFailure) askSlots(next, progress);
       await write((j) => {
         change(j.progress);
         j.step = next;
@@ -289,49 +335,40 @@ export class UploadPipeline {
     }
     const keyId = job.progress.kms_key_id as string;
 
-    const alias = job.request.aws_param.Alias;
-    if (alias && !job.progress.alias_created) {
-      await step('create_alias');
-      faultPoint('before:create_alias');
-      await this.createAlias(r.kms, `alias/${alias}`, keyId);
-      faultPoint('after:create_alias');
-      // A CreateAlias sent again finds the alias naming this key, which counts as done.
-      recording = checkpoint((p) => {
-        p.alias_created = true;
-      });
+    const aliasName = job.request.aws_param.Alias ? `alias/${job.request.aws_param.Alias}` : undefined;
+    const needsAlias = aliasName !== undefined && !job.progress.alias_created;
+    let params = job.progress.imported || !usableImportParams(job.progress.import_params) ? undefined : job.progress.import_params;
+    const needsParams = !job.progress.imported && !params;
+    if (needsAlias || needsParams) {
+      // CreateAlias and GetParametersForImport need only the key, and both are safe to repeat (an alias that
+      // already names this key counts as done): they go out together, and one checkpoint records both.
+      const [aliased, fetched] = await sendAfter(needsAlias ? 'create_alias' : 'get_import_params', () =>
+        Promise.allSettled([
+          needsAlias ? this.createAlias(r.kms, aliasName, keyId) : undefined,
+          needsParams ? this.importParams(r, keyId) : undefined,
+        ]),
+      );
+      const fresh = fetched.status === 'fulfilled' ? fetched.value : undefined;
+      const record = (p: JobProgress) => {
+        if (needsAlias && aliased.status === 'fulfilled') p.alias_created = true;
+        if (fresh) p.import_params = fresh;
+      };
+      const failed = aliased.status === 'rejected' ? aliased : fetched.status === 'rejected' ? fetched : undefined;
+      if (failed) {
+        // What did succeed is recorded before the failure is thrown: a clean-up must know of the alias, and
+        // a retry reuses the parameters.
+        if ((needsAlias && aliased.status === 'fulfilled') || fresh) await checkpoint(record, true);
+        throw failed === aliased ? failed.reason : failedAt(failed.reason, 'get_import_params');
+      }
+      params = fresh ?? params;
+      // The wrap needs nothing from this checkpoint: the material is wrapped while it is on its way. A failed
+      // wrap (or import) is thrown only once it settled, so that the retry reuses the parameters; a crash
+      // before it lands makes the retry ask for new ones, as a crash right after GetParametersForImport does.
+      recording = checkpoint(record);
     }
 
     if (!job.progress.imported) {
-      let params = job.progress.import_params;
-      if (!usableImportParams(params)) {
-        const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
-        const out = await sendAfter('get_import_params', () => {
-          faultPoint('before:get_import_params');
-          return r.kms.send(
-            'GetParametersForImport',
-            new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: r.source.wrappingAlgorithm, WrappingKeySpec: keySpec }),
-          );
-        });
-        if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
-          throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
-        }
-        faultPoint('after:get_import_params');
-        params = {
-          public_key: Buffer.from(out.PublicKey).toString('base64'),
-          import_token: Buffer.from(out.ImportToken).toString('base64'),
-          valid_to: out.ParametersValidTo.toISOString(),
-          algorithm: r.source.wrappingAlgorithm,
-          key_spec: keySpec,
-        };
-        const fresh = params;
-        // The wrap needs nothing from this checkpoint: the material is wrapped while it is on its way. A failed
-        // wrap (or import) is thrown only once it settled, so that the retry reuses the parameters; a crash
-        // before it lands makes the retry ask for new ones, as a crash right after GetParametersForImport does.
-        recording = checkpoint((p) => {
-          p.import_params = fresh;
-        });
-      }
-
+      if (!params) throw new Error('no import parameters to wrap with'); // fetched above: unreachable
       const { public_key, algorithm, import_token } = params;
       // Held for the zeroing below also when the checkpoint's failure is thrown instead of the wrap's result.
       let wrapped: Buffer | undefined;
@@ -470,6 +507,27 @@ export class UploadPipeline {
     return { conn, kms, source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }
 
+  /** GetParametersForImport with the source's wrapping algorithm and the connection's wrapping key spec. */
+  private async importParams(r: Resolved, keyId: string): Promise<ImportParams> {
+    const keySpec = r.conn.wrapping_key_spec ?? this.deps.defaultWrappingKeySpec;
+    faultPoint('before:get_import_params');
+    const out = await r.kms.send(
+      'GetParametersForImport',
+      new GetParametersForImportCommand({ KeyId: keyId, WrappingAlgorithm: r.source.wrappingAlgorithm, WrappingKeySpec: keySpec }),
+    );
+    if (!out.PublicKey || !out.ImportToken || !out.ParametersValidTo) {
+      throw new PipelineError('aws_bad_response', 'GetParametersForImport returned no parameters.', true);
+    }
+    faultPoint('after:get_import_params');
+    return {
+      public_key: Buffer.from(out.PublicKey).toString('base64'),
+      import_token: Buffer.from(out.ImportToken).toString('base64'),
+      valid_to: out.ParametersValidTo.toISOString(),
+      algorithm: r.source.wrappingAlgorithm,
+      key_spec: keySpec,
+    };
+  }
+
   private async createKey(r: Resolved, job: JobRecord): Promise<KeyRef> {
     const param = job.request.aws_param;
     const out = await r.kms.send(
@@ -532,6 +590,7 @@ export class UploadPipeline {
 
   /** CreateAlias; an alias that already names this key (an earlier attempt made it) is success. */
   private async createAlias(kms: MeteredKms, aliasName: string, keyId: string): Promise<void> {
+    faultPoint('before:create_alias');
     try {
       await kms.send('CreateAlias', new CreateAliasCommand({ AliasName: aliasName, TargetKeyId: keyId }));
     } catch (err) {
@@ -541,6 +600,7 @@ export class UploadPipeline {
         throw new PipelineError('alias_taken', `The alias ${aliasName} already names another key in this account and region.`, false);
       }
     }
+    faultPoint('after:create_alias');
   }
 
   private async describe(kms: MeteredKms, keyId: string): Promise<DescribeOutput> {

@@ -3,7 +3,7 @@ import type { Config } from '../shared/config.js';
 import { RESUMED_BATCH_PRIORITY } from '../shared/batches.js';
 import { createStores } from '../shared/context.js';
 import { PipelineError } from '../shared/errors.js';
-import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type UploadJobData } from '../shared/jobs.js';
+import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type Step, type UploadJobData } from '../shared/jobs.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
@@ -14,7 +14,7 @@ import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
-import { UploadPipeline } from './pipeline.js';
+import { failedStep, UploadPipeline } from './pipeline.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
@@ -55,7 +55,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     if (Number.isFinite(ms)) jobDuration.observe(Math.max(0, ms) / 1000);
   };
 
-  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger) => {
+  /** `step`: where the attempt failed, when the record may show another step (pipeline's failedStep). */
+  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger, step?: Step) => {
     if (final) {
       const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
         log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
@@ -65,6 +66,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     }
     const failed = await stores.jobs.update(jobId, (j) => {
       j.status = final ? 'failed' : 'retrying';
+      if (step) j.step = step;
       j.error = { code: err.code, message: err.message, retryable: err.retryable };
       if (err.code === 'import_token_expired') delete j.progress.import_params;
       if (final) j.finished_at = new Date().toISOString();
@@ -129,7 +131,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       if (thrown instanceof KmsQuotaWait) return delayForQuota(job, token, current, thrown, log);
       const err = classify(thrown);
       const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-      await recordFailure(jobId, err, final, log);
+      await recordFailure(jobId, err, final, log, failedStep(thrown));
       throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
     }
   };
