@@ -283,9 +283,10 @@ export class BareUploadError extends Error {
 }
 
 /**
- * The KMS requests of one keyferry upload (worker/pipeline.ts, happy path), sent directly: CreateKey (EXTERNAL),
- * CreateAlias, GetParametersForImport, RSA-OAEP-SHA-256 wrap, ImportKeyMaterial, then DescribeKey, GetKeyPolicy,
- * ListAliases, ListResourceTags and GetKeyRotationStatus at once. Nothing is recorded anywhere.
+ * The KMS requests of one keyferry upload (worker/pipeline.ts, happy path), sent directly and in the same
+ * order: CreateKey (EXTERNAL), then CreateAlias and GetParametersForImport at once, RSA-OAEP-SHA-256 wrap,
+ * ImportKeyMaterial, then DescribeKey, GetKeyPolicy, ListAliases, ListResourceTags and GetKeyRotationStatus
+ * at once. Nothing is recorded anywhere.
  */
 export async function bareUpload(client: KMSClient, u: BareUpload): Promise<void> {
   const at = async <T>(step: string, call: () => Promise<T>): Promise<T> => {
@@ -309,10 +310,10 @@ export async function bareUpload(client: KMSClient, u: BareUpload): Promise<void
     ),
   );
   const KeyId = created.KeyMetadata?.KeyId as string;
-  await at('CreateAlias', () => client.send(new CreateAliasCommand({ AliasName: `alias/${u.alias}`, TargetKeyId: KeyId })));
-  const params = await at('GetParametersForImport', () =>
-    client.send(new GetParametersForImportCommand({ KeyId, WrappingAlgorithm: 'RSAES_OAEP_SHA_256', WrappingKeySpec: u.keySpec })),
-  );
+  const [, params] = await Promise.all([
+    at('CreateAlias', () => client.send(new CreateAliasCommand({ AliasName: `alias/${u.alias}`, TargetKeyId: KeyId }))),
+    at('GetParametersForImport', () => client.send(new GetParametersForImportCommand({ KeyId, WrappingAlgorithm: 'RSAES_OAEP_SHA_256', WrappingKeySpec: u.keySpec }))),
+  ]);
   const publicKey = createPublicKey({ key: Buffer.from(params.PublicKey as Uint8Array), format: 'der', type: 'spki' });
   const wrapped = publicEncrypt({ key: publicKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, u.material);
   await at('ImportKeyMaterial', () =>

@@ -5,8 +5,9 @@
  *
  * N uploads through keyferry (one batch through the API; W worker processes of concurrency C) next to the same
  * KMS requests sent directly with @aws-sdk/client-kms, W × C uploads in flight (bench/lib-bench.ts bareUpload:
- * CreateKey EXTERNAL, CreateAlias, GetParametersForImport, wrap, ImportKeyMaterial, DescribeKey, GetKeyPolicy,
- * ListAliases, ListResourceTags, GetKeyRotationStatus — what worker/pipeline.ts sends on the happy path).
+ * CreateKey EXTERNAL, CreateAlias and GetParametersForImport at once, wrap, ImportKeyMaterial, DescribeKey,
+ * GetKeyPolicy, ListAliases, ListResourceTags, GetKeyRotationStatus at once — what worker/pipeline.ts sends on
+ * the happy path, in the same order).
  * The KMS emulator runs in a process of its own and adds a fixed latency to every request; quotas are off in
  * the emulator and, through KMS_QUOTAS=off, in keyferry (which then takes no slot in Redis per request). The two
  * alternate for R rounds (each round in fresh emulator regions, so both see as many keys); the figures are the
