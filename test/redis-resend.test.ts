@@ -207,6 +207,7 @@ describe('two writers, one compare-and-set', () => {
       j.progress.kms_key_id = 'key-1';
     });
     expect(done?.job).toMatchObject({ status: 'running', progress: { kms_key_id: 'key-1' } });
+    expect(done?.job.progress).not.toBe(held!.job.progress);
     expect(held!.job).toEqual(JSON.parse(held!.stored));
     expect(held!.job.status).toBe('queued');
     expect(held!.job.progress.kms_key_id).toBeUndefined();

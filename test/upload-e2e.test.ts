@@ -150,8 +150,8 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     expect(jobTagged(job.id)[0]?.keyState).toBe('Enabled');
   });
 
-  // The alias and import checkpoints go out together with the next request (safe to repeat) and are settled
-  // before that request's failure is recorded: the retry resumes after them.
+  // CreateAlias succeeds while GetParametersForImport fails: the alias is recorded before the failure, and the
+  // import checkpoint goes out with the describe requests and is settled before their failure is recorded.
   it('when GetParametersForImport fails with a 500 once, then the retry does not create the alias again', async () => {
     stack.emulator.injectFault({ op: 'GetParametersForImport', error: 'KMSInternalException', count: 1 });
     const before = { alias: stack.emulator.callCount('CreateAlias'), lists: stack.emulator.callCount('ListAliases') };
@@ -238,6 +238,17 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     const job = res.body.job;
     expect(job).toMatchObject({ status: 'failed', attempts: 1 });
     expect(job.deletion_scheduled_for).toEqual(expect.any(String));
+    expect(jobTagged(job.id).map((k) => k.keyState)).toEqual(['PendingDeletion']);
+  });
+
+  it('when CreateAlias is refused and the clean-up cannot look for the alias, then the key is still scheduled for deletion', async () => {
+    stack.emulator.injectFault({ op: 'CreateAlias', error: 'AccessDeniedException', status: 400, count: 1 });
+    // The clean-up's ListAliases (the record does not say the alias was made, so it looks) fails.
+    stack.emulator.injectFault({ op: 'ListAliases', error: 'KMSInternalException', status: 500, count: 1 });
+    const res = await upload({ ...exampleRequest, aws_param: { Alias: 'alias-denied' } });
+    const job = await waitForJob(stack, token, res.body.id);
+    stack.emulator.clearFaults();
+    expect(job).toMatchObject({ status: 'failed', step: 'create_alias', error: { code: 'aws_access_denied' }, deletion_scheduled_for: expect.any(String) });
     expect(jobTagged(job.id).map((k) => k.keyState)).toEqual(['PendingDeletion']);
   });
 

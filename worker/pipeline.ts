@@ -94,9 +94,16 @@ interface Resolved {
 /** Times the steps of one attempt into keyferry_step_duration_seconds: a step lasts until the next one starts. */
 class StepTimer {
   #current: { step: Step; end: () => number } | undefined;
+  #failedIn: Step | undefined;
 
-  get step(): Step | undefined {
-    return this.#current?.step;
+  /** The step a failure of this attempt happened in: the current one, unless failedIn said otherwise. */
+  get failedStep(): Step | undefined {
+    return this.#failedIn ?? this.#current?.step;
+  }
+
+  /** A failure about to be thrown happened in `step`, not in the step the attempt is in. */
+  failedIn(step: Step): void {
+    this.#failedIn = step;
   }
 
   enter(step: Step): void {
@@ -129,7 +136,7 @@ function usableImportParams(params: JobRecord['progress']['import_params']): par
 /**
  * The step a record shows while the pipeline is in `step`. A local-store key is wrapped in this process, in
  * well under a millisecond, right before ImportKeyMaterial: its record shows `import` already, so that no
- * write enters `import` after the wrap (a failure in the wrap is still recorded at `wrap`: failedStep).
+ * write enters `import` after the wrap (a failure in the wrap is still recorded at `wrap`: AttemptFailure).
  */
 function shownStep(request: JobRecord['request'], step: Step): Step {
   return step === 'wrap' && request.source_key_tier === 'local' ? 'import' : step;
@@ -146,21 +153,18 @@ function upcomingStep(request: JobRecord['request'], p: JobProgress): Step {
   return 'describe';
 }
 
-/** The step each failure thrown by UploadPipeline.run happened in. */
-const failedIn = new WeakMap<object, Step>();
-
 /**
- * The step a failure of UploadPipeline.run happened in, for the failure record: the record may show another
- * (a local-store job's shows `import` while wrapping, see shownStep).
+ * What UploadPipeline.run throws: the failure (`cause`) and the step it happened in, for the failure record,
+ * whose step may be another (a local-store job's shows `import` while wrapping, see shownStep).
  */
-export function failedStep(err: unknown): Step | undefined {
-  return typeof err === 'object' && err !== null ? failedIn.get(err) : undefined;
-}
-
-/** Marks a failure as one of `step` (where the step the pipeline is in would say otherwise); returns it. */
-function failedAt(err: unknown, step: Step): unknown {
-  if (typeof err === 'object' && err !== null) failedIn.set(err, step);
-  return err;
+export class AttemptFailure extends Error {
+  constructor(
+    override readonly cause: unknown,
+    readonly step: Step | undefined,
+  ) {
+    super(`upload attempt failed${step ? ` at ${step}` : ''}`, { cause });
+    this.name = 'AttemptFailure';
+  }
 }
 
 /**
@@ -215,9 +219,7 @@ export class UploadPipeline {
     try {
       return await this.#run(started, lookups, timer);
     } catch (err) {
-      const step = timer.step;
-      if (step && typeof err === 'object' && err !== null && !failedIn.has(err)) failedIn.set(err, step);
-      throw err;
+      throw new AttemptFailure(err, timer.failedStep);
     } finally {
       timer.end();
     }
@@ -247,11 +249,12 @@ export class UploadPipeline {
       }
       throw err;
     });
-    /** The step whose requests' quota slots were asked for ahead (once per step). */
+    /** The last step with KMS requests whose quota slots were asked for ahead (once per step). */
     let slotsAskedFor: Step | undefined;
     const askSlots = (name: Step, progress: JobProgress = job.progress) => {
       const ops = stepOperations(name, progress);
-      if (ops && slotsAskedFor !== name) r.kms.takeSlots(ops);
+      if (!ops || slotsAskedFor === name) return;
+      r.kms.takeSlots(ops);
       slotsAskedFor = name;
     };
     /**
@@ -358,7 +361,8 @@ export class UploadPipeline {
         // What did succeed is recorded before the failure is thrown: a clean-up must know of the alias, and
         // a retry reuses the parameters.
         if ((needsAlias && aliased.status === 'fulfilled') || fresh) await checkpoint(record, true);
-        throw failed === aliased ? failed.reason : failedAt(failed.reason, 'get_import_params');
+        if (failed === fetched) timer.failedIn('get_import_params');
+        throw failed.reason;
       }
       params = fresh ?? params;
       // The wrap needs nothing from this checkpoint: the material is wrapped while it is on its way. A failed
@@ -368,7 +372,11 @@ export class UploadPipeline {
     }
 
     if (!job.progress.imported) {
-      if (!params) throw new Error('no import parameters to wrap with'); // fetched above: unreachable
+      if (!params) {
+        // Fetched above: unreachable. The checkpoint on its way settles first all the same.
+        await takeRecording();
+        throw new Error('no import parameters to wrap with');
+      }
       const { public_key, algorithm, import_token } = params;
       // Held for the zeroing below also when the checkpoint's failure is thrown instead of the wrap's result.
       let wrapped: Buffer | undefined;
@@ -449,9 +457,17 @@ export class UploadPipeline {
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
     // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload. It is
-    // looked for also when the record does not say it was made: a worker may have died between CreateAlias
-    // and the checkpoint that records it.
-    if (job.request.aws_param.Alias) await this.deleteAliasIfOurs(kms, `alias/${job.request.aws_param.Alias}`, keyId);
+    // looked for also when the record does not say it was made, if the key was recorded (CreateAlias goes only
+    // after that): a worker may have died between CreateAlias and the checkpoint that records it. That look
+    // failing does not keep the key from its deletion.
+    const alias = job.request.aws_param.Alias ? `alias/${job.request.aws_param.Alias}` : undefined;
+    if (alias && progress.alias_created) {
+      await this.deleteAliasIfOurs(kms, alias, keyId);
+    } else if (alias && progress.kms_key_id) {
+      await this.deleteAliasIfOurs(kms, alias, keyId).catch((err: unknown) =>
+        this.deps.logger.warn({ job_id: jobId, err: classify(err).message }, 'could not look for an alias the job may have made'),
+      );
+    }
     const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
     await this.deps.stores.jobs.update(jobId, (j) => {

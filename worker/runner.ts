@@ -14,7 +14,7 @@ import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
-import { failedStep, UploadPipeline } from './pipeline.js';
+import { AttemptFailure, UploadPipeline } from './pipeline.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
@@ -55,7 +55,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     if (Number.isFinite(ms)) jobDuration.observe(Math.max(0, ms) / 1000);
   };
 
-  /** `step`: where the attempt failed, when the record may show another step (pipeline's failedStep). */
+  /** `step`: where the attempt failed, when the record may show another step (the pipeline's AttemptFailure). */
   const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger, step?: Step) => {
     if (final) {
       const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
@@ -127,11 +127,12 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
       recordFinished(done.job);
       await notifier.after(done);
-    } catch (thrown) {
+    } catch (failure) {
+      const { cause: thrown, step } = failure instanceof AttemptFailure ? failure : { cause: failure, step: undefined };
       if (thrown instanceof KmsQuotaWait) return delayForQuota(job, token, current, thrown, log);
       const err = classify(thrown);
       const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-      await recordFailure(jobId, err, final, log, failedStep(thrown));
+      await recordFailure(jobId, err, final, log, step);
       throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
     }
   };
