@@ -128,6 +128,11 @@ function dropCreateKeyIntent(j: JobRecord): void {
   delete j.progress.create_key_started_at;
 }
 
+/** The alias the request asks for, as KMS names it (`alias/<Alias>`); undefined for none. */
+function aliasNameOf(request: JobRecord['request']): string | undefined {
+  return request.aws_param.Alias ? `alias/${request.aws_param.Alias}` : undefined;
+}
+
 /** Import parameters still usable: present and not within IMPORT_PARAMS_MARGIN_MS of expiry. */
 function usableImportParams(params: JobRecord['progress']['import_params']): params is NonNullable<JobRecord['progress']['import_params']> {
   return params !== undefined && Date.parse(params.valid_to) - Date.now() >= IMPORT_PARAMS_MARGIN_MS;
@@ -338,7 +343,7 @@ export class UploadPipeline {
     }
     const keyId = job.progress.kms_key_id as string;
 
-    const aliasName = job.request.aws_param.Alias ? `alias/${job.request.aws_param.Alias}` : undefined;
+    const aliasName = aliasNameOf(job.request);
     const needsAlias = aliasName !== undefined && !job.progress.alias_created;
     let params = job.progress.imported || !usableImportParams(job.progress.import_params) ? undefined : job.progress.import_params;
     const needsParams = !job.progress.imported && !params;
@@ -351,16 +356,17 @@ export class UploadPipeline {
           needsParams ? this.importParams(r, keyId) : undefined,
         ]),
       );
+      const aliasMade = needsAlias && aliased.status === 'fulfilled';
       const fresh = fetched.status === 'fulfilled' ? fetched.value : undefined;
       const record = (p: JobProgress) => {
-        if (needsAlias && aliased.status === 'fulfilled') p.alias_created = true;
+        if (aliasMade) p.alias_created = true;
         if (fresh) p.import_params = fresh;
       };
       const failed = aliased.status === 'rejected' ? aliased : fetched.status === 'rejected' ? fetched : undefined;
       if (failed) {
         // What did succeed is recorded before the failure is thrown: a clean-up must know of the alias, and
         // a retry reuses the parameters.
-        if ((needsAlias && aliased.status === 'fulfilled') || fresh) await checkpoint(record, true);
+        if (aliasMade || fresh) await checkpoint(record, true);
         if (failed === fetched) timer.failedIn('get_import_params');
         throw failed.reason;
       }
@@ -460,7 +466,7 @@ export class UploadPipeline {
     // looked for also when the record does not say it was made, if the key was recorded (CreateAlias goes only
     // after that): a worker may have died between CreateAlias and the checkpoint that records it. That look
     // failing does not keep the key from its deletion.
-    const alias = job.request.aws_param.Alias ? `alias/${job.request.aws_param.Alias}` : undefined;
+    const alias = aliasNameOf(job.request);
     if (alias && progress.alias_created) {
       await this.deleteAliasIfOurs(kms, alias, keyId);
     } else if (alias && progress.kms_key_id) {
