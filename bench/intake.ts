@@ -5,7 +5,9 @@
  * rounds (which side goes first alternates too): this machine is shared, and its speed moves by tens of percent
  * from one minute to the next, so each round's ratio compares two runs made seconds apart, and the figure printed
  * is the median of those ratios. Then keyferry once more at half its median throughput to see p99 away from
- * saturation. Prints a markdown table. Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
+ * saturation. Each round also runs the bare endpoint plus the Redis calls an accepted upload needs
+ * (`createBareRedisApp`): its ratio to the bare endpoint is the most keyferry could reach while making them.
+ * Prints a markdown table. Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
  */
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -18,7 +20,7 @@ import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
-import { createBareApp } from './lib-bare-express.js';
+import { createBareApp, createBareRedisApp } from './lib-bare-express.js';
 import { median } from './lib-bench.js';
 
 const { values } = parseArgs({
@@ -45,10 +47,17 @@ const prefix = config.KEYFERRY_PREFIX;
 const redis = new Redis(config.REDIS_URL);
 const api = await startApi(config, createLogger('silent'));
 
-const bare = await new Promise<Server>((resolve, reject) => {
-  const s = createBareApp().listen(0, '127.0.0.1', (err?: Error) => (err ? reject(err) : resolve(s)));
-});
-const bareUrl = `http://127.0.0.1:${(bare.address() as AddressInfo).port}/upload-key`;
+const listen = (app: ReturnType<typeof createBareApp>) =>
+  new Promise<Server>((resolve, reject) => {
+    const s = app.listen(0, '127.0.0.1', (err?: Error) => (err ? reject(err) : resolve(s)));
+  });
+const urlOf = (server: Server) => `http://127.0.0.1:${(server.address() as AddressInfo).port}/upload-key`;
+const bare = await listen(createBareApp());
+const bareUrl = urlOf(bare);
+const bareRedisClient = new Redis(config.REDIS_URL);
+const bareRedisApp = createBareRedisApp(bareRedisClient, `${prefix}:bare`);
+const bareRedis = await listen(bareRedisApp.app);
+const bareRedisUrl = urlOf(bareRedis);
 
 const token = await signToken({ secret: config.JWT_SECRET, account: 'bench' });
 const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' };
@@ -73,43 +82,49 @@ try {
   const keyferryUrl = `${api.url}/api/v1/cckm/aws/upload-key`;
   // Short warm-up of both servers (JIT, connection pools), not measured.
   await load('bare warm-up', { url: bareUrl, connections: CONNECTIONS, amount: 200 });
+  await load('bare + Redis warm-up', { url: bareRedisUrl, connections: CONNECTIONS, amount: 200 });
   await load('keyferry warm-up', { url: keyferryUrl, connections: CONNECTIONS, amount: 200 });
 
   const rps = (r: Result) => r.requests.total / r.duration;
-  const rounds: { bare: Result; full: Result; ratio: number }[] = [];
-  const runBare = () => load('bare express', { url: bareUrl, connections: CONNECTIONS, duration: DURATION });
-  const runKeyferry = () => load('keyferry full load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION });
+  const rounds: { bare: Result; bareRedis: Result; full: Result; ratio: number; ceiling: number }[] = [];
+  const sides = [
+    ['bare', 'bare express', bareUrl],
+    ['bareRedis', 'bare express + Redis calls', bareRedisUrl],
+    ['full', 'keyferry full load', keyferryUrl],
+  ] as const;
   for (let i = 0; i < ROUNDS; i++) {
-    // Which side goes first alternates (A-B, B-A, ...), so a steady drift of the machine's speed does not favour one.
-    let bareRun: Result;
-    let full: Result;
-    if (i % 2 === 0) {
-      bareRun = await runBare();
-      full = await runKeyferry();
-    } else {
-      full = await runKeyferry();
-      bareRun = await runBare();
+    // Which side goes first alternates (A-B-C, C-B-A, ...), so a steady drift of the machine's speed does not favour one.
+    const run: Partial<Record<(typeof sides)[number][0], Result>> = {};
+    for (const [side, label, url] of i % 2 === 0 ? sides : [...sides].reverse()) {
+      run[side] = await load(label, { url, connections: CONNECTIONS, duration: DURATION });
     }
-    rounds.push({ bare: bareRun, full, ratio: rps(full) / rps(bareRun) });
+    const { bare: bareRun, bareRedis: bareRedisRun, full } = run as Record<(typeof sides)[number][0], Result>;
+    rounds.push({ bare: bareRun, bareRedis: bareRedisRun, full, ratio: rps(full) / rps(bareRun), ceiling: rps(bareRedisRun) / rps(bareRun) });
   }
   const halfRate = Math.max(1, Math.round(median(rounds.map((r) => rps(r.full))) / 2));
   const half = await load('keyferry half load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION, overallRate: halfRate });
 
   const row = (what: string, r: Result, ratio = '') => `| ${what} | ${rps(r).toFixed(0)} | ${r.latency.p50} | ${r.latency.p99} | ${ratio} |`;
   console.log(`single upload intake, ${CONNECTIONS} connections, ${DURATION} s per run, ${ROUNDS} rounds (node ${process.version}, ${process.platform}/${process.arch})`);
-  console.log('| what | requests/s | p50 ms | p99 ms | ratio keyferry / bare |');
+  console.log('| what | requests/s | p50 ms | p99 ms | ratio to the bare endpoint |');
   console.log('|---|---|---|---|---|');
   rounds.forEach((r, i) => {
     console.log(row(`round ${i + 1}: bare Express 5 JSON endpoint (express.json, 202)`, r.bare));
+    console.log(row(`round ${i + 1}: bare endpoint + the Redis calls an upload needs`, r.bareRedis, r.ceiling.toFixed(2)));
     console.log(row(`round ${i + 1}: keyferry POST …/upload-key, full load`, r.full, r.ratio.toFixed(2)));
   });
   console.log(row(`keyferry POST …/upload-key, half load (${halfRate} req/s)`, half));
   console.log(`ratio keyferry / bare express (requests/s), median of ${ROUNDS} rounds: ${median(rounds.map((r) => r.ratio)).toFixed(2)}`);
+  console.log(`ratio (bare express + Redis calls) / bare express, median of ${ROUNDS} rounds: ${median(rounds.map((r) => r.ceiling)).toFixed(2)}`);
 } finally {
-  await new Promise<void>((resolve) => {
-    bare.close(() => resolve());
-    bare.closeAllConnections();
-  });
+  for (const server of [bare, bareRedis]) {
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+  }
+  await bareRedisApp.close();
+  bareRedisClient.disconnect();
   api.server.closeAllConnections(); // autocannon may leave sockets open; close() would wait on them
   await api.close();
   await deleteKeyspace(redis, prefix);

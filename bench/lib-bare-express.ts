@@ -1,23 +1,60 @@
 /**
- * The bare Express 5 JSON endpoint the intake benchmarks compare keyferry with: express.json, then a 202 with a
- * small JSON body. Run as a process of its own (`node --import tsx bench/lib-bare-express.ts`), it listens on an
- * ephemeral loopback port and prints `{"msg":"bare listening","url":…}`.
+ * The bare Express 5 JSON endpoints the intake benchmarks compare keyferry with:
+ * - `createBareApp`: express.json, then a 202 with a small JSON body;
+ * - `createBareRedisApp`: the same, plus the Redis work a keyferry upload cannot do without, in keyferry's order
+ *   and on one connection: a small Lua script (the rate-limit token), a read (the KMS connection), a write of a
+ *   record the size of keyferry's job record, and a BullMQ add. No auth, validation, logging or metrics: what is
+ *   left of keyferry's cost once everything but its Redis round trips is taken away.
+ * Run as a process of its own (`node --import tsx bench/lib-bare-express.ts`, with `--redis URL --prefix P` for
+ * the second), it listens on an ephemeral loopback port and prints `{"msg":"bare listening","url":…}`.
  */
 import type { AddressInfo } from 'node:net';
+import { randomUUID } from 'node:crypto';
+import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
+import { Queue } from 'bullmq';
 import express, { type Express } from 'express';
+import { Redis } from 'ioredis';
 
 export function createBareApp(): Express {
   const app = express();
   app.use(express.json());
   app.post('/upload-key', (req, res) => {
-    res.status(202).json({ id: 'bare', status: 'queued', alias: (req.body as { aws_param?: { Alias?: string } })?.aws_param?.Alias });
+    res.status(202).json({ id: 'bare', status: 'queued', alias: aliasOf(req.body) });
   });
   return app;
 }
 
+function aliasOf(body: unknown): string | undefined {
+  return (body as { aws_param?: { Alias?: string } } | undefined)?.aws_param?.Alias;
+}
+
+/** A token taken from a per-account hash, as keyferry's rate limit does (one EVALSHA). */
+const TAKE_TOKEN = `redis.call('HINCRBY', KEYS[1], 'tokens', -1) redis.call('PEXPIRE', KEYS[1], 60000) return 0`;
+/** About the size of a new keyferry job record (request, progress, times). */
+const RECORD_PAD = 'x'.repeat(1200);
+
+export function createBareRedisApp(redis: Redis, prefix: string): { app: Express; close(): Promise<void> } {
+  redis.defineCommand('benchTakeToken', { numberOfKeys: 1, lua: TAKE_TOKEN });
+  const takeToken = (key: string) => (redis as unknown as { benchTakeToken(k: string): Promise<number> }).benchTakeToken(key);
+  const queue = new Queue('bare-uploads', { connection: redis, prefix: `${prefix}:bull` });
+  const app = express();
+  app.use(express.json());
+  app.post('/upload-key', async (req, res) => {
+    await takeToken(`${prefix}:rate`);
+    await redis.get(`${prefix}:kms-connection`);
+    const id = randomUUID();
+    await redis.set(`${prefix}:job:${id}`, JSON.stringify({ id, request: req.body as unknown, pad: RECORD_PAD }), 'EX', 3600);
+    await queue.add('upload-key', { jobId: id, account: 'bench' }, { jobId: id, removeOnComplete: true, removeOnFail: true });
+    res.status(202).json({ id, status: 'queued', alias: aliasOf(req.body) });
+  });
+  return { app, close: () => queue.close() };
+}
+
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
-  const server = createBareApp().listen(0, '127.0.0.1', () => {
+  const { values } = parseArgs({ options: { redis: { type: 'string' }, prefix: { type: 'string' } } });
+  const withRedis = values.redis ? createBareRedisApp(new Redis(values.redis), values.prefix ?? 'bench-bare') : undefined;
+  const server = (withRedis?.app ?? createBareApp()).listen(0, '127.0.0.1', () => {
     console.log(JSON.stringify({ msg: 'bare listening', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/upload-key` }));
   });
   process.once('SIGTERM', () => server.close(() => process.exit(0)));
