@@ -1,0 +1,105 @@
+/**
+ * A client made by createRedis coalesces the commands written in one turn of the event
+ * loop into one socket write (shared/redis.ts coalesceWrites), also on the socket of a reconnect. Counted on
+ * the real socket to the real Redis: each call of its _write or _writev hands data to the kernel once.
+ */
+import type { Socket } from 'node:net';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadConfig } from '../shared/config.js';
+import { createRedis } from '../shared/redis.js';
+import { deleteKeyspace } from '../shared/stores/keyspace.js';
+import { testEnv } from './helpers/stack.js';
+
+const config = loadConfig(testEnv('redis-writes'));
+const keys = Array.from({ length: 10 }, (_, i) => `${config.KEYFERRY_PREFIX}:k${i}`);
+let admin: Redis;
+
+beforeAll(() => {
+  admin = new Redis(config.REDIS_URL);
+});
+
+afterAll(async () => {
+  await deleteKeyspace(admin, config.KEYFERRY_PREFIX);
+  admin.disconnect();
+});
+
+/** Counts the socket writes of `client`'s current connection while `run` runs. */
+async function socketWrites(client: Redis, run: () => Promise<unknown>): Promise<number> {
+  const socket = client.stream as Socket & { _write: (...a: unknown[]) => void; _writev: (...a: unknown[]) => void };
+  const own = { _write: socket._write, _writev: socket._writev };
+  let writes = 0;
+  socket._write = function (...a: unknown[]) {
+    writes++;
+    return own._write.apply(this, a);
+  };
+  socket._writev = function (...a: unknown[]) {
+    writes++;
+    return own._writev.apply(this, a);
+  };
+  try {
+    await run();
+  } finally {
+    socket._write = own._write;
+    socket._writev = own._writev;
+  }
+  return writes;
+}
+
+/** Ten SETs in one turn, then ten GETs in one turn; the GETs must answer each SET's own value. */
+async function tenAndTen(client: Redis, tag: string): Promise<{ setWrites: number; getWrites: number }> {
+  const setWrites = await socketWrites(client, () => Promise.all(keys.map((k, i) => client.set(k, `${tag}-${i}`))));
+  let values: (string | null)[] = [];
+  const getWrites = await socketWrites(client, async () => {
+    values = await Promise.all(keys.map((k) => client.get(k)));
+  });
+  expect(values).toEqual(keys.map((_, i) => `${tag}-${i}`));
+  return { setWrites, getWrites };
+}
+
+describe('Redis write coalescing', () => {
+  it('when a createRedis client sends ten commands in one turn, then they leave in one socket write and each gets its own answer', async () => {
+    const client = createRedis(config, { failFast: true }) as Redis;
+    try {
+      await client.ping();
+      expect(await tenAndTen(client, 'a')).toEqual({ setWrites: 1, getWrites: 1 });
+    } finally {
+      client.disconnect();
+    }
+  });
+
+  it('when a worker client (no fail-fast) sends ten commands in one turn, then they leave in one socket write too', async () => {
+    const client = createRedis(config) as Redis;
+    try {
+      await client.ping();
+      expect(await tenAndTen(client, 'w')).toEqual({ setWrites: 1, getWrites: 1 });
+    } finally {
+      client.disconnect();
+    }
+  });
+
+  it('when a createRedis client reconnects, then the new socket coalesces too', async () => {
+    const client = createRedis(config, { failFast: true }) as Redis;
+    try {
+      await client.ping();
+      const first = client.stream;
+      const ready = new Promise((resolve) => client.once('ready', resolve));
+      client.disconnect(true);
+      await ready;
+      expect(client.stream).not.toBe(first);
+      expect(await tenAndTen(client, 'b')).toEqual({ setWrites: 1, getWrites: 1 });
+    } finally {
+      client.disconnect();
+    }
+  });
+
+  it('when a plain ioredis client sends ten commands in one turn, then each leaves in a write of its own (what the coalescing saves)', async () => {
+    const client = new Redis(config.REDIS_URL);
+    try {
+      await client.ping();
+      expect(await tenAndTen(client, 'c')).toEqual({ setWrites: 10, getWrites: 10 });
+    } finally {
+      client.disconnect();
+    }
+  });
+});
