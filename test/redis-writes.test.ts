@@ -58,21 +58,14 @@ async function tenAndTen(client: Redis, tag: string): Promise<{ setWrites: numbe
 }
 
 describe('Redis write coalescing', () => {
-  it('when a createRedis client sends ten commands in one turn, then they leave in one socket write and each gets its own answer', async () => {
-    const client = createRedis(config, { failFast: true }) as Redis;
+  it.each([
+    ['an API client (fail-fast)', { failFast: true }, 'a'],
+    ['a worker client', {}, 'w'],
+  ] as const)('when %s sends ten commands in one turn, then they leave in one socket write and each gets its own answer', async (_what, opts, tag) => {
+    const client = createRedis(config, opts) as Redis;
     try {
       await client.ping();
-      expect(await tenAndTen(client, 'a')).toEqual({ setWrites: 1, getWrites: 1 });
-    } finally {
-      client.disconnect();
-    }
-  });
-
-  it('when a worker client (no fail-fast) sends ten commands in one turn, then they leave in one socket write too', async () => {
-    const client = createRedis(config) as Redis;
-    try {
-      await client.ping();
-      expect(await tenAndTen(client, 'w')).toEqual({ setWrites: 1, getWrites: 1 });
+      expect(await tenAndTen(client, tag)).toEqual({ setWrites: 1, getWrites: 1 });
     } finally {
       client.disconnect();
     }
