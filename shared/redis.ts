@@ -38,28 +38,27 @@ export function createRedis(
  * corked at the first write and uncorked in the loop's check phase (setImmediate). ioredis writes every
  * command on its own, and on this kind of machine each write to a loopback socket costs tens of microseconds
  * (the kernel runs Redis's side of TCP in it). Only the writes are batched: ioredis queues and answers each
- * command as before.
+ * command as before, and resends those a dropped connection left unanswered (corked ones among them). Each
+ * new socket is wrapped on 'connect', before the ready check and the offline queue's commands go out. Copies
+ * made with duplicate() (BullMQ's blocking connections, event-stream readers) are not wrapped.
  */
 export function coalesceWrites(client: Redis): void {
-  const wrapped = new WeakSet<object>();
   client.on('connect', () => {
     const stream = (client as unknown as { stream: Writable }).stream;
-    if (wrapped.has(stream)) return;
-    wrapped.add(stream);
     const write = stream.write;
     let corked = false;
     const uncork = () => {
       corked = false;
       stream.uncork();
     };
-    stream.write = function (this: Writable, ...args: Parameters<Writable['write']>) {
+    stream.write = ((...args: Parameters<Writable['write']>) => {
       if (!corked) {
         corked = true;
         stream.cork();
         setImmediate(uncork);
       }
-      return write.apply(this, args);
-    } as Writable['write'];
+      return write.apply(stream, args);
+    }) as Writable['write'];
   });
 }
 

