@@ -82,6 +82,7 @@ try {
 
   console.log(machineLine());
   console.log(`API CPU per request: ${N} POSTs per run, ${CONNECTIONS} connections, ${ROUNDS} rounds; keyferry: POST …/upload-key, LOG_LEVEL=info, no worker`);
+  if (process.env.BENCH_CPU_PROF_DIR) console.log('(the API ran under the CPU profiler: its figures include the profiler, so the ratios below understate it)');
   printTable(
     ['what', 'CPU µs/request (median)', 'all rounds', 'requests/s, all rounds'],
     names.map((side) => [

@@ -54,7 +54,7 @@ const listen = (app: ReturnType<typeof createBareApp>) =>
 const urlOf = (server: Server) => `http://127.0.0.1:${(server.address() as AddressInfo).port}/upload-key`;
 const bare = await listen(createBareApp());
 const bareUrl = urlOf(bare);
-const bareRedisClient = new Redis(config.REDIS_URL);
+const bareRedisClient = new Redis(config.REDIS_URL, { lazyConnect: true });
 const bareRedisApp = createBareRedisApp(bareRedisClient, `${prefix}:bare`);
 const bareRedis = await listen(bareRedisApp.app);
 const bareRedisUrl = urlOf(bareRedis);

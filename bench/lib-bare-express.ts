@@ -2,9 +2,10 @@
  * The bare Express 5 JSON endpoints the intake benchmarks compare keyferry with:
  * - `createBareApp`: express.json, then a 202 with a small JSON body;
  * - `createBareRedisApp`: the same, plus the Redis work a keyferry upload cannot do without, in keyferry's order
- *   and on one connection: a small Lua script (the rate-limit token), a read (the KMS connection), a write of a
- *   record the size of keyferry's job record, and a BullMQ add. No auth, validation, logging or metrics: what is
- *   left of keyferry's cost once everything but its Redis round trips is taken away.
+ *   and on one connection whose writes are coalesced as keyferry's are (shared/redis.ts coalesceWrites): a small
+ *   Lua script (the rate-limit token), a read (the KMS connection), a write of a record the size of keyferry's
+ *   job record, and a BullMQ add. No auth, validation, logging or metrics: what is left of keyferry's cost once
+ *   everything but its Redis round trips is taken away.
  * Run as a process of its own (`node --import tsx bench/lib-bare-express.ts`, with `--redis URL --prefix P` for
  * the second), it listens on an ephemeral loopback port and prints `{"msg":"bare listening","url":…}`.
  */
@@ -15,6 +16,7 @@ import { pathToFileURL } from 'node:url';
 import { Queue } from 'bullmq';
 import express, { type Express } from 'express';
 import { Redis } from 'ioredis';
+import { coalesceWrites } from '../shared/redis.js';
 
 export function createBareApp(): Express {
   const app = express();
@@ -34,7 +36,9 @@ const TAKE_TOKEN = `redis.call('HINCRBY', KEYS[1], 'tokens', -1) redis.call('PEX
 /** About the size of a new keyferry job record (request, progress, times). */
 const RECORD_PAD = 'x'.repeat(1200);
 
+/** `redis`: a client not yet connected (its writes are coalesced from its first connection on). */
 export function createBareRedisApp(redis: Redis, prefix: string): { app: Express; close(): Promise<void> } {
+  coalesceWrites(redis);
   redis.defineCommand('benchTakeToken', { numberOfKeys: 1, lua: TAKE_TOKEN });
   const takeToken = (key: string) => (redis as unknown as { benchTakeToken(k: string): Promise<number> }).benchTakeToken(key);
   const queue = new Queue('bare-uploads', { connection: redis, prefix: `${prefix}:bull` });
@@ -53,7 +57,7 @@ export function createBareRedisApp(redis: Redis, prefix: string): { app: Express
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const { values } = parseArgs({ options: { redis: { type: 'string' }, prefix: { type: 'string' } } });
-  const withRedis = values.redis ? createBareRedisApp(new Redis(values.redis), values.prefix ?? 'bench-bare') : undefined;
+  const withRedis = values.redis ? createBareRedisApp(new Redis(values.redis, { lazyConnect: true }), values.prefix ?? 'bench-bare') : undefined;
   const server = (withRedis?.app ?? createBareApp()).listen(0, '127.0.0.1', () => {
     console.log(JSON.stringify({ msg: 'bare listening', url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/upload-key` }));
   });
