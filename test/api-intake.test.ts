@@ -123,6 +123,34 @@ describe('intake: accepted jobs', () => {
   });
 });
 
+describe('intake: an enqueue that fails', () => {
+  it('when BullMQ refuses the add after the record was written, then a problem answers, nothing of the job stays in Redis, and the Idempotency-Key can be used again', async () => {
+    // BullMQ's add script reads the queue's meta hash: a string in its place makes Redis refuse the script.
+    const meta = `{${stack.config.KEYFERRY_PREFIX}}:upload-key:meta`;
+    const saved = await stack.redis.hgetall(meta);
+    const before = await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
+    const queuedBefore = await queueSize();
+    await stack.redis.del(meta);
+    await stack.redis.set(meta, 'not a hash');
+    let refused: Awaited<ReturnType<typeof upload>>;
+    try {
+      refused = await upload(example, { 'idempotency-key': 'idem-refused' });
+    } finally {
+      await stack.redis.del(meta);
+      if (Object.keys(saved).length > 0) await stack.redis.hset(meta, saved);
+    }
+    expect(refused.status).toBe(500);
+    expect(refused.body.code).toBe('internal_error');
+    expect(refused.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect((await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).filter((k) => !before.includes(k) && !isRateLimitBucket(k))).toEqual([]);
+    expect(await queueSize()).toBe(queuedBefore);
+
+    const retried = await upload(example, { 'idempotency-key': 'idem-refused' });
+    expect(retried.status).toBe(202);
+    expect(await queueSize()).toBe(queuedBefore + 1);
+  });
+});
+
 describe('intake: auth and ownership', () => {
   it('when no token is sent, then 401 problem with WWW-Authenticate', async () => {
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { body: example });
