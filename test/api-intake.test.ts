@@ -1,6 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { UPLOAD_QUEUE } from '../shared/jobs.js';
+import { Keyspace } from '../shared/stores/keyspace.js';
 import { isRateLimitBucket, keysUnder, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
 import { EMULATOR_SECRET_KEY, queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
@@ -126,7 +128,7 @@ describe('intake: accepted jobs', () => {
 describe('intake: an enqueue that fails', () => {
   it('when BullMQ refuses the add after the record was written, then a problem answers, nothing of the job stays in Redis, and the Idempotency-Key can be used again', async () => {
     // BullMQ's add script reads the queue's meta hash: a string in its place makes Redis refuse the script.
-    const meta = `{${stack.config.KEYFERRY_PREFIX}}:upload-key:meta`;
+    const meta = `${new Keyspace(stack.config.KEYFERRY_PREFIX).bullPrefix}:${UPLOAD_QUEUE}:meta`;
     const saved = await stack.redis.hgetall(meta);
     const before = await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
     const queuedBefore = await queueSize();
