@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Job } from 'bullmq';
+import { Cluster } from 'ioredis';
 import { BATCH_PRIORITY, batchBodySchema, type BatchRecord } from '../shared/batches.js';
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
@@ -75,15 +76,34 @@ export class Intake {
     }
     const job = newJobRecord({ id, account, request: req, kmsId: kmsId as string, maxAttempts: this.config.JOB_ATTEMPTS });
     try {
-      await this.stores.jobs.create(job);
-      const bullJob = await this.queue.add('upload-key', { jobId: id, account }, { ...uploadJobOptions(this.config), jobId: id });
+      const bullJob = await this.recordAndEnqueue(job);
       jobsAccepted.inc({ kind: 'single' });
       return { job, bullJob, replayed: false };
     } catch (err) {
-      // Nothing half-made stays behind: the client gets a 503 and may simply retry.
-      await Promise.allSettled([this.stores.jobs.delete(id), claim.release()]);
+      // Nothing half-made stays behind: the client gets a problem and may simply retry. The BullMQ job may exist
+      // when only the record's write failed; a worker that took it meanwhile finds no record and does nothing.
+      await Promise.allSettled([this.stores.jobs.delete(id), this.queue.remove(id), claim.release()]);
       throw err;
     }
+  }
+
+  /**
+   * Writes a new job's record and enqueues the job. On one Redis both go out at once, in one round trip: the
+   * record's SET is sent first, on the connection BullMQ's add goes on too (the queue and the stores share the
+   * API's client), and Redis runs a connection's commands in the order sent, so no worker can take the job before
+   * its record exists. On a Redis Cluster the record and the queue live on different nodes, in no order, so the
+   * add waits for the record there. Throws if either failed (the record's failure first); the caller undoes both.
+   */
+  private async recordAndEnqueue(job: JobRecord): Promise<Job<UploadJobData>> {
+    const add = () => this.queue.add('upload-key', { jobId: job.id, account: job.account }, { ...uploadJobOptions(this.config), jobId: job.id });
+    if (this.redis instanceof Cluster) {
+      await this.stores.jobs.create(job);
+      return add();
+    }
+    const [created, added] = await Promise.allSettled([this.stores.jobs.create(job), add()]);
+    if (created.status === 'rejected') throw created.reason;
+    if (added.status === 'rejected') throw added.reason;
+    return added.value;
   }
 
   /**

@@ -1,9 +1,12 @@
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { SignJWT } from 'jose';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { startApi } from '../api/server.js';
 import { UPLOAD_QUEUE } from '../shared/jobs.js';
+import { createLogger } from '../shared/logger.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
-import { isRateLimitBucket, keysUnder, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
+import { isRateLimitBucket, keysUnder, monitorCommands, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
 import { EMULATOR_SECRET_KEY, queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
@@ -150,6 +153,68 @@ describe('intake: an enqueue that fails', () => {
     const retried = await upload(example, { 'idempotency-key': 'idem-refused' });
     expect(retried.status).toBe(202);
     expect(await queueSize()).toBe(queuedBefore + 1);
+  });
+});
+
+describe('intake: the record and the enqueue go out together', () => {
+  it('when an upload is accepted, then its record is written before BullMQ adds the job, on the same connection', async () => {
+    // A worker must never take a job whose record does not exist yet: the record's SET is sent first, and Redis
+    // runs one connection's commands in the order sent.
+    const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    const seen: { args: string[]; client: string }[] = [];
+    const stop = await monitorCommands(stack.config.REDIS_URL, (args, client) => seen.push({ args, client }));
+    let id = '';
+    const at = { recordSet: -1, add: -1, firstOnJobHash: -1 };
+    try {
+      const res = await upload(example);
+      expect(res.status).toBe(202);
+      id = String(res.body.id);
+      const jobHash = `${keys.bullPrefix}:${UPLOAD_QUEUE}:${id}`;
+      await vi.waitFor(() => {
+        at.recordSet = seen.findIndex((c) => c.args[0]?.toLowerCase() === 'set' && c.args[1] === keys.job(id));
+        at.add = seen.findIndex((c) => /^eval(sha)?$/i.test(c.args[0] ?? '') && c.args.some((a) => a.includes(id)));
+        at.firstOnJobHash = seen.findIndex((c) => c.client === 'lua' && c.args[1] === jobHash);
+        if (Object.values(at).some((i) => i < 0)) throw new Error(`not all seen yet: ${JSON.stringify(at)}`);
+      });
+    } finally {
+      stop();
+    }
+    expect(at.add).toBeGreaterThan(at.recordSet);
+    expect(at.firstOnJobHash).toBeGreaterThan(at.recordSet);
+    expect(seen[at.add]?.client).toBe(seen[at.recordSet]?.client);
+  });
+
+  it("when Redis refuses the record's write, then a problem answers and the BullMQ job sent with it is removed", async () => {
+    // An API whose Redis user may only read job records, and write everything else an upload writes.
+    const prefix = stack.config.KEYFERRY_PREFIX;
+    const keys = new Keyspace(prefix);
+    const user = `${prefix}-records-read-only`;
+    const password = randomUUID();
+    await stack.redis.call('ACL', 'SETUSER', user, 'reset', 'on', `>${password}`, `~${keys.bullPrefix}:*`, `~${prefix}:acct:*`, `%R~${prefix}:*`, 'resetchannels', '&*', '+@all');
+    const url = new URL(stack.config.REDIS_URL);
+    url.username = user;
+    url.password = password;
+    const before = await keysUnder(stack.redis, prefix);
+    const queuedBefore = await queueSize();
+    const api = await startApi({ ...stack.config, REDIS_URL: url.toString() }, createLogger('silent'));
+    let refused: Response;
+    try {
+      refused = await fetch(`${api.url}/api/v1/cckm/aws/upload-key`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'idempotency-key': 'idem-record-refused' },
+        body: JSON.stringify(example),
+      });
+    } finally {
+      await api.close();
+      await stack.redis.call('ACL', 'DELUSER', user);
+    }
+    expect(refused.status).toBe(500);
+    expect(((await refused.json()) as { code: string }).code).toBe('internal_error');
+    expect((await keysUnder(stack.redis, prefix)).filter((k) => !before.includes(k) && !isRateLimitBucket(k))).toEqual([]);
+    expect(await queueSize()).toBe(queuedBefore);
+
+    const retried = await upload(example, { 'idempotency-key': 'idem-record-refused' });
+    expect(retried.status).toBe(202);
   });
 });
 

@@ -120,6 +120,7 @@ export class JobStore {
     this.#write = defineScript(redis, 'job_write', WRITE_SCRIPT);
   }
 
+  /** Sends the record's SET before it returns (Intake sends BullMQ's add right after it, relying on that order). */
   async create(job: JobRecord): Promise<void> {
     await this.redis.set(this.keys.job(job.id), JSON.stringify(job));
   }

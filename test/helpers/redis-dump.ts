@@ -45,11 +45,12 @@ const unescapeMonitorArg = (text: string) =>
 
 /**
  * Every command Redis runs from now on (Lua's own included), as MONITOR shows it, on a plain socket of its own
- * (REDIS_URL's host and port; no password or TLS). Arguments come as latin1 text, byte for byte.
+ * (REDIS_URL's host and port; no password or TLS). Arguments come as latin1 text, byte for byte; `client` is the
+ * connection that sent the command (`127.0.0.1:port`), or `lua` for a script's own commands.
  * (ioredis's monitor() fails with "Command queue state error" when the first commands arrive together with
  * MONITOR's OK, as they do on a busy shared Redis.) Resolves once monitoring runs; call the result to stop.
  */
-export async function monitorCommands(url: string, onCommand: (args: string[]) => void): Promise<() => void> {
+export async function monitorCommands(url: string, onCommand: (args: string[], client: string) => void): Promise<() => void> {
   const { hostname, port } = new URL(url);
   const socket = net.connect(Number(port || 6379), hostname);
   socket.setEncoding('latin1');
@@ -64,7 +65,10 @@ export async function monitorCommands(url: string, onCommand: (args: string[]) =
         buffered = buffered.slice(end + 2);
         if (line === '+OK') resolve();
         else if (line.startsWith('-')) reject(new Error(line.slice(1)));
-        else onCommand([...line.matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((m) => unescapeMonitorArg(m[1] ?? '')));
+        else {
+          const client = /^\S+ \[\d+ ([^\]]+)\]/.exec(line)?.[1] ?? '';
+          onCommand([...line.matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((m) => unescapeMonitorArg(m[1] ?? '')), client);
+        }
       }
     });
   });
