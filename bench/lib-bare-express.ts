@@ -4,8 +4,8 @@
  * - `createBareRedisApp`: the same, plus the Redis work a keyferry upload cannot do without, in keyferry's order
  *   and on one connection whose writes are coalesced as keyferry's are (shared/redis.ts coalesceWrites): a small
  *   Lua script (the rate-limit token), a read (the KMS connection), a write of a record the size of keyferry's
- *   job record, and a BullMQ add. No auth, validation, logging or metrics: what is left of keyferry's cost once
- *   everything but its Redis round trips is taken away.
+ *   job record and a BullMQ add, the last two sent together. No auth, validation, logging or metrics: what is
+ *   left of keyferry's cost once everything but its Redis round trips is taken away.
  * Run as a process of its own (`node --import tsx bench/lib-bare-express.ts`, with `--redis URL --prefix P` for
  * the second), it listens on an ephemeral loopback port and prints `{"msg":"bare listening","url":…}`.
  */
@@ -48,8 +48,11 @@ export function createBareRedisApp(redis: Redis, prefix: string): { app: Express
     await takeToken(`${prefix}:rate`);
     await redis.get(`${prefix}:kms-connection`);
     const id = randomUUID();
-    await redis.set(`${prefix}:job:${id}`, JSON.stringify({ id, request: req.body as unknown, pad: RECORD_PAD }), 'EX', 3600);
-    await queue.add('upload-key', { jobId: id, account: 'bench' }, { jobId: id, removeOnComplete: true, removeOnFail: true });
+    // Sent together, as keyferry's intake does on one Redis: the record first, then the add.
+    await Promise.all([
+      redis.set(`${prefix}:job:${id}`, JSON.stringify({ id, request: req.body as unknown, pad: RECORD_PAD }), 'EX', 3600),
+      queue.add('upload-key', { jobId: id, account: 'bench' }, { jobId: id, removeOnComplete: true, removeOnFail: true }),
+    ]);
     res.status(202).json({ id, status: 'queued', alias: aliasOf(req.body) });
   });
   return { app, close: () => queue.close() };
