@@ -7,10 +7,13 @@
  * is the median of those ratios. Then keyferry once more at half its median throughput to see p99 away from
  * saturation. Each round also runs the bare endpoint plus the Redis calls an accepted upload needs
  * (`createBareRedisApp`): its ratio to the bare endpoint is the most keyferry could reach while making them.
+ * The servers and autocannon share this process; a run's "event loop busy %" (its event-loop utilization) below
+ * 100 means the loop sat waiting, for Redis's answers, with every connection's request in flight.
  * Prints a markdown table. Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
  */
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import autocannon, { type Options, type Result } from 'autocannon';
 import { Redis } from 'ioredis';
@@ -63,11 +66,18 @@ const token = await signToken({ secret: config.JWT_SECRET, account: 'bench' });
 const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' };
 const body = JSON.stringify({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'bench-intake', Tags: [{ TagKey: 'team', TagValue: 'bench' }] } });
 
+/** An autocannon run and how busy this process's event loop was meanwhile (0–1; the servers and autocannon share it). */
+interface Run extends Result {
+  loopBusy: number;
+}
+
 /** Runs autocannon and fails the benchmark if any request did not get a 2xx (a 429 or 503 would flatter the numbers). */
-async function load(label: string, opts: Omit<Options, 'method' | 'headers' | 'body'>): Promise<Result> {
+async function load(label: string, opts: Omit<Options, 'method' | 'headers' | 'body'>): Promise<Run> {
+  const elu = performance.eventLoopUtilization();
   const r = await autocannon({ method: 'POST', headers, body, ...opts });
+  const loopBusy = performance.eventLoopUtilization(elu).utilization;
   if (r.non2xx > 0 || r.errors > 0 || r.timeouts > 0) throw new Error(`${label}: ${r.non2xx} non-2xx, ${r.errors} errors, ${r.timeouts} timeouts`);
-  return r;
+  return { ...r, loopBusy };
 }
 
 try {
@@ -86,7 +96,7 @@ try {
   await load('keyferry warm-up', { url: keyferryUrl, connections: CONNECTIONS, amount: 200 });
 
   const rps = (r: Result) => r.requests.total / r.duration;
-  const rounds: { bare: Result; bareRedis: Result; full: Result; ratio: number; ceiling: number }[] = [];
+  const rounds: { bare: Run; bareRedis: Run; full: Run; ratio: number; ceiling: number }[] = [];
   const sides = [
     ['bare', 'bare express', bareUrl],
     ['bareRedis', 'bare express + Redis calls', bareRedisUrl],
@@ -94,20 +104,21 @@ try {
   ] as const;
   for (let i = 0; i < ROUNDS; i++) {
     // Which side goes first alternates (A-B-C, C-B-A, ...), so a steady drift of the machine's speed does not favour one.
-    const run: Partial<Record<(typeof sides)[number][0], Result>> = {};
+    const run: Partial<Record<(typeof sides)[number][0], Run>> = {};
     for (const [side, label, url] of i % 2 === 0 ? sides : [...sides].reverse()) {
       run[side] = await load(label, { url, connections: CONNECTIONS, duration: DURATION });
     }
-    const { bare: bareRun, bareRedis: bareRedisRun, full } = run as Record<(typeof sides)[number][0], Result>;
+    const { bare: bareRun, bareRedis: bareRedisRun, full } = run as Record<(typeof sides)[number][0], Run>;
     rounds.push({ bare: bareRun, bareRedis: bareRedisRun, full, ratio: rps(full) / rps(bareRun), ceiling: rps(bareRedisRun) / rps(bareRun) });
   }
   const halfRate = Math.max(1, Math.round(median(rounds.map((r) => rps(r.full))) / 2));
   const half = await load('keyferry half load', { url: keyferryUrl, connections: CONNECTIONS, duration: DURATION, overallRate: halfRate });
 
-  const row = (what: string, r: Result, ratio = '') => `| ${what} | ${rps(r).toFixed(0)} | ${r.latency.p50} | ${r.latency.p99} | ${ratio} |`;
+  const row = (what: string, r: Run, ratio = '') =>
+    `| ${what} | ${rps(r).toFixed(0)} | ${r.latency.p50} | ${r.latency.p99} | ${Math.round(r.loopBusy * 100)} | ${ratio} |`;
   console.log(`single upload intake, ${CONNECTIONS} connections, ${DURATION} s per run, ${ROUNDS} rounds (node ${process.version}, ${process.platform}/${process.arch})`);
-  console.log('| what | requests/s | p50 ms | p99 ms | ratio to the bare endpoint |');
-  console.log('|---|---|---|---|---|');
+  console.log('| what | requests/s | p50 ms | p99 ms | event loop busy % | ratio to the bare endpoint |');
+  console.log('|---|---|---|---|---|---|');
   rounds.forEach((r, i) => {
     console.log(row(`round ${i + 1}: bare Express 5 JSON endpoint (express.json, 202)`, r.bare));
     console.log(row(`round ${i + 1}: bare endpoint + the Redis calls an upload needs`, r.bareRedis, r.ceiling.toFixed(2)));
