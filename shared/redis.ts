@@ -26,7 +26,10 @@ export function createRedis(
       const [host, port] = hp.trim().split(':');
       return { host: host ?? '127.0.0.1', port: Number(port ?? 6379) };
     });
-    return new Cluster(nodes, { redisOptions: common });
+    const cluster = new Cluster(nodes, { redisOptions: common });
+    // Each node's connection coalesces its own writes.
+    cluster.on('+node', (node: Redis) => coalesceWrites(node));
+    return cluster;
   }
   const client = new Redis(config.REDIS_URL, common);
   coalesceWrites(client);
@@ -40,7 +43,8 @@ export function createRedis(
  * (the kernel runs Redis's side of TCP in it). Only the writes are batched: ioredis queues and answers each
  * command as before, and resends those a dropped connection left unanswered (corked ones among them). Each
  * new socket is wrapped on 'connect', before the ready check and the offline queue's commands go out. Copies
- * made with duplicate() (BullMQ's blocking connections, event-stream readers) are not wrapped.
+ * made with duplicate() (BullMQ's blocking connections, event-stream readers) are not wrapped. A Cluster client
+ * wraps the connection to each node as the node is added.
  */
 export function coalesceWrites(client: Redis): void {
   client.on('connect', () => {

@@ -36,20 +36,9 @@ export class OwnRedis {
 
   async restart(): Promise<void> {
     this.#proc = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--dir', this.dir], { stdio: 'ignore' });
-    const probe = new Redis(this.url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-    // Refused connections while redis-server starts are expected: each is retried below, not an unhandled error.
-    probe.on('error', () => {});
+    const probe = probeClient(this.port);
     try {
-      for (let i = 0; i < 100; i++) {
-        try {
-          await probe.connect();
-          if ((await probe.ping()) === 'PONG') return;
-        } catch {
-          probe.disconnect();
-          await new Promise((r) => setTimeout(r, 50));
-        }
-      }
-      throw new Error(`redis-server did not start on ${this.port}`);
+      await connectWhenUp(probe);
     } finally {
       probe.disconnect();
     }
@@ -69,4 +58,92 @@ export class OwnRedis {
     await this.kill();
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A Redis Cluster of the test's own: three masters, no replicas, each a redis-server on its own port (nothing
+ * persisted), the 16,384 slots split between them. Resolves once every node reports `cluster_state:ok`.
+ */
+export class OwnRedisCluster {
+  readonly dir = mkdtempSync(join(tmpdir(), 'keyferry-cluster-'));
+  readonly #procs: ChildProcess[] = [];
+
+  private constructor(readonly ports: number[]) {}
+
+  static async start(size = 3): Promise<OwnRedisCluster> {
+    const ports: number[] = [];
+    for (let i = 0; i < size; i++) ports.push(await freePort());
+    const cluster = new OwnRedisCluster(ports);
+    try {
+      await cluster.#form();
+    } catch (err) {
+      await cluster.stop();
+      throw err;
+    }
+    return cluster;
+  }
+
+  /** `host:port,…`, as REDIS_CLUSTER_NODES takes it. */
+  get nodes(): string {
+    return this.ports.map((p) => `127.0.0.1:${p}`).join(',');
+  }
+
+  async #form(): Promise<void> {
+    const clients = this.ports.map((port) => {
+      const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', this.dir];
+      args.push('--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`);
+      this.#procs.push(spawn('redis-server', args, { stdio: 'ignore' }));
+      return probeClient(port);
+    });
+    try {
+      for (const client of clients) await connectWhenUp(client);
+      const per = Math.ceil(16_384 / clients.length);
+      await Promise.all(clients.map((c, i) => c.call('CLUSTER', 'ADDSLOTSRANGE', String(i * per), String(Math.min(16_383, (i + 1) * per - 1)))));
+      for (const port of this.ports.slice(1)) await clients[0]?.call('CLUSTER', 'MEET', '127.0.0.1', String(port));
+      for (let i = 0; ; i++) {
+        const infos = await Promise.all(clients.map((c) => c.call('CLUSTER', 'INFO') as Promise<string>));
+        if (infos.every((info) => info.includes('cluster_state:ok') && info.includes(`cluster_known_nodes:${clients.length}`))) return;
+        if (i >= 200) throw new Error('the Redis Cluster did not come up');
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    } finally {
+      for (const client of clients) client.disconnect();
+    }
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(
+      this.#procs.map(
+        (proc) =>
+          new Promise<void>((resolve) => {
+            if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+            proc.once('exit', () => resolve());
+            proc.kill('SIGKILL');
+          }),
+      ),
+    );
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** A client to a redis-server that may still be starting: it connects only when told (connectWhenUp). */
+function probeClient(port: number): Redis {
+  const client = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+  // Refused connections while redis-server starts are expected: each is retried, not an unhandled error.
+  client.on('error', () => {});
+  return client;
+}
+
+/** Connects `client` once its redis-server answers PING, trying for about 5 s. */
+async function connectWhenUp(client: Redis): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    try {
+      await client.connect();
+      if ((await client.ping()) === 'PONG') return;
+    } catch {
+      client.disconnect();
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  throw new Error(`redis-server did not start on ${client.options.port}`);
 }
