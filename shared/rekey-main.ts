@@ -1,11 +1,11 @@
-import { Redis } from 'ioredis';
 import { loadConfigOrExit } from './config.js';
 import { createStores } from './context.js';
+import { createRedis } from './redis.js';
 import { rekeyAll } from './rekey.js';
 
 /** `npm run rekey` (or `node dist/shared/rekey-main.js`): re-seals every secret under KEYFERRY_MASTER_KEY. */
 const config = loadConfigOrExit();
-const redis = new Redis(config.REDIS_URL);
+const redis = createRedis(config);
 try {
   const counts = await rekeyAll(redis, createStores(config, redis));
   process.stdout.write(`${JSON.stringify({ resealed: counts })}\n`);

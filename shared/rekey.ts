@@ -1,5 +1,6 @@
-import type { Redis } from 'ioredis';
+import { Cluster, type Redis } from 'ioredis';
 import type { Stores } from './context.js';
+import type { RedisClient } from './redis.js';
 import { kmsSecretContext, localKeyContext } from './resources.js';
 import { dsmKeyContext, hsmPinContext } from './source-connections.js';
 import { WebhookSecretStore } from './stores/webhook-secret-store.js';
@@ -31,50 +32,61 @@ const SEALED_FIELDS: {
  * Re-seals every secret at rest under the current master key: KMS connection secrets, local key material,
  * HSM PINs, KMIP client keys and webhook secrets. Run it after setting a new KEYFERRY_MASTER_KEY with the old one in
  * KEYFERRY_MASTER_KEY_PREVIOUS; once it has run, the old key can be dropped. Values already under the
- * current key are left alone, so running it twice is harmless. (SCAN: one Redis, not a cluster.)
+ * current key are left alone, so running it twice is harmless. On a Redis Cluster every master is scanned.
  */
-export async function rekeyAll(redis: Redis, stores: Stores): Promise<RekeyCounts> {
+export async function rekeyAll(redis: RedisClient, stores: Stores): Promise<RekeyCounts> {
   const counts: RekeyCounts = { kms_connections: 0, local_keys: 0, hsm_connections: 0, dsm_connections: 0, webhook_secrets: 0 };
   const { box, keys } = stores;
-  let cursor = '0';
-  do {
-    const [next, found] = await redis.scan(cursor, 'MATCH', `${keys.prefix}:acct:{*}:*`, 'COUNT', 1000);
-    cursor = next;
-    for (const key of found) {
-      const account = /:acct:\{(.+)\}:/.exec(key)?.[1];
-      if (account === undefined) continue;
-      const sealedField = SEALED_FIELDS.find((f) => key === keys.resources(account, f.kind));
-      if (sealedField) {
-        counts[sealedField.count] += await resealHash<Record<string, unknown> & { id: string }>(redis, key, (record) => {
-          const holder = sealedField.holder(record);
-          const sealed = holder?.[sealedField.field];
-          if (typeof sealed !== 'string') return false;
-          const next = box.reseal(sealed, sealedField.context(account, record.id));
-          if (next === sealed) return false;
-          (holder as Record<string, unknown>)[sealedField.field] = next;
-          return true;
-        });
-      } else if (key === keys.webhookSecret(account)) {
-        const stored = await redis.hgetall(key);
-        const changes: Record<string, string> = {};
-        for (const field of ['current', 'previous'] as const) {
-          const sealed = stored[field];
-          if (!sealed) continue;
-          const next = box.reseal(sealed, WebhookSecretStore.context(account));
-          if (next !== sealed) changes[field] = next;
-        }
-        if (Object.keys(changes).length > 0) {
-          await redis.hset(key, changes);
-          counts.webhook_secrets++;
-        }
+  for (const key of await scanAll(redis, `${keys.prefix}:acct:{*}:*`)) {
+    const account = /:acct:\{(.+)\}:/.exec(key)?.[1];
+    if (account === undefined) continue;
+    const sealedField = SEALED_FIELDS.find((f) => key === keys.resources(account, f.kind));
+    if (sealedField) {
+      counts[sealedField.count] += await resealHash<Record<string, unknown> & { id: string }>(redis, key, (record) => {
+        const holder = sealedField.holder(record);
+        const sealed = holder?.[sealedField.field];
+        if (typeof sealed !== 'string') return false;
+        const next = box.reseal(sealed, sealedField.context(account, record.id));
+        if (next === sealed) return false;
+        (holder as Record<string, unknown>)[sealedField.field] = next;
+        return true;
+      });
+    } else if (key === keys.webhookSecret(account)) {
+      const stored = await redis.hgetall(key);
+      const changes: Record<string, string> = {};
+      for (const field of ['current', 'previous'] as const) {
+        const sealed = stored[field];
+        if (!sealed) continue;
+        const next = box.reseal(sealed, WebhookSecretStore.context(account));
+        if (next !== sealed) changes[field] = next;
+      }
+      if (Object.keys(changes).length > 0) {
+        await redis.hset(key, changes);
+        counts.webhook_secrets++;
       }
     }
-  } while (cursor !== '0');
+  }
   return counts;
 }
 
+/** Every key matching `pattern`: SCAN of the one Redis, or of every master of a Cluster. */
+async function scanAll(redis: RedisClient, pattern: string): Promise<string[]> {
+  // A cluster's masters are known once a command went through: its slot map is loaded by then.
+  const servers: Redis[] = redis instanceof Cluster ? await redis.ping().then(() => redis.nodes('master')) : [redis];
+  const out: string[] = [];
+  for (const server of servers) {
+    let cursor = '0';
+    do {
+      const [next, found] = await server.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
+      cursor = next;
+      out.push(...found);
+    } while (cursor !== '0');
+  }
+  return out;
+}
+
 /** Applies `reseal` to each JSON record of a hash; writes back those it changed; returns how many. */
-async function resealHash<T>(redis: Redis, key: string, reseal: (record: T) => boolean): Promise<number> {
+async function resealHash<T>(redis: RedisClient, key: string, reseal: (record: T) => boolean): Promise<number> {
   const changed: Record<string, string> = {};
   for (const [field, raw] of Object.entries(await redis.hgetall(key))) {
     const record = JSON.parse(raw) as T;

@@ -1,17 +1,22 @@
 /**
  * keyferry on a Redis Cluster of its own (three masters started by the test, REDIS_CLUSTER_NODES set for the API
- * and the worker): single uploads, `Prefer: wait`, a batch, and the write coalescing of each node's connection.
+ * and the worker): single uploads, `Prefer: wait`, a batch, the write coalescing of each node's connection, and
+ * `npm run rekey` (last: it rotates the master key under the running API and worker).
  * Job records, BullMQ's queue and the account's resources hash to different slots, so they live on different
  * nodes; multi-key scripts keep to one slot through hash tags (shared/stores/keyspace.ts).
  */
+import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { Cluster, type Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createStores } from '../shared/context.js';
 import { createRedis } from '../shared/redis.js';
+import { localKeyContext } from '../shared/resources.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
+import { runEntry } from './helpers/child.js';
 import { keysUnder } from './helpers/redis-dump.js';
 import { OwnRedisCluster } from './helpers/redis-server.js';
-import { seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
+import { seedKms, seedLocalKey, startStack, testEnv, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
 let cluster: OwnRedisCluster;
 let stack: TestStack;
@@ -114,6 +119,42 @@ describe('write coalescing on a Redis Cluster', () => {
     } finally {
       coalescing.disconnect();
       plain.disconnect();
+    }
+  });
+});
+
+describe('master key rotation on a Redis Cluster', () => {
+  it('when the re-encryption command runs against the cluster, then the secrets of accounts on every master open with the new key alone', async () => {
+    const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    // One account per master: an account's resources share its hash tag, so they live on one node.
+    const byNode = new Map<string, string>();
+    for (const account of ['acme', 'globex', 'initech', 'umbrella', 'hooli', 'stark', 'wayne', 'tyrell', 'cyberdyne', 'soylent']) {
+      const slot = Number(await admin.call('CLUSTER', 'KEYSLOT', keys.resources(account, 'localkeys')));
+      const node = admin.slots[slot]?.[0];
+      if (node && !byNode.has(node)) byNode.set(node, account);
+    }
+    const accounts = [...byNode.values()];
+    expect(accounts).toHaveLength(3);
+    const material = new Map(accounts.map((a) => [a, randomBytes(32)]));
+    for (const account of accounts) await seedLocalKey(stack, await stack.token(account), 'rekey-key', material.get(account)?.toString('hex'));
+
+    const newKey = randomBytes(32);
+    const child = runEntry('shared/rekey-main.ts', {
+      ...testEnv('cluster'),
+      KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX,
+      REDIS_CLUSTER_NODES: cluster.nodes,
+      KEYFERRY_MASTER_KEY: newKey.toString('hex'),
+      KEYFERRY_MASTER_KEY_PREVIOUS: stack.config.KEYFERRY_MASTER_KEY.toString('hex'),
+    });
+    expect(await child.exited).toEqual({ code: 0, signal: null });
+    // acme's KMS connection and its test-key from beforeAll, and one rekey-key per account.
+    const resealed = JSON.parse(child.output.find((l) => l.includes('resealed')) ?? '{}') as { resealed: Record<string, number> };
+    expect(resealed.resealed).toMatchObject({ kms_connections: 1, local_keys: accounts.length + 1 });
+
+    const newOnly = createStores({ KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX, RECORD_RETENTION_DAYS: 30, KEYFERRY_MASTER_KEY: newKey, KEYFERRY_MASTER_KEY_PREVIOUS: [] }, admin);
+    for (const account of accounts) {
+      const key = await newOnly.localKeys.get(account, 'rekey-key');
+      expect(newOnly.box.open(key.material_sealed, localKeyContext(account, key.id))).toEqual(material.get(account));
     }
   });
 });
