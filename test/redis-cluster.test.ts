@@ -1,6 +1,7 @@
 /**
  * keyferry on a Redis Cluster of its own (three masters started by the test, REDIS_CLUSTER_NODES set for the API
- * and the worker): single uploads, `Prefer: wait`, a batch, the write coalescing of each node's connection, and
+ * and the worker): single uploads, `Prefer: wait`, a job's event stream and signed callback, a batch, the write
+ * coalescing of each node's connection, and
  * `npm run rekey` (last: it rotates the master key under the running API and worker).
  * Job records, BullMQ's queue and the account's resources hash to different slots, so they live on different
  * nodes; multi-key scripts keep to one slot through hash tags (shared/stores/keyspace.ts).
@@ -8,14 +9,17 @@
 import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { Cluster, type Redis } from 'ioredis';
+import { Webhook } from 'standardwebhooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStores } from '../shared/context.js';
 import { createRedis } from '../shared/redis.js';
 import { localKeyContext } from '../shared/resources.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { runEntry } from './helpers/child.js';
+import { Receiver } from './helpers/receiver.js';
 import { keysUnder } from './helpers/redis-dump.js';
 import { OwnRedisCluster } from './helpers/redis-server.js';
+import { collectEvents } from './helpers/sse.js';
 import { seedKms, seedLocalKey, startStack, testEnv, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
 let cluster: OwnRedisCluster;
@@ -23,11 +27,13 @@ let stack: TestStack;
 let token: string;
 /** A client of the test's own to the cluster, to look at what keyferry wrote. */
 let admin: Cluster;
+const receiver = new Receiver();
 const item = (alias: string) => ({ source_key_identifier: 'test-key', region: 'us-east-1', kms: 'kms', aws_param: { Alias: alias } });
 
 beforeAll(async () => {
   cluster = await OwnRedisCluster.start();
-  const env = { REDIS_CLUSTER_NODES: cluster.nodes };
+  await receiver.start();
+  const env = { REDIS_CLUSTER_NODES: cluster.nodes, WEBHOOK_ALLOW_HTTP: 'true', WEBHOOK_ALLOW_CIDRS: '127.0.0.0/8,::1/128' };
   stack = await startStack({ name: 'cluster', worker: false, env });
   token = await stack.token('acme');
   await seedKms(stack, token);
@@ -40,6 +46,7 @@ afterAll(async () => {
   admin?.disconnect();
   await stack?.close();
   await cluster?.stop();
+  await receiver.close();
 });
 
 /** Every key on every master of the cluster under this test's prefix. */
@@ -70,6 +77,22 @@ describe('keyferry on a Redis Cluster', () => {
     expect(res.status).toBe(201);
     expect(res.headers.get('preference-applied')).toBe('wait=15');
     expect(res.body).toMatchObject({ aws_param: { Origin: 'EXTERNAL' } });
+  });
+
+  it("when an upload with a callback_url runs, then its event stream shows it succeed and the signed callback arrives", async () => {
+    const secret = (await stack.call('POST', '/api/v1/webhooks/secret', { token })).body.secret as string;
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...item('cluster-events'), callback_url: receiver.url('/cluster') } });
+    expect(res.status).toBe(202);
+    const events = await collectEvents(`${stack.api.url}/api/v1/jobs/${String(res.body.id)}/events`, token, {
+      names: ['job'],
+      until: (e) => ['succeeded', 'failed', 'canceled'].includes((JSON.parse(e.data) as { status: string }).status),
+    });
+    expect(JSON.parse(events.at(-1)?.data ?? '{}')).toMatchObject({ status: 'succeeded', step: 'record' });
+    for (let i = 0; i < 200 && receiver.at('/cluster').length === 0; i++) await new Promise((r) => setTimeout(r, 25));
+    const [delivered] = receiver.at('/cluster');
+    expect(delivered).toBeDefined();
+    const event = new Webhook(secret).verify(delivered?.body ?? '', delivered?.headers ?? {}) as { type: string; data: { id: string } };
+    expect(event).toMatchObject({ type: 'upload-key.succeeded', data: { id: res.body.id } });
   });
 
   it('when a batch of three is uploaded, then it completes with three keys', async () => {
