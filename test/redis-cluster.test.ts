@@ -1,8 +1,8 @@
 /**
  * keyferry on a Redis Cluster of its own (three masters started by the test, REDIS_CLUSTER_NODES set for the API
  * and the worker): single uploads, `Prefer: wait`, a job's event stream and signed callback, a batch, the write
- * coalescing of each node's connection, and
- * `npm run rekey` (last: it rotates the master key under the running API and worker).
+ * coalescing of each node's connection, and `npm run rekey` (last: it rotates the master key under the running
+ * API and worker).
  * Job records, BullMQ's queue and the account's resources hash to different slots, so they live on different
  * nodes; multi-key scripts keep to one slot through hash tags (shared/stores/keyspace.ts).
  */
