@@ -12,6 +12,7 @@ import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
 import { checkWebhookUrl } from '../shared/ssrf.js';
+import type { JobStore } from '../shared/stores/job-store.js';
 import { parseOrThrow } from '../shared/validation.js';
 
 const IDEMPOTENCY_TTL_SECONDS = 86_400;
@@ -80,23 +81,21 @@ export class Intake {
       jobsAccepted.inc({ kind: 'single' });
       return { job, bullJob, replayed: false };
     } catch (err) {
-      // Nothing half-made stays behind: the client gets a problem and may simply retry. The BullMQ job may exist
-      // when only the record's write failed; a worker that took it meanwhile finds no record and does nothing.
-      await Promise.allSettled([this.stores.jobs.delete(id), this.queue.remove(id), claim.release()]);
+      await undoSubmission(this.queue, this.stores.jobs, id, claim.release).catch(() => undefined);
       throw err;
     }
   }
 
   /**
-   * Writes a new job's record and enqueues the job. On one Redis both go out at once, in one round trip: the
-   * record's SET is sent first, on the connection BullMQ's add goes on too (the queue and the stores share the
-   * API's client), and Redis runs a connection's commands in the order sent, so no worker can take the job before
-   * its record exists. On a Redis Cluster the record and the queue live on different nodes, in no order, so the
-   * add waits for the record there. Throws if either failed (the record's failure first); the caller undoes both.
+   * Writes a new job's record and enqueues the job. On one Redis, when the queue uses the same client as the
+   * stores (as in the API), both go out at once, in one round trip: the record's SET is sent first, and Redis runs
+   * a connection's commands in the order sent, so no worker can take the job before its record exists. On a Redis
+   * Cluster the record and the queue live on different nodes, in no order, and two clients keep no order either:
+   * the add then waits for the record. Throws if either failed (the record's failure first); the caller undoes both.
    */
   private async recordAndEnqueue(job: JobRecord): Promise<Job<UploadJobData>> {
     const add = () => this.queue.add('upload-key', { jobId: job.id, account: job.account }, { ...uploadJobOptions(this.config), jobId: job.id });
-    if (this.redis instanceof Cluster) {
+    if (this.redis instanceof Cluster || this.queue.opts.connection !== this.redis) {
       await this.stores.jobs.create(job);
       return add();
     }
@@ -298,4 +297,18 @@ function duplicateAliases(items: UploadKeyRequest[], kmsIds: string[]): FieldErr
     else errors.push({ path: `items[${i}].aws_param.Alias`, message: `Duplicate of items[${first}]: an alias names one key per KMS connection and region.` });
   });
   return errors;
+}
+
+/**
+ * Undoes an upload whose record or enqueue failed, so that nothing half-made stays behind and the client may
+ * simply retry: the BullMQ job is removed, the record deleted, the Idempotency-Key claim released, each as far
+ * as Redis allows. Unless a worker already holds the job and its record exists: then Redis ran both and only
+ * their answers were lost (a dropped connection), and the job was in fact accepted. It runs, its record and
+ * claim stay, and a retry with the same Idempotency-Key is answered with it. BullMQ does not remove a job a
+ * worker holds: remove answers 0.
+ */
+export async function undoSubmission(queue: UploadQueue, jobs: JobStore, id: string, releaseClaim: () => Promise<unknown>): Promise<void> {
+  const removed = await queue.remove(id).catch(() => undefined);
+  if (removed === 0 && (await jobs.get(id)) !== undefined) return;
+  await Promise.allSettled([jobs.delete(id), releaseClaim()]);
 }

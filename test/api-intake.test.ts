@@ -1,11 +1,17 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { Worker } from 'bullmq';
+import { Redis } from 'ioredis';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { undoSubmission } from '../api/intake.js';
 import { startApi } from '../api/server.js';
-import { UPLOAD_QUEUE } from '../shared/jobs.js';
+import { createStores } from '../shared/context.js';
+import { newJobRecord, UPLOAD_QUEUE } from '../shared/jobs.js';
 import { createLogger } from '../shared/logger.js';
-import { Keyspace } from '../shared/stores/keyspace.js';
+import { createUploadQueue } from '../shared/queues.js';
+import { parseUploadKey } from '../shared/schemas/upload-key.js';
+import { deleteKeyspace, Keyspace } from '../shared/stores/keyspace.js';
 import { isRateLimitBucket, keysUnder, monitorCommands, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
 import { EMULATOR_SECRET_KEY, queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
@@ -175,7 +181,7 @@ describe('intake: the record and the enqueue go out together', () => {
         at.add = seen.findIndex((c) => /^eval(sha)?$/i.test(c.args[0] ?? '') && c.args.some((a) => a.includes(id)));
         at.firstOnJobHash = seen.findIndex((c) => c.client === 'lua' && c.args[1] === jobHash);
         if (Object.values(at).some((i) => i < 0)) throw new Error(`not all seen yet: ${JSON.stringify(at)}`);
-      });
+      }, { timeout: 5000 });
     } finally {
       stop();
     }
@@ -190,31 +196,101 @@ describe('intake: the record and the enqueue go out together', () => {
     const keys = new Keyspace(prefix);
     const user = `${prefix}-records-read-only`;
     const password = randomUUID();
-    await stack.redis.call('ACL', 'SETUSER', user, 'reset', 'on', `>${password}`, `~${keys.bullPrefix}:*`, `~${prefix}:acct:*`, `%R~${prefix}:*`, 'resetchannels', '&*', '+@all');
     const url = new URL(stack.config.REDIS_URL);
     url.username = user;
     url.password = password;
     const before = await keysUnder(stack.redis, prefix);
     const queuedBefore = await queueSize();
-    const api = await startApi({ ...stack.config, REDIS_URL: url.toString() }, createLogger('silent'));
+    const events = `${keys.bullPrefix}:${UPLOAD_QUEUE}:events`;
+    const [lastEvent] = await stack.redis.xrevrange(events, '+', '-', 'COUNT', 1);
     let refused: Response;
     try {
-      refused = await fetch(`${api.url}/api/v1/cckm/aws/upload-key`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'idempotency-key': 'idem-record-refused' },
-        body: JSON.stringify(example),
-      });
+      await stack.redis.call('ACL', 'SETUSER', user, 'reset', 'on', `>${password}`, `~${keys.bullPrefix}:*`, `~${prefix}:acct:*`, `%R~${prefix}:*`, 'resetchannels', '&*', '+@all', '-@admin', '-flushall', '-flushdb');
+      const api = await startApi({ ...stack.config, REDIS_URL: url.toString() }, createLogger('silent'));
+      try {
+        refused = await fetch(`${api.url}/api/v1/cckm/aws/upload-key`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'idempotency-key': 'idem-record-refused' },
+          body: JSON.stringify(example),
+        });
+      } finally {
+        await api.close();
+      }
     } finally {
-      await api.close();
       await stack.redis.call('ACL', 'DELUSER', user);
     }
+    const body = (await refused.json()) as { code: string };
     expect(refused.status).toBe(500);
-    expect(((await refused.json()) as { code: string }).code).toBe('internal_error');
+    expect(body.code).toBe('internal_error');
     expect((await keysUnder(stack.redis, prefix)).filter((k) => !before.includes(k) && !isRateLimitBucket(k))).toEqual([]);
     expect(await queueSize()).toBe(queuedBefore);
+    // The add did go out with the refused record, and was taken back: BullMQ's event stream shows it added, then removed.
+    const since = await stack.redis.xrange(events, lastEvent ? `(${lastEvent[0]}` : '-', '+');
+    const seen = since.map(([, fields]) => ({ event: fields[fields.indexOf('event') + 1], jobId: fields[fields.indexOf('jobId') + 1] }));
+    const added = seen.find((e) => e.event === 'added');
+    expect(added?.jobId).toBeDefined();
+    expect(seen).toContainEqual({ event: 'removed', jobId: added?.jobId });
 
     const retried = await upload(example, { 'idempotency-key': 'idem-record-refused' });
     expect(retried.status).toBe(202);
+  });
+});
+
+describe('intake: undoing a submission whose answer was lost', () => {
+  it('when a worker already holds the job and its record exists, then both stay with the claim; when the job only waits, all of it goes', async () => {
+    // A keyspace of its own: no other test's queued job is there for the worker below to take.
+    const config = { ...stack.config, KEYFERRY_PREFIX: `${stack.config.KEYFERRY_PREFIX}-undo` };
+    const { jobs, keys } = createStores(config, stack.redis);
+    const queue = createUploadQueue(stack.redis, keys);
+    const record = () => newJobRecord({ id: randomUUID(), account: 'acme', request: parseUploadKey(example), kmsId: 'kms', maxAttempts: 1 });
+    let releases = 0;
+    const releaseClaim = async () => void releases++;
+    let letGo = () => undefined as void;
+    const held = new Promise<void>((resolve) => (letGo = resolve));
+    const taken: string[] = [];
+    const workerConnection = new Redis(stack.config.REDIS_URL, { maxRetriesPerRequest: null }); // BullMQ does not close it
+    const worker = new Worker(
+      UPLOAD_QUEUE,
+      async (job) => {
+        taken.push(String(job.id));
+        await held;
+      },
+      { connection: workerConnection, prefix: keys.bullPrefix, autorun: false, concurrency: 2 },
+    );
+    try {
+      const running = record();
+      await jobs.create(running);
+      await queue.add('upload-key', { jobId: running.id, account: 'acme' }, { jobId: running.id });
+      void worker.run();
+      await vi.waitFor(() => expect(taken).toEqual([running.id]), { timeout: 5000 });
+      await undoSubmission(queue, jobs, running.id, releaseClaim);
+      expect(await jobs.get(running.id)).toMatchObject({ status: 'queued' });
+      expect(await queue.getJobState(running.id)).toBe('active');
+      expect(releases).toBe(0);
+
+      // Held by a worker but without a record (the record's write was what failed): nothing was accepted.
+      const unrecorded = record();
+      await queue.add('upload-key', { jobId: unrecorded.id, account: 'acme' }, { jobId: unrecorded.id });
+      await vi.waitFor(() => expect(taken).toContain(unrecorded.id), { timeout: 5000 });
+      await undoSubmission(queue, jobs, unrecorded.id, releaseClaim);
+      expect(releases).toBe(1);
+      letGo();
+      await worker.close();
+
+      const waiting = record();
+      await jobs.create(waiting);
+      await queue.add('upload-key', { jobId: waiting.id, account: 'acme' }, { jobId: waiting.id });
+      await undoSubmission(queue, jobs, waiting.id, releaseClaim);
+      expect(await jobs.get(waiting.id)).toBeUndefined();
+      expect(await queue.getJobState(waiting.id)).toBe('unknown');
+      expect(releases).toBe(2);
+    } finally {
+      letGo();
+      await worker.close();
+      workerConnection.disconnect();
+      await queue.close();
+      await deleteKeyspace(stack.redis, config.KEYFERRY_PREFIX);
+    }
   });
 });
 

@@ -153,6 +153,17 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     expect(await direct.xlen(stores.keys.jobEvents(job.id))).toBe(1);
   });
 
+  it("when a new job's record SET runs twice and a worker wrote the record in between, then the worker's record stays", async () => {
+    const job = newJob();
+    const key = stores.keys.job(job.id);
+    const created = withDroppedAnswer(key, () => stores.jobs.create(job), { commands: ['set'], outageMs: 300 });
+    // Redis ran the SET; while the connection is down, a worker starts the job (the intake's add went with it).
+    await vi.waitFor(async () => expect(await direct.exists(key)).toBe(1), { timeout: 2000 });
+    await direct.set(key, JSON.stringify({ ...job, status: 'running', attempts: 1 }));
+    await created;
+    expect(await stores.jobs.get(job.id)).toMatchObject({ status: 'running', attempts: 1 });
+  });
+
   it("when a batch job's final write runs twice, then the batch counts it once and the caller still learns it completed the batch", async () => {
     const batchId = randomUUID();
     const now = new Date().toISOString();

@@ -120,9 +120,14 @@ export class JobStore {
     this.#write = defineScript(redis, 'job_write', WRITE_SCRIPT);
   }
 
-  /** Sends the record's SET before it returns (Intake sends BullMQ's add right after it, relying on that order). */
+  /**
+   * Writes a new job's record, only if no record has its id (SET NX): the id is a fresh UUID, so a record found
+   * there is this write's own, run by Redis before a dropped connection lost its answer. ioredis then sends the
+   * SET again, by which time a worker may have started the job: NX keeps its record. Sends the SET before it
+   * returns (Intake sends BullMQ's add right after it, relying on that order).
+   */
   async create(job: JobRecord): Promise<void> {
-    await this.redis.set(this.keys.job(job.id), JSON.stringify(job));
+    await this.redis.set(this.keys.job(job.id), JSON.stringify(job), 'NX');
   }
 
   async get(id: string): Promise<JobRecord | undefined> {
