@@ -66,6 +66,22 @@ export function coalesceWrites(client: Redis): void {
   });
 }
 
+/** Every key matching `pattern`: SCAN of the one Redis, or of every master of a Cluster. */
+export async function scanKeys(redis: RedisClient, pattern: string): Promise<string[]> {
+  // A cluster's masters are known once a command went through: its slot map is loaded by then.
+  const servers: Redis[] = redis instanceof Cluster ? await redis.ping().then(() => redis.nodes('master')) : [redis];
+  const out: string[] = [];
+  for (const server of servers) {
+    let cursor = '0';
+    do {
+      const [next, found] = await server.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
+      cursor = next;
+      out.push(...found);
+    } while (cursor !== '0');
+  }
+  return out;
+}
+
 /** Runs a Lua script defined with defineScript: its KEYS, then its ARGV. */
 export type RedisScript = (keys: readonly string[], args: readonly (string | number)[]) => Promise<unknown>;
 

@@ -1,6 +1,5 @@
-import { Cluster, type Redis } from 'ioredis';
 import type { Stores } from './context.js';
-import type { RedisClient } from './redis.js';
+import { scanKeys, type RedisClient } from './redis.js';
 import { kmsSecretContext, localKeyContext } from './resources.js';
 import { dsmKeyContext, hsmPinContext } from './source-connections.js';
 import { WebhookSecretStore } from './stores/webhook-secret-store.js';
@@ -37,7 +36,7 @@ const SEALED_FIELDS: {
 export async function rekeyAll(redis: RedisClient, stores: Stores): Promise<RekeyCounts> {
   const counts: RekeyCounts = { kms_connections: 0, local_keys: 0, hsm_connections: 0, dsm_connections: 0, webhook_secrets: 0 };
   const { box, keys } = stores;
-  for (const key of await scanAll(redis, `${keys.prefix}:acct:{*}:*`)) {
+  for (const key of await scanKeys(redis, `${keys.prefix}:acct:{*}:*`)) {
     const account = /:acct:\{(.+)\}:/.exec(key)?.[1];
     if (account === undefined) continue;
     const sealedField = SEALED_FIELDS.find((f) => key === keys.resources(account, f.kind));
@@ -67,22 +66,6 @@ export async function rekeyAll(redis: RedisClient, stores: Stores): Promise<Reke
     }
   }
   return counts;
-}
-
-/** Every key matching `pattern`: SCAN of the one Redis, or of every master of a Cluster. */
-async function scanAll(redis: RedisClient, pattern: string): Promise<string[]> {
-  // A cluster's masters are known once a command went through: its slot map is loaded by then.
-  const servers: Redis[] = redis instanceof Cluster ? await redis.ping().then(() => redis.nodes('master')) : [redis];
-  const out: string[] = [];
-  for (const server of servers) {
-    let cursor = '0';
-    do {
-      const [next, found] = await server.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
-      cursor = next;
-      out.push(...found);
-    } while (cursor !== '0');
-  }
-  return out;
 }
 
 /** Applies `reseal` to each JSON record of a hash; writes back those it changed; returns how many. */

@@ -39,21 +39,18 @@ beforeAll(async () => {
   await seedKms(stack, token);
   await seedLocalKey(stack, token, 'test-key');
   await stack.startWorker(env);
-  admin = new Cluster(cluster.nodes.split(',').map((hp) => ({ host: '127.0.0.1', port: Number(hp.split(':')[1]) })));
+  admin = new Cluster(cluster.startupNodes);
 }, 60_000);
 
 afterAll(async () => {
   admin?.disconnect();
-  await stack?.close();
-  await cluster?.stop();
-  await receiver.close();
+  try {
+    await stack?.close();
+  } finally {
+    await cluster?.stop();
+    await receiver.close();
+  }
 });
-
-/** Every key on every master of the cluster under this test's prefix. */
-async function clusterKeys(): Promise<string[]> {
-  const perNode = await Promise.all(admin.nodes('master').map((node) => keysUnder(node, stack.config.KEYFERRY_PREFIX)));
-  return perNode.flat();
-}
 
 describe('keyferry on a Redis Cluster', () => {
   it('when a key is uploaded, then the job succeeds, and its record, its queue and the key resource are in the cluster, not in REDIS_URL', async () => {
@@ -67,7 +64,7 @@ describe('keyferry on a Redis Cluster', () => {
     expect(key.body).toMatchObject({ aws_param: { KeyState: 'Enabled', Origin: 'EXTERNAL' } });
 
     const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
-    const stored = await clusterKeys();
+    const stored = await keysUnder(admin, stack.config.KEYFERRY_PREFIX);
     expect(stored).toEqual(expect.arrayContaining([keys.job(id), keys.uploadedKey(String(job.result?.id)), `${keys.bullPrefix}:upload-key:meta`]));
     expect(await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).toEqual([]);
   });
@@ -135,7 +132,7 @@ describe('write coalescing on a Redis Cluster', () => {
 
   it("when ten commands for one node are sent in one turn, then createRedis's cluster client writes them once, a plain one ten times", async () => {
     const coalescing = createRedis({ REDIS_URL: 'redis://unused', REDIS_CLUSTER_NODES: cluster.nodes }) as Cluster;
-    const plain = new Cluster(cluster.nodes.split(',').map((hp) => ({ host: '127.0.0.1', port: Number(hp.split(':')[1]) })));
+    const plain = new Cluster(cluster.startupNodes);
     try {
       expect(await writesForTenSets(coalescing)).toBe(1);
       expect(await writesForTenSets(plain)).toBe(10);

@@ -1,4 +1,5 @@
-import type { Redis } from 'ioredis';
+import { Cluster } from 'ioredis';
+import { scanKeys, type RedisClient } from '../redis.js';
 
 /**
  * Every Redis key keyferry writes outside BullMQ. Keys that a MULTI touches together share a hash tag
@@ -106,14 +107,12 @@ export class Keyspace {
   }
 }
 
-/** Deletes every key under a prefix with SCAN + UNLINK (never FLUSHALL: a Redis may be shared). */
-export async function deleteKeyspace(redis: Redis, prefix: string): Promise<void> {
+/** Deletes every key under a prefix with SCAN + UNLINK (never FLUSHALL: a Redis may be shared); on a Cluster, on every master. */
+export async function deleteKeyspace(redis: RedisClient, prefix: string): Promise<void> {
   for (const pattern of new Keyspace(prefix).patterns) {
-    let cursor = '0';
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
-      cursor = next;
-      if (keys.length > 0) await redis.unlink(...keys);
-    } while (cursor !== '0');
+    const keys = await scanKeys(redis, pattern);
+    // A Cluster takes one slot per command: there, each key goes on its own.
+    const batches = redis instanceof Cluster ? keys.map((k) => [k]) : Array.from({ length: Math.ceil(keys.length / 1000) }, (_, i) => keys.slice(i * 1000, (i + 1) * 1000));
+    await Promise.all(batches.map((batch) => redis.unlink(...batch)));
   }
 }

@@ -1,23 +1,16 @@
 import net from 'node:net';
-import type { Redis } from 'ioredis';
+import { scanKeys, type RedisClient } from '../../shared/redis.js';
 import { Keyspace } from '../../shared/stores/keyspace.js';
 
-/** Every key under a prefix, BullMQ's included. */
-export async function keysUnder(redis: Redis, prefix: string): Promise<string[]> {
+/** Every key under a prefix, BullMQ's included (on a Cluster, from every master). */
+export async function keysUnder(redis: RedisClient, prefix: string): Promise<string[]> {
   const out: string[] = [];
-  for (const pattern of new Keyspace(prefix).patterns) {
-    let cursor = '0';
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
-      cursor = next;
-      out.push(...keys);
-    } while (cursor !== '0');
-  }
+  for (const pattern of new Keyspace(prefix).patterns) out.push(...(await scanKeys(redis, pattern)));
   return out;
 }
 
 /** Every value stored in `keys`, as text, whatever the Redis type. */
-export async function valuesOf(redis: Redis, keys: string[]): Promise<string[]> {
+export async function valuesOf(redis: RedisClient, keys: string[]): Promise<string[]> {
   const out: string[] = [];
   for (const key of keys) {
     const type = await redis.type(key);
@@ -32,7 +25,7 @@ export async function valuesOf(redis: Redis, keys: string[]): Promise<string[]> 
 }
 
 /** Every value stored under a prefix (for leak scans). */
-export async function redisValuesUnder(redis: Redis, prefix: string): Promise<string[]> {
+export async function redisValuesUnder(redis: RedisClient, prefix: string): Promise<string[]> {
   return valuesOf(redis, await keysUnder(redis, prefix));
 }
 

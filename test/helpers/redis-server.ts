@@ -68,12 +68,20 @@ export class OwnRedisCluster {
   readonly dir = mkdtempSync(join(tmpdir(), 'keyferry-cluster-'));
   readonly #procs: ChildProcess[] = [];
 
-  private constructor(readonly ports: number[]) {}
+  private constructor(
+    readonly ports: number[],
+    /** Each node's cluster bus port (by default its port + 10000, which fails for ports above 55535). */
+    readonly busPorts: number[],
+  ) {}
 
   static async start(size = 3): Promise<OwnRedisCluster> {
     const ports: number[] = [];
-    for (let i = 0; i < size; i++) ports.push(await freePort());
-    const cluster = new OwnRedisCluster(ports);
+    const busPorts: number[] = [];
+    for (let i = 0; i < size; i++) {
+      ports.push(await freePort());
+      busPorts.push(await freePort());
+    }
+    const cluster = new OwnRedisCluster(ports, busPorts);
     try {
       await cluster.#form();
     } catch (err) {
@@ -88,10 +96,15 @@ export class OwnRedisCluster {
     return this.ports.map((p) => `127.0.0.1:${p}`).join(',');
   }
 
+  /** The nodes as ioredis's Cluster takes them. */
+  get startupNodes(): { host: string; port: number }[] {
+    return this.ports.map((port) => ({ host: '127.0.0.1', port }));
+  }
+
   async #form(): Promise<void> {
-    const clients = this.ports.map((port) => {
+    const clients = this.ports.map((port, i) => {
       const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', this.dir];
-      args.push('--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`);
+      args.push('--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`, '--cluster-port', String(this.busPorts[i]));
       this.#procs.push(spawn('redis-server', args, { stdio: 'ignore' }));
       return probeClient(port);
     });
@@ -99,7 +112,7 @@ export class OwnRedisCluster {
       for (const client of clients) await connectWhenUp(client);
       const per = Math.ceil(16_384 / clients.length);
       await Promise.all(clients.map((c, i) => c.call('CLUSTER', 'ADDSLOTSRANGE', String(i * per), String(Math.min(16_383, (i + 1) * per - 1)))));
-      for (const port of this.ports.slice(1)) await clients[0]?.call('CLUSTER', 'MEET', '127.0.0.1', String(port));
+      for (let i = 1; i < this.ports.length; i++) await clients[0]?.call('CLUSTER', 'MEET', '127.0.0.1', String(this.ports[i]), String(this.busPorts[i]));
       for (let i = 0; ; i++) {
         const infos = await Promise.all(clients.map((c) => c.call('CLUSTER', 'INFO') as Promise<string>));
         if (infos.every((info) => info.includes('cluster_state:ok') && info.includes(`cluster_known_nodes:${clients.length}`))) return;

@@ -6,6 +6,7 @@ import { signToken } from '../../shared/auth.js';
 import { loadConfig, type Config } from '../../shared/config.js';
 import { DEFAULT_KMS_QUOTAS } from '../../shared/kms-quotas.js';
 import { createLogger } from '../../shared/logger.js';
+import { createRedis } from '../../shared/redis.js';
 import { deleteKeyspace } from '../../shared/stores/keyspace.js';
 import { startWorker, type WorkerHandle } from '../../worker/runner.js';
 import { KmsEmulator, type KmsEmulatorOptions } from '../kms-emulator/emulator.js';
@@ -141,12 +142,15 @@ export async function startStack(opts: StackOptions): Promise<TestStack> {
       await Promise.all(workers.map((w) => w.close()));
       await api.close();
       await emulator.close();
+      // Where the stack's data is: REDIS_URL, or the Redis Cluster the stack was given.
+      const data = config.REDIS_CLUSTER_NODES ? createRedis(config) : redis;
       try {
-        const haystacks = [...(await redisValuesUnder(redis, config.KEYFERRY_PREFIX)), ...logs.lines];
+        const haystacks = [...(await redisValuesUnder(data, config.KEYFERRY_PREFIX)), ...logs.lines];
         const leaks = [...watched].filter((needle) => haystacks.some((h) => h.includes(needle)));
         if (leaks.length > 0) throw new Error(`${leaks.length} watched secret(s) found in Redis values or log lines of ${opts.name}`);
       } finally {
-        await deleteKeyspace(redis, config.KEYFERRY_PREFIX);
+        await deleteKeyspace(data, config.KEYFERRY_PREFIX);
+        if (data !== redis) data.disconnect();
         redis.disconnect();
       }
     },
