@@ -7,7 +7,6 @@
  * nodes; multi-key scripts keep to one slot through hash tags (shared/stores/keyspace.ts).
  */
 import { randomBytes } from 'node:crypto';
-import type { Socket } from 'node:net';
 import { Cluster, type Redis } from 'ioredis';
 import { Webhook } from 'standardwebhooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -19,6 +18,7 @@ import { runEntry } from './helpers/child.js';
 import { Receiver } from './helpers/receiver.js';
 import { keysUnder } from './helpers/redis-dump.js';
 import { OwnRedisCluster } from './helpers/redis-server.js';
+import { socketWrites } from './helpers/socket-writes.js';
 import { collectEvents } from './helpers/sse.js';
 import { seedKms, seedLocalKey, startStack, testEnv, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
@@ -105,27 +105,9 @@ describe('write coalescing on a Redis Cluster', () => {
   async function writesForTenSets(client: Cluster): Promise<number> {
     const slotKeys = Array.from({ length: 10 }, (_, i) => `${stack.config.KEYFERRY_PREFIX}:{coalesce}:k${i}`);
     await client.set(slotKeys[0] as string, 'warm'); // the slot map is known and the node connected
-    let writes = 0;
     // Nodes not connected yet are left out: the warm-up SET connected the one that owns the slot.
     const connected = client.nodes('master').filter((node: Redis) => node.status === 'ready');
-    const restore = connected.map((node: Redis) => {
-      const socket = node.stream as Socket & { _write: (...a: unknown[]) => void; _writev: (...a: unknown[]) => void };
-      const own = { _write: socket._write, _writev: socket._writev };
-      socket._write = function (...a: unknown[]) {
-        writes++;
-        return own._write.apply(this, a);
-      };
-      socket._writev = function (...a: unknown[]) {
-        writes++;
-        return own._writev.apply(this, a);
-      };
-      return () => Object.assign(socket, own);
-    });
-    try {
-      await Promise.all(slotKeys.map((k, i) => client.set(k, String(i))));
-    } finally {
-      for (const r of restore) r();
-    }
+    const writes = await socketWrites(connected, () => Promise.all(slotKeys.map((k, i) => client.set(k, String(i)))));
     expect(await client.get(slotKeys[9] as string)).toBe('9');
     return writes;
   }

@@ -3,12 +3,12 @@
  * loop into one socket write (shared/redis.ts coalesceWrites), also on the socket of a reconnect. Counted on
  * the real socket to the real Redis: each call of its _write or _writev hands data to the kernel once.
  */
-import type { Socket } from 'node:net';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../shared/config.js';
 import { createRedis } from '../shared/redis.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
+import { socketWrites } from './helpers/socket-writes.js';
 import { testEnv } from './helpers/stack.js';
 
 const config = loadConfig(testEnv('redis-writes'));
@@ -24,33 +24,11 @@ afterAll(async () => {
   admin.disconnect();
 });
 
-/** Counts the socket writes of `client`'s current connection while `run` runs. */
-async function socketWrites(client: Redis, run: () => Promise<unknown>): Promise<number> {
-  const socket = client.stream as Socket & { _write: (...a: unknown[]) => void; _writev: (...a: unknown[]) => void };
-  const own = { _write: socket._write, _writev: socket._writev };
-  let writes = 0;
-  socket._write = function (...a: unknown[]) {
-    writes++;
-    return own._write.apply(this, a);
-  };
-  socket._writev = function (...a: unknown[]) {
-    writes++;
-    return own._writev.apply(this, a);
-  };
-  try {
-    await run();
-  } finally {
-    socket._write = own._write;
-    socket._writev = own._writev;
-  }
-  return writes;
-}
-
 /** Ten SETs in one turn, then ten GETs in one turn; the GETs must answer each SET's own value. */
 async function tenAndTen(client: Redis, tag: string): Promise<{ setWrites: number; getWrites: number }> {
-  const setWrites = await socketWrites(client, () => Promise.all(keys.map((k, i) => client.set(k, `${tag}-${i}`))));
+  const setWrites = await socketWrites([client], () => Promise.all(keys.map((k, i) => client.set(k, `${tag}-${i}`))));
   let values: (string | null)[] = [];
-  const getWrites = await socketWrites(client, async () => {
+  const getWrites = await socketWrites([client], async () => {
     values = await Promise.all(keys.map((k) => client.get(k)));
   });
   expect(values).toEqual(keys.map((_, i) => `${tag}-${i}`));
