@@ -4,15 +4,17 @@ import { Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { undoSubmission } from '../api/intake.js';
+import { Intake, undoSubmission } from '../api/intake.js';
 import { startApi } from '../api/server.js';
 import { createStores } from '../shared/context.js';
 import { newJobRecord, UPLOAD_QUEUE } from '../shared/jobs.js';
 import { createLogger } from '../shared/logger.js';
 import { createUploadQueue } from '../shared/queues.js';
+import { createRedis } from '../shared/redis.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
 import { deleteKeyspace, Keyspace } from '../shared/stores/keyspace.js';
 import { isRateLimitBucket, keysUnder, monitorCommands, redisValuesUnder, valuesOf } from './helpers/redis-dump.js';
+import { socketWrites } from './helpers/socket-writes.js';
 import { EMULATOR_SECRET_KEY, queuedJobs, seedKms, seedLocalKey, startStack, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
@@ -188,6 +190,28 @@ describe('intake: the record and the enqueue go out together', () => {
     expect(at.add).toBeGreaterThan(at.recordSet);
     expect(at.firstOnJobHash).toBeGreaterThan(at.recordSet);
     expect(seen[at.add]?.client).toBe(seen[at.recordSet]?.client);
+  });
+
+  it('when an upload is accepted on one Redis, then its record and its add leave in one socket write, after the lookups', async () => {
+    // The intake as the API builds it: stores and queue on one coalescing client.
+    const client = createRedis(stack.config, { failFast: true }) as Redis;
+    const stores = createStores(stack.config, client);
+    const queue = createUploadQueue(client, stores.keys);
+    const intake = new Intake(stack.config, client, stores, queue);
+    try {
+      await intake.submitUpload('acme', example, undefined); // connects, defines the scripts
+      let id = '';
+      const writes = await socketWrites([client], async () => {
+        id = (await intake.submitUpload('acme', example, undefined)).job.id;
+      });
+      // The KMS-connection lookup, then the record and the add together (sent one after the other, three writes).
+      expect(writes).toBe(2);
+      expect(await stores.jobs.get(id)).toMatchObject({ status: 'queued' });
+      expect(await queue.getJobState(id)).toBe('waiting');
+    } finally {
+      await queue.close();
+      client.disconnect();
+    }
   });
 
   it("when Redis refuses the record's write, then a problem answers and the BullMQ job sent with it is removed", async () => {
