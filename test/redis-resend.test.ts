@@ -14,7 +14,7 @@ import type { BatchRecord } from '../shared/batches.js';
 import { loadConfig } from '../shared/config.js';
 import { sha256Hex } from '../shared/crypto.js';
 import { createStores, type Stores } from '../shared/context.js';
-import { newJobRecord, type JobRecord } from '../shared/jobs.js';
+import { newJobRecord } from '../shared/jobs.js';
 import { createUploadQueue, type UploadQueue } from '../shared/queues.js';
 import { Intake } from '../api/intake.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
@@ -22,10 +22,7 @@ import type { KmsConnection } from '../shared/resources.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
 import { newResourceStamp } from '../shared/stores/resource-store.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
-import type { HeldJob } from '../shared/stores/job-store.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
-import { OwnRedis } from './helpers/redis-server.js';
-import { socketWrites } from './helpers/socket-writes.js';
 import { testEnv } from './helpers/stack.js';
 
 const request = parseUploadKey(JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')));
@@ -257,54 +254,6 @@ describe('two writers, one compare-and-set', () => {
       expect(both.filter((won) => won !== undefined)).toHaveLength(1);
     } finally {
       vi.useRealTimers();
-    }
-  });
-});
-
-describe("a job's final write with the uploaded-key resource (updateFromAfterSet)", () => {
-  const succeed = (j: JobRecord) => void (j.status = 'succeeded');
-  const resource = (id: string) => [stores.keys.uploadedKey(id), JSON.stringify({ owner: 'acme', key: { id } })] as const;
-
-  it('when both go out, then they leave in one socket write, in one MULTI, and both land', async () => {
-    const job = newJob();
-    await stores.jobs.create(job);
-    const held = (await stores.jobs.getHeld(job.id)) as HeldJob;
-    const resourceId = randomUUID();
-    const writes = await socketWrites([viaProxy as Redis], () => stores.jobs.updateFromAfterSet(held, resource(resourceId), succeed));
-    expect(writes).toBe(1);
-    expect((await stores.jobs.get(job.id))?.status).toBe('succeeded');
-    expect(await direct.get(stores.keys.uploadedKey(resourceId))).toBe(resource(resourceId)[1]);
-  });
-
-  it('when another writer changed the record meanwhile, then the final write is made again after the resource and keeps that change', async () => {
-    const job = newJob();
-    await stores.jobs.create(job);
-    const held = (await stores.jobs.getHeld(job.id)) as HeldJob;
-    await stores.jobs.update(job.id, (j) => void (j.attempts = 3));
-    const resourceId = randomUUID();
-    const done = await stores.jobs.updateFromAfterSet(held, resource(resourceId), succeed);
-    expect(done.job).toMatchObject({ status: 'succeeded', attempts: 3 });
-    expect(await stores.jobs.get(job.id)).toMatchObject({ status: 'succeeded', attempts: 3 });
-    expect(await direct.exists(stores.keys.uploadedKey(resourceId))).toBe(1);
-  });
-
-  it('when Redis no longer knows the write script (NOSCRIPT inside the MULTI), then the resource stays and the write is made on its own', async () => {
-    const own = await OwnRedis.start();
-    const client = createRedis({ REDIS_URL: own.url, REDIS_CLUSTER_NODES: undefined });
-    try {
-      const ownStores = createStores(config, client);
-      const job = newJob();
-      await ownStores.jobs.create(job);
-      const held = (await ownStores.jobs.getHeld(job.id)) as HeldJob;
-      await ownStores.jobs.update(job.id, (j) => void (j.step = 'record')); // the client now runs the script by its SHA
-      await client.script('FLUSH');
-      const resourceId = randomUUID();
-      const done = await ownStores.jobs.updateFromAfterSet(held, [ownStores.keys.uploadedKey(resourceId), 'resource'], succeed);
-      expect(done.job).toMatchObject({ status: 'succeeded', step: 'record' });
-      expect(await client.get(ownStores.keys.uploadedKey(resourceId))).toBe('resource');
-    } finally {
-      client.disconnect();
-      await own.stop();
     }
   });
 });

@@ -4,8 +4,7 @@
  * reaching it, as a crash or an OOM kill would: no cleanup, no lock released. `before:<step>` is just
  * before the step's side effect, once the last checkpoint before it was answered (for an HSM or KMIP source,
  * `before:import` comes while the write entering `import` is on its way, as the import request goes with it);
- * `after:<step>` is just after the side effect, before the checkpoint that records it (`after:record` comes
- * after the job's final write, which goes together with the uploaded-key resource). Read once at load;
+ * `after:<step>` is just after the side effect, before the checkpoint that records it. Read once at load;
  * unset (as in production) the points do nothing. Deliberately not part of the config schema: it is not a
  * setting.
  */

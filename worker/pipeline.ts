@@ -437,16 +437,15 @@ export class UploadPipeline {
     faultPoint('before:record');
     const now = new Date().toISOString();
     const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
-    // The resource and the record that says succeeded go together, the resource first (one MULTI on one Redis).
-    const done = await stores.jobs.updateFromAfterSet(held, stores.uploadedKeys.entry(job.account, resource), (j) => {
+    await stores.uploadedKeys.put(job.account, resource);
+    faultPoint('after:record');
+    return stores.jobs.updateFrom(held, (j) => {
       j.status = 'succeeded';
       j.step = 'record';
       j.error = null;
       j.result = resource;
       j.finished_at = now;
     });
-    faultPoint('after:record');
-    return done;
   }
 
   /**

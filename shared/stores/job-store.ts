@@ -1,5 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
-import { Cluster } from 'ioredis';
+import { randomUUID } from 'node:crypto';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
@@ -85,8 +84,6 @@ if completed or persist then
   end
 end
 return completion`;
-/** The write script's SHA-1, for EVALSHA inside a MULTI (updateFromAfterSet). */
-const WRITE_SCRIPT_SHA = createHash('sha1').update(WRITE_SCRIPT).digest('hex');
 
 export interface JobUpdate {
   job: JobRecord;
@@ -197,44 +194,10 @@ export class JobStore {
   }
 
   /**
-   * updateFrom, after a SET that must land first: the uploaded-key resource before the record that says the job
-   * succeeded. On one Redis both go in one MULTI, in one round trip, and the record's write never applies without
-   * the SET. The write goes as a plain EVALSHA there: should Redis not know the script (NOSCRIPT), or the record
-   * have changed meanwhile, the write is made again on its own after the SET, as updateFrom makes it. On a Redis
-   * Cluster (the two keys live in different slots), or from a record without a write_id, the SET is awaited first.
-   */
-  async updateFromAfterSet(held: HeldJob, set: readonly [key: string, value: string], change: (job: JobRecord) => void): Promise<JobUpdate> {
-    if (this.redis instanceof Cluster || held.job.write_id === undefined) {
-      await this.redis.set(...set);
-      return this.updateFrom(held, change);
-    }
-    const write = this.#prepare(copyForChange(held.job), change, { expected: undefined, version: held.job.write_id });
-    const results = await this.redis
-      .multi()
-      .set(...set)
-      .evalsha(WRITE_SCRIPT_SHA, write.keys.length, ...write.keys, ...write.args)
-      .exec();
-    const [setDone, writeDone] = results ?? [];
-    if (!setDone || setDone[0]) throw setDone?.[0] ?? new Error('Redis discarded the transaction');
-    const done = writeDone && !writeDone[0] ? write.settle(writeDone[1]) : 'changed';
-    return done === 'changed' || done === undefined ? this.updateFrom(held, change) : done;
-  }
-
-  /**
    * Writes `job` after `change`; with a version (the held record's write_id), only if the stored record is still
    * that write ('changed' if not); with `expected`, only if the stored status is still that (undefined if not).
    */
   async #apply(job: JobRecord, change: (job: JobRecord) => void, opts: { expected: JobStatus | undefined; version?: string }): Promise<JobUpdate | undefined | 'changed'> {
-    const write = this.#prepare(job, change, opts);
-    return write.settle(await this.#write(write.keys, write.args));
-  }
-
-  /** The write script's keys and arguments for `job` after `change` (see #apply), and how to read its answer. */
-  #prepare(
-    job: JobRecord,
-    change: (job: JobRecord) => void,
-    opts: { expected: JobStatus | undefined; version?: string },
-  ): { keys: string[]; args: string[]; settle(answer: unknown): JobUpdate | undefined | 'changed' } {
     const { id } = job;
     const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
@@ -258,27 +221,27 @@ export class JobStore {
         ...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(batchId, s)),
       );
     }
-    const args = [
-      stored,
-      changed ? JSON.stringify(jobResource(job)) : '',
-      before.status,
-      batchMove ? job.status : '',
-      id,
-      String(job.batch_index ?? 0),
-      job.updated_at,
-      opts.expected ?? '',
-      String(this.retentionSeconds),
-      FINAL_STATUSES.includes(job.status) ? '1' : '0',
-      String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
-      opts.version === undefined ? '' : JSON.stringify({ write_id: opts.version }).slice(1, -1),
-      mayHaveTtl ? '1' : '0',
-    ];
-    const settle = (answer: unknown) => {
-      if (Number(answer) === -2) return 'changed' as const;
-      if (Number(answer) === -1) return undefined;
-      return { job, batchCompletion: Number(answer), stored };
-    };
-    return { keys, args, settle };
+    const completion = await this.#write(
+      keys,
+      [
+        stored,
+        changed ? JSON.stringify(jobResource(job)) : '',
+        before.status,
+        batchMove ? job.status : '',
+        id,
+        String(job.batch_index ?? 0),
+        job.updated_at,
+        opts.expected ?? '',
+        String(this.retentionSeconds),
+        FINAL_STATUSES.includes(job.status) ? '1' : '0',
+        String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
+        opts.version === undefined ? '' : JSON.stringify({ write_id: opts.version }).slice(1, -1),
+        mayHaveTtl ? '1' : '0',
+      ],
+    );
+    if (Number(completion) === -2) return 'changed';
+    if (Number(completion) === -1) return undefined;
+    return { job, batchCompletion: Number(completion), stored };
   }
 
   async delete(id: string): Promise<void> {

@@ -12,9 +12,8 @@ export class UploadedKeyStore {
     private readonly keys: Keyspace,
   ) {}
 
-  /** The key and value that store an uploaded key: the worker sends the SET with the job's final write (JobStore.updateFromAfterSet). */
-  entry(account: string, key: UploadedKey): [key: string, value: string] {
-    return [this.keys.uploadedKey(key.id), JSON.stringify({ owner: account, key })];
+  async put(account: string, key: UploadedKey): Promise<void> {
+    await this.redis.set(this.keys.uploadedKey(key.id), JSON.stringify({ owner: account, key }));
   }
 
   async getOwned(account: string, id: string): Promise<UploadedKey | undefined> {
