@@ -46,6 +46,8 @@ export interface BatchSubmission {
 export class Intake {
   readonly #takeOverClaim: RedisScript;
   readonly #releaseClaim: RedisScript;
+  /** Whether a new job's record and its add go out together (recordAndEnqueue): one Redis, one client for both. */
+  readonly #recordWithAdd: boolean;
 
   constructor(
     private readonly config: Config,
@@ -57,6 +59,7 @@ export class Intake {
   ) {
     this.#takeOverClaim = defineScript(redis, 'idempotency_take_over', TAKE_OVER_CLAIM);
     this.#releaseClaim = defineScript(redis, 'idempotency_release', RELEASE_CLAIM);
+    this.#recordWithAdd = !(redis instanceof Cluster) && queue.opts.connection === redis;
   }
 
   async submitUpload(account: string, body: unknown, idempotencyKey: string | undefined): Promise<Submission> {
@@ -95,7 +98,7 @@ export class Intake {
    */
   private async recordAndEnqueue(job: JobRecord): Promise<Job<UploadJobData>> {
     const add = () => this.queue.add('upload-key', { jobId: job.id, account: job.account }, { ...uploadJobOptions(this.config), jobId: job.id });
-    if (this.redis instanceof Cluster || this.queue.opts.connection !== this.redis) {
+    if (!this.#recordWithAdd) {
       await this.stores.jobs.create(job);
       return add();
     }

@@ -57,8 +57,7 @@ const listen = (app: ReturnType<typeof createBareApp>) =>
 const urlOf = (server: Server) => `http://127.0.0.1:${(server.address() as AddressInfo).port}/upload-key`;
 const bare = await listen(createBareApp());
 const bareUrl = urlOf(bare);
-const bareRedisClient = new Redis(config.REDIS_URL, { lazyConnect: true });
-const bareRedisApp = createBareRedisApp(bareRedisClient, `${prefix}:bare`);
+const bareRedisApp = createBareRedisApp(config.REDIS_URL, `${prefix}:bare`);
 const bareRedis = await listen(bareRedisApp.app);
 const bareRedisUrl = urlOf(bareRedis);
 
@@ -135,7 +134,6 @@ try {
     });
   }
   await bareRedisApp.close();
-  bareRedisClient.disconnect();
   api.server.closeAllConnections(); // autocannon may leave sockets open; close() would wait on them
   await api.close();
   await deleteKeyspace(redis, prefix);

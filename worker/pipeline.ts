@@ -467,12 +467,11 @@ export class UploadPipeline {
     // after that): a worker may have died between CreateAlias and the checkpoint that records it. That look
     // failing does not keep the key from its deletion.
     const alias = aliasNameOf(job.request);
-    if (alias && progress.alias_created) {
-      await this.deleteAliasIfOurs(kms, alias, keyId);
-    } else if (alias && progress.kms_key_id) {
-      await this.deleteAliasIfOurs(kms, alias, keyId).catch((err: unknown) =>
-        this.deps.logger.warn({ job_id: jobId, err: classify(err).message }, 'could not look for an alias the job may have made'),
-      );
+    if (alias && (progress.alias_created || progress.kms_key_id)) {
+      const look = this.deleteAliasIfOurs(kms, alias, keyId);
+      await (progress.alias_created
+        ? look
+        : look.catch((err: unknown) => this.deps.logger.warn({ job_id: jobId, err: classify(err).message }, 'could not look for an alias the job may have made')));
     }
     const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();

@@ -112,7 +112,9 @@ export async function deleteKeyspace(redis: RedisClient, prefix: string): Promis
   for (const pattern of new Keyspace(prefix).patterns) {
     const keys = await scanKeys(redis, pattern);
     // A Cluster takes one slot per command: there, each key goes on its own.
-    const batches = redis instanceof Cluster ? keys.map((k) => [k]) : Array.from({ length: Math.ceil(keys.length / 1000) }, (_, i) => keys.slice(i * 1000, (i + 1) * 1000));
-    await Promise.all(batches.map((batch) => redis.unlink(...batch)));
+    const perCommand = redis instanceof Cluster ? 1 : 1000;
+    const unlinks: Promise<number>[] = [];
+    for (let i = 0; i < keys.length; i += perCommand) unlinks.push(redis.unlink(...keys.slice(i, i + perCommand)));
+    await Promise.all(unlinks);
   }
 }
