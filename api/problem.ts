@@ -3,6 +3,7 @@ import { STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { ErrorRequestHandler, Response } from 'express';
 import { AppError, UnavailableError, type FieldError } from '../shared/errors.js';
+import { requestLogger } from './request-id.js';
 import type { Logger } from '../shared/logger.js';
 
 export const PROBLEM_TYPE = 'application/problem+json';
@@ -68,8 +69,7 @@ function isRedisUnavailable(err: Error): boolean {
 /** The one mapping from thrown errors to problem+json. A client's mistake is never a 500. */
 export function problemHandler(logger: Logger): ErrorRequestHandler {
   return (err: unknown, req, res, _next) => {
-    // The request's own logger (bound to its req_id) when the access logging middleware ran.
-    const log = (req.log as Logger | undefined) ?? logger;
+    const log = requestLogger(req, logger);
     const instance = req.originalUrl;
     if (res.headersSent) {
       // A stream (SSE) that already started cannot turn into a problem: end it.

@@ -22,12 +22,23 @@ function pathOf(req: Request): string {
 }
 
 /**
- * Gives every request an id (`req.id`, the `X-Request-Id` response header, `req.log` bound to `req_id`) and
- * writes one access line per request: method, path, status, response time, req_id. No headers, no bodies,
- * no query strings are logged.
+ * The logger for a line about a request: the service's logger (every redaction path) bound to the request's
+ * `req_id`. Made when called: a pino child logger per request, made whether or not it logs, cost about 8 % of
+ * an accepted upload's instructions, and most requests log nothing but their access line.
+ */
+export function requestLogger(req: Request, logger: Logger): Logger {
+  return typeof req.id === 'string' ? logger.child({ req_id: req.id }) : logger;
+}
+
+/**
+ * Gives every request an id (`req.id`, the `X-Request-Id` response header) and writes one access line per
+ * request: req_id, method, path, status, response time. No headers, no bodies, no query strings are logged.
+ * `req.log` and `res.log` are the service's logger itself, with every redaction path, bound to nothing: a
+ * handler logs about its request through requestLogger(req), which adds the req_id.
  */
 export function requestLogging(logger: Logger): RequestHandler {
   const accessLine = (req: Request, res: Response, responseTime: number) => ({
+    req_id: req.id,
     method: req.method,
     path: pathOf(req),
     status: res.statusCode,
@@ -35,21 +46,21 @@ export function requestLogging(logger: Logger): RequestHandler {
   });
   return pinoHttp<Request, Response>({
     logger,
-    // Access lines hold scalars only (method, path, status, responseTime, req_id, an error message), so only
+    // Access lines hold scalars only (req_id, method, path, status, responseTime, an error message), so only
     // the top-level redaction paths can match them; the others would make pino copy every line. The request and
     // response objects are never serialized (pino-http binds the request to a logger of its own, unused here).
+    // The access line is written by pino-http's logger itself (quietResLogger), which binds nothing: no
+    // per-request child but the one pino-http always makes.
     redact: { paths: topLevelRedactPaths, censor: REDACTED },
     wrapSerializers: false,
     serializers: { req: () => undefined, res: () => undefined },
-    quietReqLogger: true,
     quietResLogger: true,
-    customAttributeKeys: { reqId: 'req_id' },
     genReqId: (req, res) => {
       const id = requestIdFrom(req.headers['x-request-id']);
       res.setHeader(REQUEST_ID_HEADER, id);
-      // The request's logger for handlers, with every redaction path (pino-http keeps a req.log or res.log already set).
-      req.log = logger.child({ req_id: id });
-      res.log = req.log;
+      // The logger for handlers, with every redaction path (pino-http keeps a req.log or res.log already set).
+      req.log = logger;
+      res.log = logger;
       return id;
     },
     customLogLevel: (req, res, err) => {

@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import express from 'express';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { problemHandler } from '../api/problem.js';
-import { requestLogging } from '../api/request-id.js';
+import { requestLogger, requestLogging } from '../api/request-id.js';
 import { createLogger } from '../shared/logger.js';
 import { LogSink, startStack, type TestStack } from './helpers/stack.js';
 
@@ -127,12 +127,14 @@ describe('unhandled errors', () => {
 
   beforeAll(async () => {
     const app = express();
-    app.use(requestLogging(createLogger('debug', 'keyferry-test', logs)));
+    const logger = createLogger('debug', 'keyferry-test', logs);
+    app.use(requestLogging(logger));
     app.get('/boom', () => {
       throw new Error('kaboom');
     });
     app.get('/log-secrets', (req, res) => {
-      req.log.info({ material: 'top-material-0001', conn: { aws_secret_access_key: 'nested-secret-0002' }, a: { b: { material: 'deep-material-0003' } } }, 'handler line');
+      requestLogger(req, logger).info({ material: 'top-material-0001', conn: { aws_secret_access_key: 'nested-secret-0002' }, a: { b: { material: 'deep-material-0003' } } }, 'handler line');
+      req.log.info({ conn: { aws_secret_access_key: 'nested-secret-0005' }, a: { b: { material: 'deep-material-0006' } } }, 'request logger line');
       res.log.info({ conn: { aws_secret_access_key: 'nested-secret-0004' } }, 'response logger line');
       res.json({ ok: true });
     });
@@ -158,13 +160,14 @@ describe('unhandled errors', () => {
     for (const l of logs.lines) expect(l).not.toContain('not-to-be-logged');
   });
 
-  it('when a handler logs through req.log or res.log, then every redaction path applies, nested ones included', async () => {
+  it('when a handler logs through requestLogger, req.log or res.log, then every redaction path applies, nested ones included, and requestLogger adds the req_id', async () => {
     const res = await fetch(`${url}/log-secrets`, { headers: { 'x-request-id': 'secrets-1' } });
     expect(res.status).toBe(200);
     await accessLine(logs.lines, 'secrets-1');
     const line = parsed(logs.lines).find((l) => l.msg === 'handler line');
     expect(line).toMatchObject({ req_id: 'secrets-1', material: '[redacted]', conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
-    expect(parsed(logs.lines).find((l) => l.msg === 'response logger line')).toMatchObject({ req_id: 'secrets-1', conn: { aws_secret_access_key: '[redacted]' } });
+    expect(parsed(logs.lines).find((l) => l.msg === 'request logger line')).toMatchObject({ conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
+    expect(parsed(logs.lines).find((l) => l.msg === 'response logger line')).toMatchObject({ conn: { aws_secret_access_key: '[redacted]' } });
     for (const l of logs.lines) expect(l).not.toMatch(/top-material|nested-secret|deep-material/);
   });
 });
