@@ -50,6 +50,10 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     expect(res.status).toBe(202);
     expect(res.headers.get('location')).toBe(`/api/v1/jobs/${res.body.id}`);
     expect(Number(res.headers.get('retry-after'))).toBeGreaterThan(0);
+    expect(res.headers.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(res.headers.get('x-request-id')).toBeTruthy();
+    // The answer to a POST carries no ETag: no cache can use one (sendAccepted writes it without Express's res.json).
+    expect(res.headers.get('etag')).toBeNull();
     expect(res.body).toMatchObject({ type: 'upload-key', status: 'queued', attempts: 0, error: null, result: null, batch_id: null });
 
     const job = await waitForJob(stack, token, res.body.id);

