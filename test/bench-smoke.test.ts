@@ -5,7 +5,7 @@ const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
 
 // The benchmarks run by hand with real sizes; here each runs once with tiny sizes so they never rot. The
 // pipeline, quota and worker-cost benchmarks start a redis-server of their own (REDIS_URL is not used).
-const cases: { script: string; args?: string[]; env?: Record<string, string>; figures: RegExp[]; check?: (output: string) => void }[] = [
+const cases: { script: string; args?: string[]; env?: Record<string, string>; figures: RegExp[]; check?: (output: string) => void; timeoutMs?: number }[] = [
   { script: 'bench/batch-intake.ts', args: ['--items', '10', '--runs', '1'], figures: [/ratio keyferry \/ raw addBulk: \d/] },
   { script: 'bench/memory.ts', args: ['--jobs', '5'], figures: [/bytes per finished job/] },
   {
@@ -16,6 +16,17 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
       /ratio keyferry \/ bare express \(requests\/s\), median of 1 rounds: \d/,
       /ratio \(bare express \+ Redis calls\) \/ bare express, median of 1 rounds: \d/,
     ],
+  },
+  {
+    // Both servers run under valgrind (tens of times slower than natively): a handful of requests.
+    script: 'bench/intake-instructions.ts',
+    args: ['--requests', '5', '--warmup', '10'],
+    figures: [
+      /^\| bare Express 5 JSON endpoint \(express\.json, 202\) \| \d+\.\d \|$/m,
+      /^\| keyferry POST …\/upload-key \(logging silent\) \| \d+\.\d \|$/m,
+      /^ratio bare \/ keyferry instructions per request: \d+\.\d{3}$/m,
+    ],
+    timeoutMs: 120_000,
   },
   { script: 'bench/api-cpu.ts', args: ['--requests', '200', '--rounds', '1'], figures: [/ratio bare \/ keyferry CPU per request: \d/, /ratio bare \/ \(bare \+ Redis calls\) CPU per request: \d/] },
   {
@@ -64,12 +75,14 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
 ];
 
 describe('benchmark scripts', () => {
-  it.each(cases)('when $script runs with tiny sizes, then it prints its figures and exits 0', async ({ script, args = [], env = {}, figures, check }) => {
-    const child = runEntry(script, { REDIS_URL, ...env }, args);
-    const exited = await child.exited;
-    const output = child.output.join('\n');
-    expect(exited, output).toEqual({ code: 0, signal: null });
-    for (const figure of figures) expect(output).toMatch(figure);
-    check?.(output);
-  }, 30_000);
+  for (const { script, args = [], env = {}, figures, check, timeoutMs = 30_000 } of cases) {
+    it(`when ${script} runs with tiny sizes, then it prints its figures and exits 0`, async () => {
+      const child = runEntry(script, { REDIS_URL, ...env }, args);
+      const exited = await child.exited;
+      const output = child.output.join('\n');
+      expect(exited, output).toEqual({ code: 0, signal: null });
+      for (const figure of figures) expect(output).toMatch(figure);
+      check?.(output);
+    }, timeoutMs);
+  }
 });
