@@ -1,16 +1,17 @@
 /**
  * Intake cost in instructions (run by hand: `npm run bench:intake-instructions`, optional `-- --requests N
  * --warmup W`; needs valgrind, from Debian's packages). The throughput benchmark (`bench:intake`) moves by tens
- * of percent between runs on a shared machine; an instruction count does not. Each server runs as a process of
+ * of percent between runs on a shared machine; an instruction count moves less. Each server runs as a process of
  * its own under `valgrind --tool=callgrind`: the bare Express 5 JSON endpoint (bench/lib-bare-express.ts) and
  * keyferry's API (api/main.ts, logging silent as in `bench:intake`, against the Redis at REDIS_URL under a
- * throw-away prefix, deleted at the end). Node runs with V8's `--predictable` (no helper threads, so the JIT
- * compiler and the garbage collector work on the counted thread and callgrind counts them too; no GCs timed by
- * idleness). Each server first gets W requests, 10 at a time, not counted (JIT, caches; counting starts with
- * `callgrind_control -i on`), then N POSTs of the same body one after the other, counted; the figure is the
- * instructions of the server process (user space; the kernel's part of the socket calls is not counted)
- * divided by N. Seen on this project's build machine, idle and with both cores loaded: the bare endpoint's
- * count moved by 0.3 %, keyferry's by 4 % (its Redis answers arrive in batches that vary with timing).
+ * throw-away prefix, deleted at the end). Node runs with `--single-threaded` (no helper threads: the JIT compiler
+ * and the garbage collector work on the counted thread, and callgrind counts them too). Each server first gets W
+ * POSTs, not counted (JIT, caches; counting starts with `callgrind_control -i on`), then N more, counted, all of
+ * the same body and one after the other (what the JIT compiles, and so the count, depends on the order requests
+ * come in); the figure is the instructions of the server process (user space; the kernel's part of the socket
+ * calls is not counted) divided by N. Seen on this project's build machine: the bare endpoint's count is the
+ * same to 0.1 % from run to run, idle or loaded; keyferry's moved by up to a third between runs of 500 counted
+ * requests (a major GC or a recompilation falls inside the window or not), hence N = 3000 by default.
  * The ratio bare / keyferry is the throughput ratio keyferry would reach if both were bound by their own
  * CPU and the load generator cost nothing.
  */
@@ -29,9 +30,8 @@ import { testEnv } from '../test/helpers/stack.js';
 import { BENCH_JOB_ENV, fmt, intParam, machineLine, printTable } from './lib-bench.js';
 
 const { values } = parseArgs({ options: { requests: { type: 'string' }, warmup: { type: 'string' } } });
-const N = intParam(values.requests, 'BENCH_N', 1000);
-const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 12_000, 0);
-const WARMUP_CONCURRENCY = 10;
+const N = intParam(values.requests, 'BENCH_N', 3000);
+const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 6000, 0);
 
 if (spawnSync('valgrind', ['--version']).status !== 0) {
   console.error('bench:intake-instructions needs valgrind (apt-get install valgrind)');
@@ -56,7 +56,7 @@ interface Counted {
 }
 
 /**
- * Starts `node --predictable --import tsx <entry>` under callgrind with counting off, waits for `ready`
+ * Starts `node --single-threaded --import tsx <entry>` under callgrind with counting off, waits for `ready`
  * (it returns the URL to POST to and the headers), sends the warm-up, counts N sequential requests, stops the
  * process with SIGTERM (callgrind writes its counts as the process exits).
  */
@@ -64,7 +64,7 @@ async function measure(entry: string[], env: Record<string, string>, ready: (lin
   // %p: each process valgrind runs writes a file of its own (a forked helper must not overwrite the server's).
   const outPattern = join(tmpdir(), `keyferry-callgrind-${randomBytes(4).toString('hex')}.%p.out`);
   const childEnv = { PATH: process.env.PATH ?? '', ...env, UV_THREADPOOL_SIZE: '1' };
-  const child = spawn('valgrind', ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${outPattern}`, process.execPath, '--predictable', '--import', 'tsx', ...entry], {
+  const child = spawn('valgrind', ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${outPattern}`, process.execPath, '--single-threaded', '--import', 'tsx', ...entry], {
     env: childEnv,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -85,12 +85,7 @@ async function measure(entry: string[], env: Record<string, string>, ready: (lin
       await res.arrayBuffer();
       if (res.status !== 202) throw new Error(`${target.url} answered ${res.status}`);
     };
-    let sent = 0;
-    await Promise.all(
-      Array.from({ length: WARMUP_CONCURRENCY }, async () => {
-        while (sent++ < WARMUP) await post();
-      }),
-    );
+    for (let i = 0; i < WARMUP; i++) await post();
     const control = (on: boolean) => {
       // In the server's environment: valgrind names its vgdb pipe after USER and HOST (keyferry's HOST setting too).
       const r = spawnSync('callgrind_control', ['-i', on ? 'on' : 'off', String(child.pid)], { env: childEnv });
@@ -164,7 +159,7 @@ try {
 
 const perRequest = (c: Counted) => c.instructions / c.requests / 1000;
 console.log(machineLine());
-console.log(`intake instructions: ${N} sequential POSTs counted after ${WARMUP} not counted; valgrind callgrind, node --predictable`);
+console.log(`intake instructions: ${N} sequential POSTs counted after ${WARMUP} not counted; valgrind callgrind, node --single-threaded`);
 printTable(
   ['server', 'thousand instructions per request'],
   [
