@@ -69,11 +69,10 @@ function isRedisUnavailable(err: Error): boolean {
 /** The one mapping from thrown errors to problem+json. A client's mistake is never a 500. */
 export function problemHandler(logger: Logger): ErrorRequestHandler {
   return (err: unknown, req, res, _next) => {
-    const log = requestLogger(req, logger);
     const instance = req.originalUrl;
     if (res.headersSent) {
       // A stream (SSE) that already started cannot turn into a problem: end it.
-      log.warn({ err: (err as Error).message, path: req.path }, 'error after the response started');
+      requestLogger(req, logger).warn({ err: (err as Error).message, path: req.path }, 'error after the response started');
       res.end();
       return;
     }
@@ -93,7 +92,7 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
       const u = new UnavailableError();
       sendProblem(res, problem(u.status, u.code, u.message, { instance }));
     } else {
-      log.error({ err, path: req.path }, 'unhandled error');
+      requestLogger(req, logger).error({ err, path: req.path }, 'unhandled error');
       sendProblem(res, problem(500, 'internal_error', 'An unexpected error occurred.', { instance }));
     }
   };

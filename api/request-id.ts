@@ -23,8 +23,8 @@ function pathOf(req: Request): string {
 
 /**
  * The logger for a line about a request: the service's logger (every redaction path) bound to the request's
- * `req_id`. Made when called: a pino child logger per request, made whether or not it logs, cost about 8 % of
- * an accepted upload's instructions, and most requests log nothing but their access line.
+ * `req_id`, made when called. (A child logger made for every request, whether or not it logged, cost about 8 %
+ * of an accepted upload's instructions, and most requests log nothing but their access line.)
  */
 export function requestLogger(req: Request, logger: Logger): Logger {
   return typeof req.id === 'string' ? logger.child({ req_id: req.id }) : logger;
@@ -34,7 +34,7 @@ export function requestLogger(req: Request, logger: Logger): Logger {
  * Gives every request an id (`req.id`, the `X-Request-Id` response header) and writes one access line per
  * request: req_id, method, path, status, response time. No headers, no bodies, no query strings are logged.
  * `req.log` and `res.log` are the service's logger itself, with every redaction path, bound to nothing: a
- * handler logs about its request through requestLogger(req), which adds the req_id.
+ * handler logs about its request through requestLogger(req, logger), which adds the req_id.
  */
 export function requestLogging(logger: Logger): RequestHandler {
   const accessLine = (req: Request, res: Response, responseTime: number) => ({

@@ -166,7 +166,10 @@ describe('unhandled errors', () => {
     await accessLine(logs.lines, 'secrets-1');
     const line = parsed(logs.lines).find((l) => l.msg === 'handler line');
     expect(line).toMatchObject({ req_id: 'secrets-1', material: '[redacted]', conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
-    expect(parsed(logs.lines).find((l) => l.msg === 'request logger line')).toMatchObject({ conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
+    const plain = parsed(logs.lines).find((l) => l.msg === 'request logger line');
+    expect(plain).toMatchObject({ conn: { aws_secret_access_key: '[redacted]' }, a: { b: { material: '[redacted]' } } });
+    // req.log is the service's logger, not a child made for every request.
+    expect(plain).not.toHaveProperty('req_id');
     expect(parsed(logs.lines).find((l) => l.msg === 'response logger line')).toMatchObject({ conn: { aws_secret_access_key: '[redacted]' } });
     for (const l of logs.lines) expect(l).not.toMatch(/top-material|nested-secret|deep-material/);
   });
