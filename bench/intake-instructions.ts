@@ -9,9 +9,10 @@
  * POSTs, not counted (JIT, caches; counting starts with `callgrind_control -i on`), then N more, counted, all of
  * the same body and one after the other (what the JIT compiles, and so the count, depends on the order requests
  * come in); the figure is the instructions of the server process (user space; the kernel's part of the socket
- * calls is not counted) divided by N. Seen on this project's build machine: the bare endpoint's count is the
- * same to 0.1 % from run to run, idle or loaded; keyferry's moved by up to a third between runs of 500 counted
- * requests (a major GC or a recompilation falls inside the window or not), hence N = 3000 by default.
+ * calls is not counted) divided by N. Seen on this project's build machine: the bare endpoint's count was the
+ * same to 0.1 % between runs from one checkout, idle or loaded, and 2 % apart between checkouts of the same
+ * code; keyferry's moved by up to a third between runs of 500 counted requests (a major GC or a recompilation
+ * falls inside the window or not), hence N = 3000 by default.
  * The ratio bare / keyferry is the throughput ratio keyferry would reach if both were bound by their own
  * CPU and the load generator cost nothing.
  */
@@ -88,14 +89,16 @@ async function measure(entry: string[], env: Record<string, string>, ready: (lin
     for (let i = 0; i < WARMUP; i++) await post();
     const control = (on: boolean) => {
       // In the server's environment: valgrind names its vgdb pipe after USER and HOST (keyferry's HOST setting too).
-      const r = spawnSync('callgrind_control', ['-i', on ? 'on' : 'off', String(child.pid)], { env: childEnv });
+      const r = spawnSync('callgrind_control', ['-i', on ? 'on' : 'off', String(child.pid)], { env: childEnv, timeout: 60_000 });
       if (r.status !== 0) throw new Error(`callgrind_control failed: ${r.stderr.toString()}`);
     };
     control(true);
     for (let i = 0; i < N; i++) await post();
     control(false);
+    // The counts are written as the process exits; a server that does not stop within a minute fails the run.
     child.kill('SIGTERM');
-    await exited;
+    const stopped = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 60_000).unref())]);
+    if (!stopped) throw new Error(`${entry.join(' ')} did not exit within 60 s of SIGTERM`);
     const totals = /^totals: (\d+)$/m.exec(await readFile(outFile, 'utf8'));
     // Zero: callgrind_control reached no server (it still exits 0), so nothing was counted.
     if (!totals || Number(totals[1]) === 0) throw new Error(`callgrind counted nothing for ${entry.join(' ')}`);
