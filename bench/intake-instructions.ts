@@ -19,7 +19,6 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFile, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -28,7 +27,8 @@ import { signToken } from '../shared/auth.js';
 import { createRedis } from '../shared/redis.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
-import { BENCH_JOB_ENV, fmt, intParam, machineLine, printTable } from './lib-bench.js';
+import { freePort } from '../test/helpers/redis-server.js';
+import { BENCH_JOB_ENV, fmt, intParam, machineLine, printTable, seed } from './lib-bench.js';
 
 const { values } = parseArgs({ options: { requests: { type: 'string' }, warmup: { type: 'string' } } });
 const N = intParam(values.requests, 'BENCH_N', 3000);
@@ -40,16 +40,6 @@ if (spawnSync('valgrind', ['--version']).status !== 0) {
 }
 
 const body = JSON.stringify({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'bench-intake', Tags: [{ TagKey: 'team', TagValue: 'bench' }] } });
-
-/** A free loopback port (keyferry's API takes its port from PORT). */
-const freePort = () =>
-  new Promise<number>((resolve, reject) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
 
 interface Counted {
   instructions: number;
@@ -144,14 +134,8 @@ try {
     }
     const token = await signToken({ secret: env.JWT_SECRET as string, account: 'bench' });
     const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' };
-    for (const [path, payload] of [
-      ['/api/v1/cckm/aws/kms', { name: 'kms', account_id: '123456789012', regions: ['ap-south-1'], endpoint: 'http://127.0.0.1:1' }],
-      ['/api/v1/vault/keys2', { name: 'test-key' }],
-    ] as const) {
-      const res = await fetch(`${base}${path}`, { method: 'POST', headers, body: JSON.stringify(payload) });
-      await res.arrayBuffer();
-      if (res.status !== 201) throw new Error(`seeding ${path} answered ${res.status}`);
-    }
+    await seed(base, token, '/api/v1/cckm/aws/kms', { name: 'kms', account_id: '123456789012', regions: ['ap-south-1'], endpoint: 'http://127.0.0.1:1' });
+    await seed(base, token, '/api/v1/vault/keys2', { name: 'test-key' });
     return { url: `${base}/api/v1/cckm/aws/upload-key`, headers };
   });
 } finally {
