@@ -153,6 +153,18 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     expect(await direct.xlen(stores.keys.jobEvents(job.id))).toBe(1);
   });
 
+  it('when the final write that also sets the key resource runs twice, then the job succeeded once (one event) and the resource is there', async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const running = await stores.jobs.updateFrom((await stores.jobs.getHeld(job.id))!, (j) => void (j.status = 'running'));
+    const alongside = { key: stores.keys.uploadedKey(randomUUID()), value: JSON.stringify({ owner: 'acme', key: { id: job.id } }) };
+    const done = await withDroppedAnswer(job.id, () => stores.jobs.updateFrom(running, (j) => void (j.status = 'succeeded'), alongside));
+    expect(done.job.status).toBe('succeeded');
+    expect(await direct.get(alongside.key)).toBe(alongside.value);
+    const events = await direct.xrange(stores.keys.jobEvents(job.id), '-', '+');
+    expect(events.map(([, f]) => (JSON.parse(f[f.indexOf('data') + 1] as string) as { status: string }).status)).toEqual(['running', 'succeeded']);
+  });
+
   it("when a new job's record SET runs twice and a worker wrote the record in between, then the worker's record stays", async () => {
     const job = newJob();
     const key = stores.keys.job(job.id);
@@ -206,6 +218,17 @@ describe('two writers, one compare-and-set', () => {
     const held = await stores.jobs.getHeld(job.id);
     await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
     expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued')).toBeUndefined();
+    expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
+  });
+
+  it('when a write that carries a key to set alongside loses its compare-and-set, then neither the record nor that key is written', async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const held = await stores.jobs.getHeld(job.id);
+    await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
+    const alongside = { key: stores.keys.uploadedKey(randomUUID()), value: '{"owner":"acme"}' };
+    expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'succeeded'), 'queued', alongside)).toBeUndefined();
+    expect(await direct.exists(alongside.key)).toBe(0);
     expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
   });
 

@@ -4,7 +4,7 @@ import { EncryptCommand, KMSClient } from '@aws-sdk/client-kms';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decryptEmulatorCiphertext } from './kms-emulator/emulator.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
-import { redisValuesUnder } from './helpers/redis-dump.js';
+import { monitorCommands, redisValuesUnder } from './helpers/redis-dump.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 
 const spec = (f: string) => JSON.parse(readFileSync(new URL(`./fixtures/spec-${f}`, import.meta.url), 'utf8')) as Record<string, any>;
@@ -185,6 +185,27 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     expect(jobTagged(job.id)).toHaveLength(0);
     // The create_key intent that the start write recorded ahead was taken back: the clean-up did not look for a key.
     expect(stack.emulator.callCount('ListKeys')).toBe(listKeys);
+  });
+
+  it('when a job succeeds on a single Redis, then its key resource is written inside the script that records the success', async () => {
+    const keys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    const seen: { args: string[]; client: string }[] = [];
+    const stop = await monitorCommands(stack.config.REDIS_URL, (args, client) => seen.push({ args, client }));
+    let job;
+    try {
+      const res = await upload({ ...exampleRequest, aws_param: { Alias: 'resource-with-record' } });
+      job = await waitForJob(stack, token, res.body.id);
+    } finally {
+      stop();
+    }
+    expect(job.status).toBe('succeeded');
+    const resourceSet = seen.findIndex((c) => c.args[0]?.toLowerCase() === 'set' && c.args[1] === keys.uploadedKey(String(job.result?.id)));
+    const recordSet = seen.findIndex((c) => c.args[0]?.toLowerCase() === 'set' && c.args[1] === keys.job(job.id) && (c.args[2] ?? '').includes('"status":"succeeded"'));
+    expect(resourceSet).toBeGreaterThanOrEqual(0);
+    expect(recordSet).toBeGreaterThan(resourceSet);
+    // Both inside one script: no command from a client came between them.
+    expect(seen.slice(resourceSet, recordSet + 1).every((c) => c.client === 'lua')).toBe(true);
+    expect(seen.filter((c) => c.args[1] === keys.uploadedKey(String(job.result?.id)))).toHaveLength(1);
   });
 
   it('when a local-store job starts, then its start write already records the create_key intent', async () => {

@@ -2,9 +2,11 @@
  * Crash injection, for tests only (test/crash-recovery.test.ts). When the environment variable
  * KEYFERRY_FAULT_POINT names one of the points below, the worker process kills itself with SIGKILL on
  * reaching it, as a crash or an OOM kill would: no cleanup, no lock released. `before:<step>` is just
- * before the step's side effect, once the last checkpoint before it was answered (for an HSM or KMIP source,
- * `before:import` comes while the write entering `import` is on its way, as the import request goes with it);
- * `after:<step>` is just after the side effect, before the checkpoint that records it. Read once at load;
+ * before the step's side effect: for create_key and record, once the last checkpoint before it was answered;
+ * for the requests that are safe to repeat (create_alias, get_import_params, import), while that checkpoint
+ * (and, for an HSM or KMIP source, the write entering `import`) may still be on its way, as the request goes
+ * with it. `after:<step>` is just after the side effect, before the checkpoint that records it; `after:record`
+ * is after the write that stores the key resource and the success together, before BullMQ hears of it. Read once at load;
  * unset (as in production) the points do nothing. Deliberately not part of the config schema: it is not a
  * setting.
  */

@@ -319,7 +319,8 @@ export class UploadPipeline {
       return together(pending, Promise.resolve().then(request));
     };
 
-    if (!job.progress.kms_key_id) {
+    let keyId = job.progress.kms_key_id;
+    if (!keyId) {
       // An intent without a key id: an earlier attempt may have died between CreateKey and its checkpoint.
       let key = job.progress.create_key_started_at && !intentAhead ? await this.findCreatedKey(r.kms, job.id) : undefined;
       if (key) {
@@ -336,12 +337,15 @@ export class UploadPipeline {
         faultPoint('after:create_key');
       }
       const { KeyId, Arn } = key;
-      await checkpoint((p) => {
+      // The requests after it (CreateAlias, GetParametersForImport) are safe to repeat: this checkpoint goes
+      // with them. A crash before it lands leaves the intent without a key id, as a crash right after
+      // CreateKey does: the retry finds the key by its tag.
+      recording = checkpoint((p) => {
         p.kms_key_id = KeyId;
         p.kms_key_arn = Arn;
       });
+      keyId = KeyId;
     }
-    const keyId = job.progress.kms_key_id as string;
 
     const aliasName = aliasNameOf(job.request);
     const needsAlias = aliasName !== undefined && !job.progress.alias_created;
@@ -371,9 +375,10 @@ export class UploadPipeline {
         throw failed.reason;
       }
       params = fresh ?? params;
-      // The wrap needs nothing from this checkpoint: the material is wrapped while it is on its way. A failed
-      // wrap (or import) is thrown only once it settled, so that the retry reuses the parameters; a crash
-      // before it lands makes the retry ask for new ones, as a crash right after GetParametersForImport does.
+      // Neither the wrap nor the import needs anything from this checkpoint: both go while it is on its way
+      // (see below). A failed wrap or import is thrown only once it settled, so that the retry reuses the
+      // parameters; a crash before it lands makes the retry ask for new ones (and make the alias again, which
+      // then names this key already), as a crash right after GetParametersForImport does.
       recording = checkpoint(record);
     }
 
@@ -384,13 +389,25 @@ export class UploadPipeline {
         throw new Error('no import parameters to wrap with');
       }
       const { public_key, algorithm, import_token } = params;
-      // Held for the zeroing below also when the checkpoint's failure is thrown instead of the wrap's result.
+      // The wrap and the import are safe to repeat (KMS takes the same material again, with new parameters):
+      // the checkpoint on its way, if any, goes along with both, not before them.
+      const pending = takeRecording();
+      if (pending) timer.enter('wrap');
+      else await step('wrap');
+      // Held for the zeroing below also when a write's failure is thrown instead of the import's.
       let wrapped: Buffer | undefined;
       try {
-        const material = await sendAfter('wrap', async () => (wrapped = await r.source.wrap(Buffer.from(public_key, 'base64'), algorithm as WrappingAlgorithm)));
-        // The write that enters the step records nothing a retry needs: it goes out with the request. Both
-        // are settled before anything is thrown, so that no failure record can overtake it.
-        const entered = step('import');
+        // A failed wrap is thrown once the checkpoint settled (a failed checkpoint first).
+        const material = (wrapped = await r.source.wrap(Buffer.from(public_key, 'base64'), algorithm as WrappingAlgorithm).catch((err: unknown) => together(pending, Promise.reject(err))));
+        timer.enter('import');
+        askSlots('import');
+        // The write that enters the step (none when the checkpoint recorded it as the upcoming one, as for a
+        // local-store key) goes after the checkpoint and with the request; it records nothing a retry needs.
+        // Both are settled before anything is thrown, so that no failure record can overtake them.
+        const entered = (async () => {
+          await pending;
+          await step('import');
+        })();
         faultPoint('before:import');
         const expires = job.request.KeyExpiration;
         await together(
@@ -437,15 +454,20 @@ export class UploadPipeline {
     faultPoint('before:record');
     const now = new Date().toISOString();
     const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
-    await stores.uploadedKeys.put(job.account, resource);
+    // The key resource and the record that says succeeded are written together (both or neither).
+    const done = await stores.jobs.updateFrom(
+      held,
+      (j) => {
+        j.status = 'succeeded';
+        j.step = 'record';
+        j.error = null;
+        j.result = resource;
+        j.finished_at = now;
+      },
+      stores.uploadedKeys.entry(job.account, resource),
+    );
     faultPoint('after:record');
-    return stores.jobs.updateFrom(held, (j) => {
-      j.status = 'succeeded';
-      j.step = 'record';
-      j.error = null;
-      j.result = resource;
-      j.finished_at = now;
-    });
+    return done;
   }
 
   /**
@@ -463,11 +485,11 @@ export class UploadPipeline {
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
     // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload. It is
-    // looked for also when the record does not say it was made, if the key was recorded (CreateAlias goes only
-    // after that): a worker may have died between CreateAlias and the checkpoint that records it. That look
-    // failing does not keep the key from its deletion.
+    // looked for also when the record does not say it was made, and when the key was found by its tag (CreateAlias
+    // goes while the key's checkpoint is on its way): a worker may have died between CreateAlias and the
+    // checkpoint that records it. That look failing does not keep the key from its deletion.
     const alias = aliasNameOf(job.request);
-    if (alias && (progress.alias_created || progress.kms_key_id)) {
+    if (alias) {
       const look = this.deleteAliasIfOurs(kms, alias, keyId);
       await (progress.alias_created
         ? look

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { Cluster } from 'ioredis';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
@@ -30,6 +31,9 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * quote is escaped, so no field's value can hold the member), else -2 and nothing is written.
  * ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known): only then does
  * a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
+ * ARGV[14], when not empty, is a key that this write SETs to ARGV[15] before the record, once the checks
+ * passed, so that both are written or neither (the uploaded-key resource of a job that succeeds). It is in
+ * another hash slot than the job's keys: only a single Redis runs it here (JobStore.#apply).
  */
 const WRITE_SCRIPT = `
 local current = redis.call('GET', KEYS[1])
@@ -44,6 +48,7 @@ if ARGV[12] ~= '' then
 elseif ARGV[8] ~= '' then
   if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
 end
+if ARGV[14] ~= '' then redis.call('SET', ARGV[14], ARGV[15]) end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
 if ARGV[10] == '1' then
@@ -91,6 +96,12 @@ export interface JobUpdate {
   batchCompletion: number;
   /** The JSON now stored: a later write from this record (updateHeld) needs no read first. */
   stored: string;
+}
+
+/** A key written together with a job's record (JobStore.updateFrom): the record is written only if it was. */
+export interface AlongsideSet {
+  key: string;
+  value: string;
 }
 
 /** A record as read or last written by its one writer, and its stored JSON. Neither is changed afterwards. */
@@ -161,10 +172,10 @@ export class JobStore {
    * the write script): the guard for changes that race, such as cancel or retry-failed against a worker.
    * Undefined when the record is missing or its status moved on.
    */
-  async updateIf(id: string, expected: JobStatus | undefined, change: (job: JobRecord) => void): Promise<JobUpdate | undefined> {
+  async updateIf(id: string, expected: JobStatus | undefined, change: (job: JobRecord) => void, alongside?: AlongsideSet): Promise<JobUpdate | undefined> {
     const held = await this.getHeld(id);
     if (!held || (expected !== undefined && held.job.status !== expected)) return undefined;
-    const done = await this.#apply(held.job, change, { expected });
+    const done = await this.#apply(held.job, change, { expected, alongside });
     return done === 'changed' ? undefined : done;
   }
 
@@ -175,20 +186,23 @@ export class JobStore {
    * this falls back to updateIf (read, check `expected`, write), as if nothing had been held.
    * The held record itself is left as it was.
    */
-  async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus): Promise<JobUpdate | undefined> {
+  async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus, alongside?: AlongsideSet): Promise<JobUpdate | undefined> {
     if (expected === undefined || held.job.status === expected) {
       const job = copyForChange(held.job);
       if (job.write_id !== undefined) {
-        const done = await this.#apply(job, change, { expected, version: job.write_id });
+        const done = await this.#apply(job, change, { expected, version: job.write_id, alongside });
         if (done !== 'changed') return done;
       }
     }
-    return this.updateIf(held.job.id, expected, change);
+    return this.updateIf(held.job.id, expected, change, alongside);
   }
 
-  /** updateHeld that must write: throws if the record is missing. */
-  async updateFrom(held: HeldJob, change: (job: JobRecord) => void): Promise<JobUpdate> {
-    const done = await this.updateHeld(held, change);
+  /**
+   * updateHeld that must write: throws if the record is missing. With `alongside`, that key is SET too, in the
+   * same round trip on a single Redis (the record is written only if it was); a Cluster client SETs it first.
+   */
+  async updateFrom(held: HeldJob, change: (job: JobRecord) => void, alongside?: AlongsideSet): Promise<JobUpdate> {
+    const done = await this.updateHeld(held, change, undefined, alongside);
     if (!done) throw new Error(`job record ${held.job.id} is missing`);
     return done;
   }
@@ -197,8 +211,18 @@ export class JobStore {
    * Writes `job` after `change`; with a version (the held record's write_id), only if the stored record is still
    * that write ('changed' if not); with `expected`, only if the stored status is still that (undefined if not).
    */
-  async #apply(job: JobRecord, change: (job: JobRecord) => void, opts: { expected: JobStatus | undefined; version?: string }): Promise<JobUpdate | undefined | 'changed'> {
+  async #apply(
+    job: JobRecord,
+    change: (job: JobRecord) => void,
+    opts: { expected: JobStatus | undefined; version?: string; alongside?: AlongsideSet | undefined },
+  ): Promise<JobUpdate | undefined | 'changed'> {
     const { id } = job;
+    let { alongside } = opts;
+    // On a Cluster the key is in another slot than the record's: it is written first, on its own.
+    if (alongside && this.redis instanceof Cluster) {
+      await this.redis.set(alongside.key, alongside.value);
+      alongside = undefined;
+    }
     const before: { status: JobStatus; step: JobRecord['step'] } = { status: job.status, step: job.step };
     change(job);
     job.updated_at = new Date().toISOString();
@@ -237,6 +261,8 @@ export class JobStore {
         String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
         opts.version === undefined ? '' : JSON.stringify({ write_id: opts.version }).slice(1, -1),
         mayHaveTtl ? '1' : '0',
+        alongside?.key ?? '',
+        alongside?.value ?? '',
       ],
     );
     if (Number(completion) === -2) return 'changed';

@@ -12,8 +12,12 @@ export class UploadedKeyStore {
     private readonly keys: Keyspace,
   ) {}
 
-  async put(account: string, key: UploadedKey): Promise<void> {
-    await this.redis.set(this.keys.uploadedKey(key.id), JSON.stringify({ owner: account, key }));
+  /**
+   * The Redis key and value of an uploaded key: the worker writes them along with the record of the job that
+   * succeeded (JobStore.updateFrom), so that a succeeded job's key can always be read.
+   */
+  entry(account: string, key: UploadedKey): { key: string; value: string } {
+    return { key: this.keys.uploadedKey(key.id), value: JSON.stringify({ owner: account, key }) };
   }
 
   async getOwned(account: string, id: string): Promise<UploadedKey | undefined> {
