@@ -402,6 +402,48 @@ describe('upload from a KMIP server (PyKMIP 0.10) end to end', () => {
     expect(done.attempts).toBeGreaterThan(1);
     expect(await kmsHolds(done.result.aws_param.KeyID, keys.byName?.material as Buffer)).toBe(true);
   });
+
+  it('when the import-parameters checkpoint fails while the KMIP server is slow to answer the wrap, then its failure is handled: the worker lives on and uploads the next key', async () => {
+    // The checkpoint goes on its way while the wrap asks the KMIP server; a failure of it that nothing handled
+    // until the wrap returned would end the worker process (Node's default for an unhandled rejection).
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on('unhandledRejection', onUnhandled);
+    const recordKey = (id: string) => createStores(stack.config, stack.redis).keys.job(id);
+    const created = stack.emulator.callCount('CreateKey');
+    const paramsAsked = stack.emulator.callCount('GetParametersForImport');
+    await registerDsm('dsm-paused');
+    try {
+      const res = await uploadFrom('dsm-paused', 'payments-key');
+      expect(res.status).toBe(202);
+      const id = res.body.id as string;
+      // Once CreateKey arrives, resolve is done with the KMIP server; the wrap asks it again after GetParametersForImport.
+      await until(() => stack.emulator.callCount('CreateKey') > created);
+      pykmip.pause();
+      // CreateAlias and GetParametersForImport answer 300 ms after they arrive; the key checkpoint lands meanwhile.
+      stack.emulator.setLatency(300);
+      const deadline = Date.now() + 3_000;
+      while (!(JSON.parse((await stack.redis.get(recordKey(id))) ?? '{}') as { progress?: { kms_key_id?: string } }).progress?.kms_key_id) {
+        if (Date.now() > deadline) throw new Error('the key checkpoint did not land');
+        await sleep(5);
+      }
+      // Then the record goes away, so the import-parameters checkpoint, sent when GetParametersForImport answers, fails.
+      await stack.redis.del(recordKey(id));
+      await until(() => stack.emulator.callCount('GetParametersForImport') > paramsAsked);
+      await sleep(700); // the answer (300 ms), the failed checkpoint, while the wrap waits for the paused server
+      stack.emulator.setLatency(0);
+      pykmip.resume();
+      const next = await uploadAndWait('dsm-paused', 'payments-key');
+      expect(next).toMatchObject({ status: 'succeeded', error: null });
+      expect(unhandled).toEqual([]);
+      // The worker wrote no record for the job whose record went away.
+      expect(await stack.redis.exists(recordKey(id))).toBe(0);
+    } finally {
+      stack.emulator.setLatency(0);
+      if (pykmip.running) pykmip.resume();
+      process.off('unhandledRejection', onUnhandled);
+    }
+  });
 });
 
 describe('the dsm source provider on its own', () => {

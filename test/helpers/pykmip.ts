@@ -117,6 +117,10 @@ export interface PyKmip {
   stop(): Promise<void>;
   /** Starts it again on the same port with the same database. */
   start(): Promise<void>;
+  /** Freezes the server (SIGSTOP to its process group): connections stay open, nothing is answered. */
+  pause(): void;
+  /** Lets a paused server go on (SIGCONT). */
+  resume(): void;
   /** The server's own log file. */
   log(): string;
   /** Stops the server and removes its directory. */
@@ -129,6 +133,10 @@ export async function startPyKmip(opts: { clientCn?: string } = {}): Promise<PyK
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
   const output: string[] = [];
+  const signalGroup = (signal: NodeJS.Signals) => {
+    if (proc?.pid === undefined) throw new Error('pykmip-server is not running');
+    process.kill(-proc.pid, signal);
+  };
   const killGroup = () => {
     if (proc?.pid !== undefined && proc.exitCode === null && proc.signalCode === null) {
       try {
@@ -213,6 +221,8 @@ export async function startPyKmip(opts: { clientCn?: string } = {}): Promise<PyK
         await waitUntilServing();
         server.running = true;
       },
+      pause: () => signalGroup('SIGSTOP'),
+      resume: () => signalGroup('SIGCONT'),
       async stop() {
         killGroup();
         await exited;
