@@ -31,9 +31,9 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * quote is escaped, so no field's value can hold the member), else -2 and nothing is written.
  * ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known): only then does
  * a non-final write PERSIST its event stream. SET itself drops the record's own TTL.
- * ARGV[14], when not empty, is a key that this write SETs to ARGV[15] before the record, once the checks
- * passed, so that both are written or neither (the uploaded-key resource of a job that succeeds). It is in
- * another hash slot than the job's keys: only a single Redis runs it here (JobStore.#apply).
+ * ARGV[14] is '1' when the last of KEYS is a key that this write SETs to ARGV[15] before the record, once the
+ * checks passed, so that both are written or neither (the uploaded-key resource of a job that succeeds). It is
+ * in another hash slot than the job's keys: only a single Redis runs it so (JobStore.#apply).
  */
 const WRITE_SCRIPT = `
 local current = redis.call('GET', KEYS[1])
@@ -48,7 +48,11 @@ if ARGV[12] ~= '' then
 elseif ARGV[8] ~= '' then
   if not current or cjson.decode(current).status ~= ARGV[8] then return -1 end
 end
-if ARGV[14] ~= '' then redis.call('SET', ARGV[14], ARGV[15]) end
+local ownKeys = #KEYS
+if ARGV[14] == '1' then
+  redis.call('SET', KEYS[ownKeys], ARGV[15])
+  ownKeys = ownKeys - 1
+end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', '200', '*', 'event', 'job', 'data', ARGV[2]) end
 if ARGV[10] == '1' then
@@ -80,7 +84,7 @@ if completion > 0 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*',
 local completed = redis.call('HGET', KEYS[7], 'status') == 'completed'
 local persist = not completed and redis.call('TTL', KEYS[7]) ~= -1
 if completed or persist then
-  for i = 3, #KEYS do
+  for i = 3, ownKeys do
     if i ~= 4 and i ~= 5 then
       local ttl = ARGV[9]
       if i == 6 then ttl = ARGV[11] end
@@ -245,6 +249,7 @@ export class JobStore {
         ...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(batchId, s)),
       );
     }
+    if (alongside) keys.push(alongside.key);
     const completion = await this.#write(
       keys,
       [
@@ -261,7 +266,7 @@ export class JobStore {
         String(Math.min(EVENTS_RETENTION_SECONDS, this.retentionSeconds)),
         opts.version === undefined ? '' : JSON.stringify({ write_id: opts.version }).slice(1, -1),
         mayHaveTtl ? '1' : '0',
-        alongside?.key ?? '',
+        alongside ? '1' : '',
         alongside?.value ?? '',
       ],
     );
