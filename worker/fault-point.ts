@@ -7,8 +7,8 @@
  * (and, for an HSM or KMIP source, the write entering `import`) may still be on its way, as the request goes
  * with it. `after:<step>` is just after the side effect, before the checkpoint that records it; `after:record`
  * is after the write that stores the key resource and the success together (on a Redis Cluster, after the
- * resource's SET and then the record's), before BullMQ hears of it. Read once at load; unset (as in production) the points do nothing. Deliberately not part of the config schema: it is not a
- * setting.
+ * resource's SET and then the record's), before BullMQ hears of it. Read once at load; unset (as in
+ * production) the points do nothing. Deliberately not part of the config schema: it is not a setting.
  */
 const STEPS_WITH_SIDE_EFFECTS = ['create_key', 'create_alias', 'get_import_params', 'import', 'record'] as const;
 

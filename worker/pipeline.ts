@@ -313,11 +313,11 @@ export class UploadPipeline {
       });
     };
     /**
-     * Enters a step whose request (or, for wrap, local work) is safe to repeat (a crash before the checkpoint
-     * before it lands only means it is done again): that checkpoint, which already recorded this step as the
-     * upcoming one, goes out together with the request instead of before it.
+     * Enters a step whose work is safe to repeat, with the checkpoint on its way, if any, which already recorded
+     * this step as the upcoming one; without one, as `step` does. Returns that checkpoint (in an object, so that
+     * it is not awaited here) for the caller to settle together with the step's work.
      */
-    const sendAfter = async <T>(name: Step, request: () => Promise<T>): Promise<T> => {
+    const enterAlong = async (name: Step): Promise<{ pending: Promise<void> | undefined }> => {
       const pending = takeRecording();
       if (pending) {
         timer.enter(name);
@@ -325,6 +325,15 @@ export class UploadPipeline {
       } else {
         await step(name);
       }
+      return { pending };
+    };
+    /**
+     * Enters a step whose request is safe to repeat (a crash before the checkpoint before it lands only means
+     * it is done again): that checkpoint, which already recorded this step as the upcoming one, goes out
+     * together with the request instead of before it.
+     */
+    const sendAfter = async <T>(name: Step, request: () => Promise<T>): Promise<T> => {
+      const { pending } = await enterAlong(name);
       return together(pending, Promise.resolve().then(request));
     };
 
@@ -402,9 +411,7 @@ export class UploadPipeline {
       const { public_key, algorithm, import_token } = params;
       // The wrap and the import are safe to repeat (KMS takes the same material again, with new parameters):
       // the checkpoint on its way, if any, goes along with both, not before them.
-      const pending = takeRecording();
-      if (pending) timer.enter('wrap');
-      else await step('wrap');
+      const { pending } = await enterAlong('wrap');
       // Held for the zeroing below also when a write's failure is thrown instead of the import's.
       let wrapped: Buffer | undefined;
       try {

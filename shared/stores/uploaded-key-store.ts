@@ -1,4 +1,5 @@
 import type { RedisClient } from '../redis.js';
+import type { AlongsideSet } from './job-store.js';
 import type { Keyspace } from './keyspace.js';
 
 /** An uploaded key, in the spec's response shape, plus the owning account. */
@@ -16,7 +17,7 @@ export class UploadedKeyStore {
    * The Redis key and value of an uploaded key: the worker writes them along with the record of the job that
    * succeeded (JobStore.updateFrom), so that a succeeded job's key can always be read.
    */
-  entry(account: string, key: UploadedKey): { key: string; value: string } {
+  entry(account: string, key: UploadedKey): AlongsideSet {
     return { key: this.keys.uploadedKey(key.id), value: JSON.stringify({ owner: account, key }) };
   }
 
