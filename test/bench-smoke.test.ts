@@ -15,6 +15,9 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
       /^\| round 1: keyferry POST …\/upload-key, full load \| \d+ \| \d+ \| \d+ \| \d+ \| [\d.]+ \|$/m,
       /ratio keyferry \/ bare express \(requests\/s\), median of 1 rounds: \d/,
       /ratio \(bare express \+ Redis calls\) \/ bare express, median of 1 rounds: \d/,
+      /^\| keyferry POST …\/upload-key, half load \(\d+ req\/s; paced evenly\) \| \d+ \| [\d.]+ \| [\d.]+ \| \d+ \|  \|$/m,
+      /^\| bare Express 5 JSON endpoint at the same rate, paced evenly \| \d+ \| [\d.]+ \| [\d.]+ \| \d+ \|  \|$/m,
+      /^p99 at half load, paced evenly: [\d.]+ ms \(goal under 25 ms: (met|missed)\)$/m,
     ],
   },
   {
