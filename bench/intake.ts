@@ -9,11 +9,12 @@
  * connection send its budget for the second back to back from the top of each second, then wait for the next
  * (autocannon lib/httpClient.js), so its "half load" is full load for half of every second, and it corrects its
  * latencies for coordinated omission as if a request were due every millisecond. The paced run (`pacedLoad`)
- * starts request i at i / rate seconds, over a keep-alive agent of as many connections, and times each request
- * from when it was due to its answer's end (a request waiting for a free connection counts as waiting); its p99
- * is the one the goal (p99 under 25 ms at half load) is judged by. The bare endpoint is paced at the same rate
- * too: how much of that p99 the machine and the load generator cause on their own. Each round also runs the bare endpoint plus the Redis calls an accepted upload needs
- * (`createBareRedisApp`): its ratio to the bare endpoint is the most keyferry could reach while making them.
+ * starts request i at i / rate seconds, over as many keep-alive connections, and times each request from when it
+ * was due to its answer's end (a request waiting for a free connection counts as waiting); its p99 is the one
+ * the goal (p99 under 25 ms at half load) is judged by. The bare endpoint is paced at the same rate too: how much
+ * of that p99 the machine and the load generator cause on their own. Each round also runs the bare endpoint plus
+ * the Redis calls an accepted upload needs (`createBareRedisApp`): its ratio to the bare endpoint is the most
+ * keyferry could reach while making them.
  * The servers and autocannon share this process; a run's "event loop busy %" (its event-loop utilization) below
  * 100 means the loop sat waiting, for Redis's answers, with every connection's request in flight.
  * Prints a markdown table. Uses the Redis at REDIS_URL under a throw-away prefix, deleted at the end.
