@@ -32,7 +32,7 @@ import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
 import { createBareApp, createBareRedisApp } from './lib-bare-express.js';
-import { median } from './lib-bench.js';
+import { median, percentile } from './lib-bench.js';
 
 const { values } = parseArgs({
   options: { duration: { type: 'string', default: '10' }, connections: { type: 'string', default: '20' }, rounds: { type: 'string', default: '3' } },
@@ -86,9 +86,6 @@ async function load(label: string, opts: Omit<Options, 'method' | 'headers' | 'b
   if (r.non2xx > 0 || r.errors > 0 || r.timeouts > 0) throw new Error(`${label}: ${r.non2xx} non-2xx, ${r.errors} errors, ${r.timeouts} timeouts`);
   return { ...r, loopBusy };
 }
-
-/** Latency percentile (ms) of sorted samples: the smallest sample at or above the fraction q of them. */
-const percentile = (sorted: number[], q: number) => sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] ?? NaN;
 
 interface PacedRun {
   rps: number;
@@ -171,7 +168,7 @@ async function pacedLoad(url: string, rate: number, seconds: number, connections
     if (i < total) await new Promise((r) => setTimeout(r, Math.max(0, start + (i * 1000) / rate - performance.now())));
   }
   const stuck = setTimeout(() => {
-    failures += total - latencies.length - failures;
+    failures = total - latencies.length; // those still unanswered
     done();
   }, 30_000 + seconds * 1000);
   await finished;

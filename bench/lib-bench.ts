@@ -391,6 +391,11 @@ export async function batchJobs(apiUrl: string, token: string, id: string): Prom
 }
 
 /** The median of a non-empty list (the mean of the middle two when its length is even). */
+/** A percentile of samples sorted ascending (nearest rank: the smallest at or above the fraction q of them); NaN when none. */
+export function percentile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] ?? NaN;
+}
+
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2;

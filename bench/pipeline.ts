@@ -29,7 +29,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -136,7 +136,7 @@ function pingSampler() {
     stopped = true;
     await loop;
     const sorted = [...rtts].sort((a, b) => a - b);
-    return { mean: rtts.reduce((a, b) => a + b, 0) / rtts.length, p99: sorted[Math.floor(0.99 * (sorted.length - 1))] ?? NaN };
+    return { mean: rtts.reduce((a, b) => a + b, 0) / rtts.length, p99: percentile(sorted, 0.99) };
   };
 }
 

@@ -409,7 +409,8 @@ describe('upload from a KMIP server (PyKMIP 0.10) end to end', () => {
     const unhandled: unknown[] = [];
     const onUnhandled = (reason: unknown) => unhandled.push(reason);
     process.on('unhandledRejection', onUnhandled);
-    const recordKey = (id: string) => createStores(stack.config, stack.redis).keys.job(id);
+    const jobKeys = createStores(stack.config, stack.redis).keys;
+    const recordKey = (id: string) => jobKeys.job(id);
     const created = stack.emulator.callCount('CreateKey');
     const paramsAsked = stack.emulator.callCount('GetParametersForImport');
     await registerDsm('dsm-paused');

@@ -267,15 +267,6 @@ export class UploadPipeline {
      * (sendAfter, and the wrap and import). Every other step or checkpoint waits for it first.
      */
     let recording: Promise<void> | undefined;
-    /**
-     * Sends a checkpoint on its way. Its failure is thrown by whoever takes it (takeRecording); until then it
-     * counts as handled, so that local work awaited meanwhile (an HSM's or a KMIP server's wrap) cannot leave
-     * it rejected with no handler, which would end the process.
-     */
-    const goesOn = (write: Promise<void>) => {
-      write.catch(() => undefined);
-      recording = write;
-    };
     /** Takes the checkpoint on its way, if any (undefined when there is none: awaiting it then waits for nothing). */
     const takeRecording = () => {
       const pending = recording;
@@ -311,6 +302,16 @@ export class UploadPipeline {
         change(j.progress);
         j.step = next;
       });
+    };
+    /**
+     * Sends a checkpoint on its way (see `recording`). Its failure is thrown by whoever takes it (takeRecording);
+     * until then it counts as handled, so that local work awaited meanwhile (an HSM's or a KMIP server's wrap)
+     * cannot leave it rejected with no handler, which would end the process.
+     */
+    const sendCheckpoint = (change: (p: JobProgress) => void) => {
+      const write = checkpoint(change);
+      write.catch(() => undefined);
+      recording = write;
     };
     /**
      * Enters a step whose work is safe to repeat, with the checkpoint on its way, if any, which already recorded
@@ -358,12 +359,10 @@ export class UploadPipeline {
       // The requests after it (CreateAlias, GetParametersForImport) are safe to repeat: this checkpoint goes
       // with them. A crash before it lands leaves the intent without a key id, as a crash right after
       // CreateKey does: the retry finds the key by its tag.
-      goesOn(
-        checkpoint((p) => {
-          p.kms_key_id = KeyId;
-          p.kms_key_arn = Arn;
-        }),
-      );
+      sendCheckpoint((p) => {
+        p.kms_key_id = KeyId;
+        p.kms_key_arn = Arn;
+      });
       keyId = KeyId;
     }
 
@@ -399,7 +398,7 @@ export class UploadPipeline {
       // (see below). A failed wrap or import is thrown only once it settled, so that the retry reuses the
       // parameters; a crash before it lands makes the retry ask for new ones (and make the alias again, which
       // then names this key already), as a crash right after GetParametersForImport does.
-      goesOn(checkpoint(record));
+      sendCheckpoint(record);
     }
 
     if (!job.progress.imported) {
@@ -448,13 +447,11 @@ export class UploadPipeline {
       // The uploaded-key resource's id is fixed here already (see the record step).
       const resourceIdFixed = job.progress.resource_id ?? randomUUID();
       // The describe requests only read: sent again, they answer the same.
-      goesOn(
-        checkpoint((p) => {
-          p.imported = true;
-          delete p.import_params;
-          p.resource_id = resourceIdFixed;
-        }),
-      );
+      sendCheckpoint((p) => {
+        p.imported = true;
+        delete p.import_params;
+        p.resource_id = resourceIdFixed;
+      });
     }
 
     const described = await sendAfter('describe', () => this.describe(r.kms, keyId));
