@@ -16,12 +16,6 @@
  * The ratio bare / keyferry is the throughput ratio keyferry would reach if both were bound by their own
  * CPU and the load generator cost nothing.
  */
-import { spawn, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { signToken } from '../shared/auth.js';
 import { createRedis } from '../shared/redis.js';
@@ -29,15 +23,13 @@ import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { testEnv } from '../test/helpers/stack.js';
 import { freePort } from '../test/helpers/redis-server.js';
 import { BENCH_JOB_ENV, fmt, intParam, machineLine, printTable, seed } from './lib-bench.js';
+import { lineMatching, requireValgrind, startCounted } from './lib-callgrind.js';
 
 const { values } = parseArgs({ options: { requests: { type: 'string' }, warmup: { type: 'string' } } });
 const N = intParam(values.requests, 'BENCH_N', 3000);
 const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 6000, 0);
 
-if (spawnSync('valgrind', ['--version']).status !== 0) {
-  console.error('bench:intake-instructions needs valgrind (apt-get install valgrind)');
-  process.exit(1);
-}
+requireValgrind('bench:intake-instructions');
 
 const body = JSON.stringify({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: 'bench-intake', Tags: [{ TagKey: 'team', TagValue: 'bench' }] } });
 
@@ -47,68 +39,26 @@ interface Counted {
 }
 
 /**
- * Starts `node --single-threaded --import tsx <entry>` under callgrind with counting off, waits for `ready`
- * (it returns the URL to POST to and the headers), sends the warm-up, counts N sequential requests, stops the
- * process with SIGTERM (callgrind writes its counts as the process exits).
+ * Starts the server under callgrind (bench/lib-callgrind.ts), waits for `ready` (it returns the URL to POST to
+ * and the headers), sends the warm-up, counts N sequential requests, stops the server with SIGTERM.
  */
 async function measure(entry: string[], env: Record<string, string>, ready: (lines: string[]) => Promise<{ url: string; headers: Record<string, string> }>): Promise<Counted> {
-  // %p: each process valgrind runs writes a file of its own (a forked helper must not overwrite the server's).
-  const outPattern = join(tmpdir(), `keyferry-callgrind-${randomBytes(4).toString('hex')}.%p.out`);
-  const childEnv = { PATH: process.env.PATH ?? '', ...env, UV_THREADPOOL_SIZE: '1' };
-  const child = spawn('valgrind', ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${outPattern}`, process.execPath, '--single-threaded', '--import', 'tsx', ...entry], {
-    env: childEnv,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const lines: string[] = [];
-  createInterface({ input: child.stdout }).on('line', (l) => lines.push(l));
-  createInterface({ input: child.stderr }).on('line', (l) => lines.push(l));
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  const outFile = outPattern.replace('%p', String(child.pid));
+  const server = startCounted(entry, env);
   try {
-    const target = await Promise.race([
-      ready(lines),
-      exited.then((code) => {
-        throw new Error(`${entry.join(' ')} exited (${code}) before it was ready:\n${lines.join('\n')}`);
-      }),
-    ]);
+    const target = await Promise.race([ready(server.lines), server.exited]);
     const post = async () => {
       const res = await fetch(target.url, { method: 'POST', headers: target.headers, body });
       await res.arrayBuffer();
       if (res.status !== 202) throw new Error(`${target.url} answered ${res.status}`);
     };
     for (let i = 0; i < WARMUP; i++) await post();
-    const control = (on: boolean) => {
-      // In the server's environment: valgrind names its vgdb pipe after USER and HOST (keyferry's HOST setting too).
-      const r = spawnSync('callgrind_control', ['-i', on ? 'on' : 'off', String(child.pid)], { env: childEnv, timeout: 60_000 });
-      if (r.status !== 0) throw new Error(`callgrind_control failed: ${r.stderr.toString()}`);
-    };
-    control(true);
+    server.count(true);
     for (let i = 0; i < N; i++) await post();
-    control(false);
-    // The counts are written as the process exits; a server that does not stop within a minute fails the run.
-    child.kill('SIGTERM');
-    const stopped = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 60_000).unref())]);
-    if (!stopped) throw new Error(`${entry.join(' ')} did not exit within 60 s of SIGTERM`);
-    const totals = /^totals: (\d+)$/m.exec(await readFile(outFile, 'utf8'));
-    // Zero: callgrind_control reached no server (it still exits 0), so nothing was counted.
-    if (!totals || Number(totals[1]) === 0) throw new Error(`callgrind counted nothing for ${entry.join(' ')}`);
-    return { instructions: Number(totals[1]), requests: N };
+    server.count(false);
+    return { instructions: await server.stop(), requests: N };
   } finally {
-    child.kill('SIGKILL');
-    await rm(outFile, { force: true });
+    await server.kill();
   }
-}
-
-/** Waits for a line matching `re` among those the process printed so far or prints later. */
-async function lineMatching(lines: string[], re: RegExp, timeoutMs = 120_000): Promise<RegExpExecArray> {
-  for (const deadline = Date.now() + timeoutMs; Date.now() < deadline; ) {
-    for (const l of lines) {
-      const m = re.exec(l);
-      if (m) return m;
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`no line matching ${re} within ${timeoutMs} ms:\n${lines.join('\n')}`);
 }
 
 const bare = await measure(['bench/lib-bare-express.ts'], {}, async (lines) => {
