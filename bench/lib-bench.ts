@@ -16,7 +16,7 @@ import {
   ImportKeyMaterialCommand,
   ListAliasesCommand,
   ListResourceTagsCommand,
-  type KMSClient,
+  KMSClient,
 } from '@aws-sdk/client-kms';
 import { Redis } from 'ioredis';
 import { DEFAULT_KMS_QUOTAS, type KmsOperation } from '../shared/kms-quotas.js';
@@ -247,6 +247,17 @@ export async function runPool(n: number, concurrency: number, task: (i: number) 
       while (next < n) await task(next++);
     }),
   );
+}
+
+/** The bare sequence's client for a region: like keyferry's (worker/kms-clients.ts), no SDK retries. */
+export function bareKmsClient(opts: { region: string; endpoint: string; accessKeyId: string; secretAccessKey: string; timeoutMs: number }): KMSClient {
+  return new KMSClient({
+    region: opts.region,
+    endpoint: opts.endpoint,
+    credentials: { accessKeyId: opts.accessKeyId, secretAccessKey: opts.secretAccessKey },
+    maxAttempts: 1,
+    requestHandler: { requestTimeout: opts.timeoutMs, connectionTimeout: 5000 },
+  });
 }
 
 /** The KMS operations of one upload, in the order keyferry's pipeline sends them (worker/pipeline.ts). */

@@ -23,13 +23,13 @@
 import { randomBytes } from 'node:crypto';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { KMSClient } from '@aws-sdk/client-kms';
+import type { KMSClient } from '@aws-sdk/client-kms';
 import { startApi } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareKmsClient, bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -77,17 +77,10 @@ const api = await startApi(config, createLogger('silent'));
 const workers: WorkerProcess[] = [];
 const clients = new Map<string, KMSClient>();
 
-/** The bare sequence's client for a region: like keyferry's (worker/kms-clients.ts), no SDK retries. */
 const bareClient = (region: string) => {
   let c = clients.get(region);
   if (!c) {
-    c = new KMSClient({
-      region,
-      endpoint: emulator.url,
-      credentials: { accessKeyId: EMULATOR_ACCESS_KEY, secretAccessKey: EMULATOR_SECRET_KEY },
-      maxAttempts: 1,
-      requestHandler: { requestTimeout: KMS_TIMEOUT_MS, connectionTimeout: 5000 },
-    });
+    c = bareKmsClient({ region, endpoint: emulator.url, accessKeyId: EMULATOR_ACCESS_KEY, secretAccessKey: EMULATOR_SECRET_KEY, timeoutMs: KMS_TIMEOUT_MS });
     clients.set(region, c);
   }
   return c;

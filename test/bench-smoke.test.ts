@@ -31,6 +31,17 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
     ],
     timeoutMs: 120_000,
   },
+  {
+    // Both senders run under valgrind: a handful of uploads.
+    script: 'bench/pipeline-instructions.ts',
+    args: ['--uploads', '4', '--warmup', '4', '--concurrency', '2'],
+    figures: [
+      /^\| bare @aws-sdk\/client-kms sequence \| \d+\.\d\d \|$/m,
+      /^\| keyferry worker \(BullMQ job, records, KMS requests; KMS quotas off, LOG_LEVEL=info\) \| \d+\.\d\d \|$/m,
+      /^ratio bare \/ keyferry instructions per upload: \d+\.\d{3} \(pipeline goal, if both were CPU-bound on a steady machine: ≥ 0\.8: (met|NOT met)\)$/m,
+    ],
+    timeoutMs: 180_000,
+  },
   { script: 'bench/api-cpu.ts', args: ['--requests', '200', '--rounds', '1'], figures: [/ratio bare \/ keyferry CPU per request: \d/, /ratio bare \/ \(bare \+ Redis calls\) CPU per request: \d/] },
   {
     script: 'bench/pipeline.ts',
@@ -79,7 +90,7 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
 
 describe('benchmark scripts', () => {
   for (const { script, args = [], env = {}, figures, check, timeoutMs = 30_000 } of cases) {
-    it(`when ${script} runs with tiny sizes, then it prints its figures and exits 0`, async () => {
+    it(`when ${[script, ...args].join(' ')} runs with tiny sizes, then it prints its figures and exits 0`, async () => {
       const child = runEntry(script, { REDIS_URL, ...env }, args);
       const exited = await child.exited;
       const output = child.output.join('\n');

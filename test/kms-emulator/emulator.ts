@@ -27,6 +27,11 @@ export interface KmsEmulatorOptions {
   quotas?: Record<string, number>;
   /** Keep every authenticated request's operation, caller and arrival time for requests() (grows without bound). */
   recordRequests?: boolean;
+  /**
+   * How long an idle keep-alive connection stays open, default Node's 5 s. A client much slower than usual (one
+   * run under valgrind) may send on a connection just as the server closes it: give such a client longer.
+   */
+  keepAliveTimeoutMs?: number;
 }
 
 export interface RequestRecord {
@@ -140,6 +145,7 @@ export class KmsEmulator {
     this.quotas = new Map(Object.entries(opts.quotas ?? {}));
     this.latencyMs = opts.latencyMs ?? 0;
     this.server = createServer((req, res) => void this.handle(req, res));
+    if (opts.keepAliveTimeoutMs !== undefined) this.server.keepAliveTimeout = opts.keepAliveTimeoutMs;
   }
 
   get url(): string {
