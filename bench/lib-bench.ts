@@ -23,6 +23,11 @@ import { DEFAULT_KMS_QUOTAS, type KmsOperation } from '../shared/kms-quotas.js';
 import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
 
+/** Binds every thread of process `pid` to CPU `cpu` (taskset, from util-linux). */
+export function pinToCpu(pid: number, cpu: number): void {
+  execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' });
+}
+
 /** A positive integer parameter: `--flag` if given, else the environment variable, else the default. */
 /** Intake limits out of the way and keyferry's default retries, for benchmarks that push many jobs through. */
 export const BENCH_JOB_ENV = { INTAKE_RATE_PER_SECOND: '1000000', INTAKE_BURST: '1000000', JOB_ATTEMPTS: '8', JOB_BACKOFF_MS: '1000' };

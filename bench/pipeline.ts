@@ -22,6 +22,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import os from 'node:os';
 import { parseArgs } from 'node:util';
 import type { KMSClient } from '@aws-sdk/client-kms';
 import { startApi } from '../api/server.js';
@@ -29,7 +30,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { bareKmsClient, bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareKmsClient, bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -40,6 +41,7 @@ const { values } = parseArgs({
     concurrency: { type: 'string' },
     latency: { type: 'string' },
     warmup: { type: 'string' },
+    pin: { type: 'boolean' },
   },
 });
 const N = intParam(values.uploads, 'BENCH_N', 1500);
@@ -49,6 +51,13 @@ const CONCURRENCY = intParam(values.concurrency, 'BENCH_CONCURRENCY', 8);
 const LATENCY_MS = intParam(values.latency, 'BENCH_LATENCY_MS', 5, 0);
 const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 100, 0);
 const IN_FLIGHT = WORKERS * CONCURRENCY;
+/**
+ * `--pin`: the sender of each phase (this process for bare, the worker for keyferry; one worker only) gets CPU 0
+ * to itself, everything else (emulator, Redis, this process during keyferry's phases) shares CPU 1: each sender
+ * then runs on a core of its own, as when the other processes are on other machines.
+ */
+const PIN = values.pin === true;
+if (PIN && (WORKERS !== 1 || os.cpus().length < 2)) throw new Error('--pin needs one worker and two CPUs');
 const GOAL = 0.8;
 const KEY_SPEC = 'RSA_2048';
 const ACCOUNT_ID = '123456789012';
@@ -144,8 +153,18 @@ const workersLoopDelay = async () => {
 };
 
 const material = randomBytes(32);
+/** --pin: the phase's sender on CPU 0, the rest on CPU 1. */
+function pinFor(side: Phase['side']): void {
+  if (!PIN) return;
+  pinToCpu(process.pid, side === 'bare' ? 0 : 1);
+  for (const w of workers) pinToCpu(w.pid, side === 'bare' ? 1 : 0);
+  pinToCpu(emulator.pid, 1);
+  pinToCpu(redis.pid, 1);
+}
+
 async function runBare(round: number, region: string, n: number): Promise<Phase> {
   const client = bareClient(region);
+  pinFor('bare');
   // The same sampling as prom-client's event-loop lag metrics in the workers.
   const delay = monitorEventLoopDelay({ resolution: LOOP_RESOLUTION_MS });
   const cpu0 = await cpuNow();
@@ -161,6 +180,7 @@ async function runBare(round: number, region: string, n: number): Promise<Phase>
 
 let token = '';
 async function runKeyferry(round: number, region: string, n: number): Promise<Phase> {
+  pinFor('keyferry');
   const items = Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'bench-key', region, kms: 'kms', aws_param: { Alias: `kf-${round}-${i}`, Tags: TAGS } }));
   await workersLoopDelay(); // resets the workers' event-loop delay histograms
   const calls0 = (await emulator.stats([])).totalCalls;
@@ -220,7 +240,7 @@ try {
 
   console.log(machineLine());
   console.log(`redis ${redis.version} (private, appendfsync everysec); emulator in its own process, ${LATENCY_MS} ms added to every request, no quotas`);
-  console.log(`pipeline overhead: ${N} uploads per run, ${ROUNDS} rounds, ${WORKERS} worker process(es) × concurrency ${CONCURRENCY} = ${IN_FLIGHT} uploads in flight on both sides, wrapping key ${KEY_SPEC}, warm-up ${WARMUP}`);
+  console.log(`pipeline overhead: ${N} uploads per run, ${ROUNDS} rounds, ${WORKERS} worker process(es) × concurrency ${CONCURRENCY} = ${IN_FLIGHT} uploads in flight on both sides, wrapping key ${KEY_SPEC}, warm-up ${WARMUP}${PIN ? '; pinned: the sender on CPU 0, everything else on CPU 1' : ''}`);
   // The process sending the KMS requests: this one (bare) or the workers (keyferry); its CPU share of one core
   // (per worker) and event-loop delay tell whether it is the bottleneck.
   const sender = (p: Phase) => (p.side === 'bare' ? p.cpu.bench : p.cpu.workers);

@@ -63,6 +63,13 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
     },
   },
   {
+    // Each phase's sender on a CPU of its own (taskset).
+    script: 'bench/pipeline.ts',
+    args: ['--pin'],
+    env: { BENCH_N: '8', BENCH_ROUNDS: '1', BENCH_WARMUP: '2', BENCH_CONCURRENCY: '2' },
+    figures: [/; pinned: the sender on CPU 0, everything else on CPU 1$/m, /^ratio over all rounds \(uploads of all rounds \/ their total time\): \d\.\d{3}$/m],
+  },
+  {
     script: 'bench/quota.ts',
     env: { BENCH_JOBS: '4', BENCH_BUCKETS: '2', BENCH_QUOTA_SCALE: '10', BENCH_WORKERS: '1' },
     figures: [
