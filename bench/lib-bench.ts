@@ -22,10 +22,27 @@ import { Redis } from 'ioredis';
 import { DEFAULT_KMS_QUOTAS, type KmsOperation } from '../shared/kms-quotas.js';
 import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
+import { testEnv } from '../test/helpers/stack.js';
 
 /** Binds every thread of process `pid` to CPU `cpu` (taskset, from util-linux). */
 export function pinToCpu(pid: number, cpu: number): void {
   execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' });
+}
+
+/**
+ * The settings of the pipeline benchmarks' keyferry (bench:pipeline, bench:pipeline-instructions): its Redis,
+ * LOG_LEVEL=info, the workers' concurrency, KMS quotas off, the KMS deadline, the wrapping key's spec.
+ */
+export function pipelineEnv(name: string, o: { redisUrl: string; concurrency: number; kmsTimeoutMs: number; keySpec: string }): Record<string, string> {
+  return testEnv(name, {
+    REDIS_URL: o.redisUrl,
+    LOG_LEVEL: 'info',
+    WORKER_CONCURRENCY: String(o.concurrency),
+    KMS_QUOTAS: QUOTAS_OFF,
+    KMS_TIMEOUT_MS: String(o.kmsTimeoutMs),
+    DEFAULT_WRAPPING_KEY_SPEC: o.keySpec,
+    ...BENCH_JOB_ENV,
+  });
 }
 
 /** A positive integer parameter: `--flag` if given, else the environment variable, else the default. */

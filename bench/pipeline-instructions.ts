@@ -18,8 +18,8 @@ import { startApi } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
-import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { BENCH_JOB_ENV, fmt, intParam, machineLine, printTable, QUOTAS_OFF, runBatch, seed, startPrivateRedis } from './lib-bench.js';
+import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
+import { fmt, intParam, machineLine, pipelineEnv, printTable, runBatch, seed, startPrivateRedis } from './lib-bench.js';
 import { lineMatching, requireValgrind, startCounted, type Counted } from './lib-callgrind.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
@@ -39,15 +39,7 @@ requireValgrind('bench:pipeline-instructions');
 
 const redis = await startPrivateRedis();
 const emulator = await startEmulatorProcess({ accounts: { [EMULATOR_ACCESS_KEY]: ACCOUNT_ID }, latencyMs: LATENCY_MS, keepAliveTimeoutMs: SLOW_MS });
-const env = testEnv('bench-pipeline-instructions', {
-  REDIS_URL: redis.url,
-  LOG_LEVEL: 'info',
-  WORKER_CONCURRENCY: String(CONCURRENCY),
-  KMS_QUOTAS: QUOTAS_OFF,
-  KMS_TIMEOUT_MS: String(KMS_TIMEOUT_MS),
-  DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
-  ...BENCH_JOB_ENV,
-});
+const env = pipelineEnv('bench-pipeline-instructions', { redisUrl: redis.url, concurrency: CONCURRENCY, kmsTimeoutMs: KMS_TIMEOUT_MS, keySpec: KEY_SPEC });
 const config = loadConfig(env);
 const api = await startApi(config, createLogger('silent'));
 const started: Counted[] = [];

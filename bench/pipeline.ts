@@ -29,8 +29,8 @@ import { startApi } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
-import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, testEnv } from '../test/helpers/stack.js';
-import { bareKmsClient, bareUpload, BENCH_JOB_ENV, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, procCpuMs, QUOTAS_OFF, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
+import { bareKmsClient, bareUpload, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -72,15 +72,7 @@ const regionOf = (round: number, side: 'bare' | 'keyferry') => REGION_POOL[1 + 2
 
 const redis = await startPrivateRedis();
 const emulator = await startEmulatorProcess({ accounts: { [EMULATOR_ACCESS_KEY]: ACCOUNT_ID }, latencyMs: LATENCY_MS });
-const env = testEnv('bench-pipeline', {
-  REDIS_URL: redis.url,
-  LOG_LEVEL: 'info',
-  WORKER_CONCURRENCY: String(CONCURRENCY),
-  KMS_QUOTAS: QUOTAS_OFF,
-  KMS_TIMEOUT_MS: String(KMS_TIMEOUT_MS),
-  DEFAULT_WRAPPING_KEY_SPEC: KEY_SPEC,
-  ...BENCH_JOB_ENV,
-});
+const env = pipelineEnv('bench-pipeline', { redisUrl: redis.url, concurrency: CONCURRENCY, kmsTimeoutMs: KMS_TIMEOUT_MS, keySpec: KEY_SPEC });
 const config = loadConfig(env);
 const api = await startApi(config, createLogger('silent'));
 const workers: WorkerProcess[] = [];
