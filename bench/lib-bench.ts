@@ -24,31 +24,10 @@ import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
 import { testEnv } from '../test/helpers/stack.js';
 
-/** Binds every thread of process `pid` to CPU `cpu` (taskset, from util-linux). */
-export function pinToCpu(pid: number, cpu: number): void {
-  execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' });
-}
-
-/**
- * The settings of the pipeline benchmarks' keyferry (bench:pipeline, bench:pipeline-instructions): its Redis,
- * LOG_LEVEL=info, the workers' concurrency, KMS quotas off, the KMS deadline, the wrapping key's spec.
- */
-export function pipelineEnv(name: string, o: { redisUrl: string; concurrency: number; kmsTimeoutMs: number; keySpec: string }): Record<string, string> {
-  return testEnv(name, {
-    REDIS_URL: o.redisUrl,
-    LOG_LEVEL: 'info',
-    WORKER_CONCURRENCY: String(o.concurrency),
-    KMS_QUOTAS: QUOTAS_OFF,
-    KMS_TIMEOUT_MS: String(o.kmsTimeoutMs),
-    DEFAULT_WRAPPING_KEY_SPEC: o.keySpec,
-    ...BENCH_JOB_ENV,
-  });
-}
-
-/** A positive integer parameter: `--flag` if given, else the environment variable, else the default. */
 /** Intake limits out of the way and keyferry's default retries, for benchmarks that push many jobs through. */
 export const BENCH_JOB_ENV = { INTAKE_RATE_PER_SECOND: '1000000', INTAKE_BURST: '1000000', JOB_ATTEMPTS: '8', JOB_BACKOFF_MS: '1000' };
 
+/** A positive integer parameter: `--flag` if given, else the environment variable, else the default. */
 export function intParam(flag: string | undefined, envName: string, fallback: number, min = 1): number {
   const raw = flag ?? process.env[envName] ?? String(fallback);
   const n = Number(raw);
@@ -86,6 +65,27 @@ export function kmsQuotasEnv(quotas: Record<string, number>): string {
 export const QUOTAS_OFF = 'off';
 /** KMS_QUOTAS that never bind but are metered: a slot is taken in Redis before every KMS request, as in production. */
 export const QUOTAS_METERED_UNBOUND = kmsQuotasEnv(Object.fromEntries(Object.keys(DEFAULT_KMS_QUOTAS).map((op) => [op, 1_000_000])));
+
+/** Binds every thread of process `pid` to CPU `cpu` (taskset, from util-linux). */
+export function pinToCpu(pid: number, cpu: number): void {
+  execFileSync('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdio: 'ignore' });
+}
+
+/**
+ * The settings of the pipeline benchmarks' keyferry (bench:pipeline, bench:pipeline-instructions): its Redis,
+ * LOG_LEVEL=info, the workers' concurrency, KMS quotas off, the KMS deadline, the wrapping key's spec.
+ */
+export function pipelineEnv(name: string, o: { redisUrl: string; concurrency: number; kmsTimeoutMs: number; keySpec: string }): Record<string, string> {
+  return testEnv(name, {
+    REDIS_URL: o.redisUrl,
+    LOG_LEVEL: 'info',
+    WORKER_CONCURRENCY: String(o.concurrency),
+    KMS_QUOTAS: QUOTAS_OFF,
+    KMS_TIMEOUT_MS: String(o.kmsTimeoutMs),
+    DEFAULT_WRAPPING_KEY_SPEC: o.keySpec,
+    ...BENCH_JOB_ENV,
+  });
+}
 
 const CLK_TCK = (() => {
   try {

@@ -22,7 +22,7 @@ export function requireValgrind(benchmark: string): void {
   }
 }
 
-export interface Counted {
+export interface CountedProcess {
   /** Lines the process printed so far (stdout and stderr). */
   lines: string[];
   pid: number;
@@ -39,7 +39,7 @@ export interface Counted {
 }
 
 /** Starts `node --single-threaded --import tsx <entry…>` under callgrind with counting off. */
-export function startCounted(entry: string[], env: Record<string, string>): Counted {
+export function startCounted(entry: string[], env: Record<string, string>): CountedProcess {
   // %p: each process valgrind runs writes a file of its own (a forked helper must not overwrite the server's).
   const outPattern = join(tmpdir(), `keyferry-callgrind-${randomBytes(4).toString('hex')}.%p.out`);
   const childEnv = { PATH: process.env.PATH ?? '', ...env, UV_THREADPOOL_SIZE: '1' };
@@ -57,7 +57,7 @@ export function startCounted(entry: string[], env: Record<string, string>): Coun
       if (!stopping) reject(new Error(`${entry.join(' ')} exited (${code}) too early:\n${lines.slice(-40).join('\n')}`));
     });
   });
-  // Whoever races it handles it; nobody need.
+  // Handled by whoever races it; a caller that never does must not see an unhandled rejection.
   exited.catch(() => undefined);
   const outFile = outPattern.replace('%p', String(child.pid));
   return {

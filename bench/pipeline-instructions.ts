@@ -20,7 +20,7 @@ import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
 import { fmt, intParam, machineLine, pipelineEnv, printTable, runBatch, seed, startPrivateRedis } from './lib-bench.js';
-import { lineMatching, requireValgrind, startCounted, type Counted } from './lib-callgrind.js';
+import { lineMatching, requireValgrind, startCounted, type CountedProcess } from './lib-callgrind.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({ options: { uploads: { type: 'string' }, warmup: { type: 'string' }, concurrency: { type: 'string' } } });
@@ -42,10 +42,10 @@ const emulator = await startEmulatorProcess({ accounts: { [EMULATOR_ACCESS_KEY]:
 const env = pipelineEnv('bench-pipeline-instructions', { redisUrl: redis.url, concurrency: CONCURRENCY, kmsTimeoutMs: KMS_TIMEOUT_MS, keySpec: KEY_SPEC });
 const config = loadConfig(env);
 const api = await startApi(config, createLogger('silent'));
-const started: Counted[] = [];
+const started: CountedProcess[] = [];
 
 /** Waits for a line of a process under callgrind, or fails if it exits first. */
-const awaitLine = (p: Counted, re: RegExp) => Promise.race([lineMatching(p.lines, re, SLOW_MS), p.exited]);
+const awaitLine = (p: CountedProcess, re: RegExp) => Promise.race([lineMatching(p.lines, re, SLOW_MS), p.exited]);
 
 try {
   const bare = startCounted(['bench/lib-bare-pipeline-child.ts'], {
