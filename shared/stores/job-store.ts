@@ -98,8 +98,6 @@ export interface JobUpdate {
   job: JobRecord;
   /** Non-zero when this update completed the job's batch: the batch's completion number. */
   batchCompletion: number;
-  /** The JSON now stored: a later write from this record (updateHeld) needs no read first. */
-  stored: string;
 }
 
 /** A key written together with a job's record (JobStore.updateFrom): the record is written only if it was. */
@@ -108,10 +106,12 @@ export interface AlongsideSet {
   value: string;
 }
 
-/** A record as read or last written by its one writer, and its stored JSON. Neither is changed afterwards. */
+/**
+ * A record as read or last written by its one writer: a later write from it (updateHeld) needs no read first.
+ * It is not changed afterwards.
+ */
 export interface HeldJob {
   job: JobRecord;
-  stored: string;
 }
 
 /**
@@ -149,10 +149,10 @@ export class JobStore {
     return (await this.getHeld(id))?.job;
   }
 
-  /** The record with its stored JSON, for a writer that goes on to write it (updateHeld). */
+  /** The record, for a writer that goes on to write it (updateHeld). */
   async getHeld(id: string): Promise<HeldJob | undefined> {
     const raw = await this.redis.get(this.keys.job(id));
-    return raw ? { job: JSON.parse(raw) as JobRecord, stored: raw } : undefined;
+    return raw ? { job: JSON.parse(raw) as JobRecord } : undefined;
   }
 
   /** Only the account that owns a job sees it. */
@@ -272,7 +272,7 @@ export class JobStore {
     );
     if (Number(completion) === -2) return 'changed';
     if (Number(completion) === -1) return undefined;
-    return { job, batchCompletion: Number(completion), stored };
+    return { job, batchCompletion: Number(completion) };
   }
 
   async delete(id: string): Promise<void> {
