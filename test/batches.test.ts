@@ -98,6 +98,8 @@ describe('batch runs', () => {
     // The worker's log lines of a batch item name the job, its batch and its account.
     const failLine = stack.logs.lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.job_id === `${batchId}.2` && l.code === 'source_key_not_found');
     expect(failLine).toMatchObject({ batch_id: batchId, account: expect.any(String), step: 'resolve' });
+    const successLine = stack.logs.lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.job_id === `${batchId}.0` && l.msg === 'upload succeeded');
+    expect(successLine).toMatchObject({ batch_id: batchId, account: failLine?.account, kms_key_arn: expect.stringMatching(/^arn:aws:kms:/), attempts: 1 });
 
     const p1 = await stack.call('GET', `/api/v1/batches/${batchId}/jobs?limit=2`, { token });
     expect(p1.body.jobs.map((j: { batch_index: number }) => j.batch_index)).toEqual([0, 1]);
