@@ -2,7 +2,9 @@
  * Pipeline cost in instructions (run by hand: `npm run bench:pipeline-instructions`, optional `-- --uploads N
  * --warmup W --concurrency C`; needs valgrind, from Debian's packages). `bench:pipeline` compares uploads/s, and
  * both of its senders are bound by their CPU there; but a shared machine's speed moves by tens of percent from
- * one ten-second phase to the next, so its ratio does too. An instruction count moves much less. The sender of
+ * one ten-second phase to the next, so its ratio does too. An instruction count moves less: the bare side's by
+ * about 3 % between runs, the worker's by up to 15 % (how many replies share an event-loop turn depends on how
+ * fast the native emulator and Redis answer, so on the machine's load): compare several runs. The sender of
  * each side runs as a process of its own under callgrind (bench/lib-callgrind.ts): the bare sequence of the
  * same KMS requests (bench/lib-bare-pipeline-child.ts) and one keyferry worker (worker/main.ts, LOG_LEVEL=info as
  * in `bench:pipeline`), C uploads in flight on both sides. The KMS emulator (5 ms per request, no quotas), a
