@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
-import { bareKmsClient, bareUpload, intParam, runPool, type BareUpload } from './lib-bench.js';
+import { bareKmsClient, bareUpload, BENCH_TAGS, intParam, runPool, type BareUpload } from './lib-bench.js';
 
 const client = bareKmsClient({
   region: process.env.BENCH_REGION ?? 'eu-west-1',
@@ -21,7 +21,7 @@ const CONCURRENCY = intParam(undefined, 'BENCH_CONCURRENCY', 8);
 const material = randomBytes(32);
 const run = (phase: string, n: number) =>
   runPool(n, CONCURRENCY, (i) =>
-    bareUpload(client, { alias: `bare-${phase}-${i}`, jobTag: `${randomBytes(16).toString('hex')}.${i}`, material, keySpec: (process.env.BENCH_KEY_SPEC ?? 'RSA_2048') as BareUpload['keySpec'], tags: [{ TagKey: 'team', TagValue: 'bench' }] }),
+    bareUpload(client, { alias: `bare-${phase}-${i}`, jobTag: `${randomBytes(16).toString('hex')}.${i}`, material, keySpec: (process.env.BENCH_KEY_SPEC ?? 'RSA_2048') as BareUpload['keySpec'], tags: BENCH_TAGS }),
   );
 
 await run('warm', intParam(undefined, 'BENCH_WARMUP', 300, 0));

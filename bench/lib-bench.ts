@@ -24,6 +24,9 @@ import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
 import { testEnv } from '../test/helpers/stack.js';
 
+/** The tags of every benchmark upload: the bare sequence and keyferry must send the same requests. */
+export const BENCH_TAGS = [{ TagKey: 'team', TagValue: 'bench' }];
+
 /** Intake limits out of the way and keyferry's default retries, for benchmarks that push many jobs through. */
 export const BENCH_JOB_ENV = { INTAKE_RATE_PER_SECOND: '1000000', INTAKE_BURST: '1000000', JOB_ATTEMPTS: '8', JOB_BACKOFF_MS: '1000' };
 

@@ -21,7 +21,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
-import { fmt, intParam, machineLine, pipelineEnv, printTable, runBatch, seed, startPrivateRedis } from './lib-bench.js';
+import { BENCH_TAGS, fmt, intParam, machineLine, pipelineEnv, printTable, runBatch, seed, startPrivateRedis } from './lib-bench.js';
 import { lineMatching, requireValgrind, startCounted, type CountedProcess } from './lib-callgrind.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
@@ -75,7 +75,7 @@ try {
   await seed(api.url, token, '/api/v1/cckm/aws/kms', { name: 'kms', account_id: ACCOUNT_ID, regions: ['us-east-1'], aws_access_key_id: EMULATOR_ACCESS_KEY, aws_secret_access_key: EMULATOR_SECRET_KEY, endpoint: emulator.url });
   await seed(api.url, token, '/api/v1/vault/keys2', { name: 'bench-key', algorithm: 'AES', size: 256 });
   const batch = async (phase: string, n: number) => {
-    const items = Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'bench-key', region: 'us-east-1', kms: 'kms', aws_param: { Alias: `kf-${phase}-${i}`, Tags: [{ TagKey: 'team', TagValue: 'bench' }] } }));
+    const items = Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'bench-key', region: 'us-east-1', kms: 'kms', aws_param: { Alias: `kf-${phase}-${i}`, Tags: BENCH_TAGS } }));
     const run = await Promise.race([runBatch(api.url, token, items, 250, SLOW_MS), worker.exited]);
     if (run.counts.succeeded !== n) throw new Error(`keyferry ${phase}: ${JSON.stringify(run.counts)}`);
   };

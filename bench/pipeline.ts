@@ -30,7 +30,7 @@ import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
-import { bareKmsClient, bareUpload, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareKmsClient, bareUpload, BENCH_TAGS, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -61,7 +61,6 @@ if (PIN && (WORKERS !== 1 || os.cpus().length < 2)) throw new Error('--pin needs
 const GOAL = 0.8;
 const KEY_SPEC = 'RSA_2048';
 const ACCOUNT_ID = '123456789012';
-const TAGS = [{ TagKey: 'team', TagValue: 'bench' }];
 const KMS_TIMEOUT_MS = 15_000;
 // Each phase of each round uploads into a region of its own, so that every phase finds the emulator's key
 // store (whose alias listing grows with it) as full as the others.
@@ -163,7 +162,7 @@ async function runBare(round: number, region: string, n: number): Promise<Phase>
   const calls0 = (await emulator.stats([])).totalCalls;
   delay.enable();
   const t0 = performance.now();
-  await runPool(n, IN_FLIGHT, (i) => bareUpload(client, { alias: `bare-${round}-${i}`, jobTag: `${randomBytes(16).toString('hex')}.${i}`, material, keySpec: KEY_SPEC, tags: TAGS }));
+  await runPool(n, IN_FLIGHT, (i) => bareUpload(client, { alias: `bare-${round}-${i}`, jobTag: `${randomBytes(16).toString('hex')}.${i}`, material, keySpec: KEY_SPEC, tags: BENCH_TAGS }));
   const seconds = (performance.now() - t0) / 1000;
   delay.disable();
   const kmsRequests = (await emulator.stats([])).totalCalls - calls0;
@@ -173,7 +172,7 @@ async function runBare(round: number, region: string, n: number): Promise<Phase>
 let token = '';
 async function runKeyferry(round: number, region: string, n: number): Promise<Phase> {
   pinFor('keyferry');
-  const items = Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'bench-key', region, kms: 'kms', aws_param: { Alias: `kf-${round}-${i}`, Tags: TAGS } }));
+  const items = Array.from({ length: n }, (_, i) => ({ source_key_identifier: 'bench-key', region, kms: 'kms', aws_param: { Alias: `kf-${round}-${i}`, Tags: BENCH_TAGS } }));
   await workersLoopDelay(); // resets the workers' event-loop delay histograms
   const calls0 = (await emulator.stats([])).totalCalls;
   const cpu0 = await cpuNow();

@@ -102,9 +102,9 @@ const ERRNO_TEXT = /\bE[A-Z]{3,}\b|ERR_|SSL/;
 const SOCKET_WORDS = /alert|refused|reset|timed? ?out|longer than|\bms\b|wrong version|packet length|handshake|unknown ca/i;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-async function until(cond: () => boolean, timeoutMs = 3_000): Promise<void> {
+async function until(cond: () => boolean | Promise<boolean>, timeoutMs = 3_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
+  while (!(await cond())) {
     if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms`);
     await sleep(10);
   }
@@ -410,7 +410,6 @@ describe('upload from a KMIP server (PyKMIP 0.10) end to end', () => {
     const onUnhandled = (reason: unknown) => unhandled.push(reason);
     process.on('unhandledRejection', onUnhandled);
     const jobKeys = createStores(stack.config, stack.redis).keys;
-    const recordKey = (id: string) => jobKeys.job(id);
     const created = stack.emulator.callCount('CreateKey');
     const paramsAsked = stack.emulator.callCount('GetParametersForImport');
     await registerDsm('dsm-paused');
@@ -423,13 +422,9 @@ describe('upload from a KMIP server (PyKMIP 0.10) end to end', () => {
       pykmip.pause();
       // CreateAlias and GetParametersForImport answer 300 ms after they arrive; the key checkpoint lands meanwhile.
       stack.emulator.setLatency(300);
-      const deadline = Date.now() + 3_000;
-      while (!(JSON.parse((await stack.redis.get(recordKey(id))) ?? '{}') as { progress?: { kms_key_id?: string } }).progress?.kms_key_id) {
-        if (Date.now() > deadline) throw new Error('the key checkpoint did not land');
-        await sleep(5);
-      }
+      await until(async () => (JSON.parse((await stack.redis.get(jobKeys.job(id))) ?? '{}') as { progress?: { kms_key_id?: string } }).progress?.kms_key_id !== undefined);
       // Then the record goes away, so the import-parameters checkpoint, sent when GetParametersForImport answers, fails.
-      await stack.redis.del(recordKey(id));
+      await stack.redis.del(jobKeys.job(id));
       await until(() => stack.emulator.callCount('GetParametersForImport') > paramsAsked);
       await sleep(700); // the answer (300 ms), the failed checkpoint, while the wrap waits for the paused server
       stack.emulator.setLatency(0);
@@ -438,7 +433,7 @@ describe('upload from a KMIP server (PyKMIP 0.10) end to end', () => {
       expect(next).toMatchObject({ status: 'succeeded', error: null });
       expect(unhandled).toEqual([]);
       // The worker wrote no record for the job whose record went away.
-      expect(await stack.redis.exists(recordKey(id))).toBe(0);
+      expect(await stack.redis.exists(jobKeys.job(id))).toBe(0);
     } finally {
       stack.emulator.setLatency(0);
       if (pykmip.running) pykmip.resume();
