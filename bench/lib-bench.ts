@@ -20,6 +20,7 @@ import {
 } from '@aws-sdk/client-kms';
 import { Redis } from 'ioredis';
 import { DEFAULT_KMS_QUOTAS, type KmsOperation } from '../shared/kms-quotas.js';
+import { kmsRequestHandler } from '../worker/kms-clients.js';
 import { runEntry, type Child } from '../test/helpers/child.js';
 import { OwnRedis } from '../test/helpers/redis-server.js';
 import { testEnv } from '../test/helpers/stack.js';
@@ -274,14 +275,18 @@ export async function runPool(n: number, concurrency: number, task: (i: number) 
   );
 }
 
-/** The bare sequence's client for a region: like keyferry's (worker/kms-clients.ts), no SDK retries. */
+/**
+ * The bare sequence's client for a region: set up as keyferry's (worker/kms-clients.ts): no SDK retries, the
+ * same deadline, each command's middleware resolved once (so only keyferry's own work tells them apart).
+ */
 export function bareKmsClient(opts: { region: string; endpoint: string; accessKeyId: string; secretAccessKey: string; timeoutMs: number }): KMSClient {
   return new KMSClient({
     region: opts.region,
     endpoint: opts.endpoint,
     credentials: { accessKeyId: opts.accessKeyId, secretAccessKey: opts.secretAccessKey },
     maxAttempts: 1,
-    requestHandler: { requestTimeout: opts.timeoutMs, connectionTimeout: 5000 },
+    cacheMiddleware: true,
+    requestHandler: kmsRequestHandler(opts.timeoutMs),
   });
 }
 

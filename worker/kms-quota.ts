@@ -136,8 +136,6 @@ export class KmsQuota {
       quotas: KmsQuotas;
       /** KMS_QUOTA_MAX_SLEEP_MS. */
       maxSleepMs: number;
-      /** KMS_TIMEOUT_MS: the deadline of each call, from when it is sent. */
-      timeoutMs: number;
     },
   ) {
     this.#takeSlots = defineScript(deps.redis, 'kms_take_slots', TAKE_SLOTS);
@@ -192,7 +190,7 @@ export class KmsQuota {
     return ops.map((op) => slots.get(op) ?? UNMETERED_SLOT);
   }
 
-  /** The one way keyferry calls KMS: a slot of the operation's bucket, then the command with its deadline. */
+  /** The one way keyferry calls KMS: a slot of the operation's bucket, then the command. */
   async #send<Output>(target: Target, op: KmsOperation, command: KmsCommand<Output>, slot?: Promise<Slot>): Promise<Output> {
     const [granted, waitMs] = await (slot ?? this.#take(target, [op], target.ticket, target.single, target.maxSleepMs).then((all) => all[0] as Slot)).catch((err: unknown) => {
       if (typeof err === 'object' && err !== null) slotFailures.add(err);
@@ -201,14 +199,10 @@ export class KmsQuota {
     if (!granted) throw new KmsQuotaWait(op, waitMs);
     if (waitMs > 0) await sleep(waitMs);
     const endTimer = kmsRequestDuration.startTimer({ operation: op });
-    // The call's deadline, cleared once it settled. (AbortSignal.timeout's timer would still fire for every
-    // signal not yet garbage-collected, building a DOMException with its stack trace, and keep the request's
-    // objects reachable through the SDK's abort listener until then.)
-    const deadline = new AbortController();
-    const timer = setTimeout(() => deadline.abort(), this.deps.timeoutMs);
+    // The call's deadline is the client's (KmsClients): no per-call options, so its middleware stays cached.
     try {
       // KMSClient.send's types cannot take "any KMS command": the command goes in untyped, its output comes back typed.
-      const output: unknown = await target.client.send(command as never, { abortSignal: deadline.signal });
+      const output: unknown = await target.client.send(command as never);
       endTimer();
       kmsRequests.inc({ operation: op, outcome: 'ok', code: '' });
       return output as Output;
@@ -218,8 +212,6 @@ export class KmsQuota {
       // Another client uses this account's quota too: the next free slot goes unused, for every worker.
       if ((err as Error).name === 'ThrottlingException') await this.#take(target, [op], '', false, NO_LIMIT_MS);
       throw err;
-    } finally {
-      clearTimeout(timer);
     }
   }
 }

@@ -38,7 +38,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     stores,
     sources,
     clients,
-    quota: new KmsQuota({ redis, keys: stores.keys, quotas: config.KMS_QUOTAS, maxSleepMs: config.KMS_QUOTA_MAX_SLEEP_MS, timeoutMs: config.KMS_TIMEOUT_MS }),
+    quota: new KmsQuota({ redis, keys: stores.keys, quotas: config.KMS_QUOTAS, maxSleepMs: config.KMS_QUOTA_MAX_SLEEP_MS }),
     logger,
     defaultWrappingKeySpec: config.DEFAULT_WRAPPING_KEY_SPEC,
   });
