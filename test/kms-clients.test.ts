@@ -53,25 +53,18 @@ async function outcome(call: Promise<unknown>): Promise<{ name: string; ms: numb
 }
 
 describe('KMS clients: the deadline of each call, with the middleware resolved once per command', () => {
-  it('when KMS never starts its answer, then the call fails with TimeoutError once KMS_TIMEOUT_MS passed', async () => {
-    const silent = await server(() => undefined);
-    const clients = new KmsClients(box, 300);
-    cleanups.push(() => clients.destroy(), () => {
-      silent.server.closeAllConnections();
-      silent.server.close();
-    });
-    const { name, ms } = await outcome(clients.get(connection(silent.url), REGION).send(new DescribeKeyCommand({ KeyId: 'k' })));
-    expect(name).toBe('TimeoutError');
-    expect(ms).toBeGreaterThanOrEqual(250);
-    // Without a deadline that throws, the call would wait for as long as the server holds it (here: forever).
-    expect(ms).toBeLessThan(10_000);
-  });
-
-  it('when KMS stops in the middle of its answer, then the call fails with TimeoutError once KMS_TIMEOUT_MS passed without a byte', async () => {
-    const stalling = await server((_req, res) => {
-      res.writeHead(200, { 'content-type': 'application/x-amz-json-1.1', 'content-length': '200' });
-      res.write('{"KeyMetadata":{"KeyId":"');
-    });
+  const stalls: [string, Parameters<typeof createServer>[1]][] = [
+    ['never starts its answer', () => undefined],
+    [
+      'stops in the middle of its answer',
+      (_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/x-amz-json-1.1', 'content-length': '200' });
+        res.write('{"KeyMetadata":{"KeyId":"');
+      },
+    ],
+  ];
+  it.each(stalls)('when KMS %s, then the call fails with TimeoutError once KMS_TIMEOUT_MS passed without a byte', async (_what, respond) => {
+    const stalling = await server(respond);
     const clients = new KmsClients(box, 300);
     cleanups.push(() => clients.destroy(), () => {
       stalling.server.closeAllConnections();
@@ -80,6 +73,7 @@ describe('KMS clients: the deadline of each call, with the middleware resolved o
     const { name, ms } = await outcome(clients.get(connection(stalling.url), REGION).send(new DescribeKeyCommand({ KeyId: 'k' })));
     expect(name).toBe('TimeoutError');
     expect(ms).toBeGreaterThanOrEqual(250);
+    // Without a deadline that throws, the call would wait for as long as the server holds it (here: forever).
     expect(ms).toBeLessThan(10_000);
   });
 
