@@ -63,7 +63,7 @@ describe('KMS clients: the deadline of each call, with the middleware resolved o
       },
     ],
   ];
-  it.each(stalls)('when KMS %s, then the call fails with TimeoutError once KMS_TIMEOUT_MS passed without a byte', async (_what, respond) => {
+  it.each(stalls)('when KMS %s, then the call fails with TimeoutError once KMS_TIMEOUT_MS passes with no byte from KMS', async (_what, respond) => {
     const stalling = await server(respond);
     const clients = new KmsClients(box, 300);
     cleanups.push(() => clients.destroy(), () => {

@@ -2,6 +2,11 @@ import { KMSClient } from '@aws-sdk/client-kms';
 import type { SecretBox } from '../shared/crypto.js';
 import { kmsSecretContext, type KmsConnection } from '../shared/resources.js';
 
+/** The HTTP settings of keyferry's KMS clients for a deadline of `timeoutMs` per call (see KmsClients). */
+export function kmsRequestHandler(timeoutMs: number) {
+  return { requestTimeout: timeoutMs, throwOnRequestTimeout: true, socketTimeout: timeoutMs, connectionTimeout: Math.min(timeoutMs, 5000) };
+}
+
 /**
  * One KMS client per (connection, region), reused across jobs. The SDK does not retry (maxAttempts 1):
  * retries are the job's, with backoff, so every attempt is visible in the job record.
@@ -11,11 +16,6 @@ import { kmsSecretContext, type KmsConnection } from '../shared/resources.js';
  * timeout). Calls pass no per-call options, so the SDK resolves each command's middleware once per client
  * (`cacheMiddleware`) rather than on every call (README, "What changed for speed").
  */
-/** The HTTP settings of keyferry's KMS clients for a deadline of `timeoutMs` per call (see KmsClients). */
-export function kmsRequestHandler(timeoutMs: number) {
-  return { requestTimeout: timeoutMs, throwOnRequestTimeout: true, socketTimeout: timeoutMs, connectionTimeout: Math.min(timeoutMs, 5000) };
-}
-
 export class KmsClients {
   readonly #clients = new Map<string, KMSClient>();
 
