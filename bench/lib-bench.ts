@@ -77,13 +77,15 @@ export function pinToCpu(pid: number, cpu: number): void {
 
 /**
  * The settings of the pipeline benchmarks' keyferry (bench:pipeline, bench:pipeline-instructions): its Redis,
- * LOG_LEVEL=info, the workers' concurrency, KMS quotas off, the KMS deadline, the wrapping key's spec.
+ * LOG_LEVEL=info, the workers' concurrency (uploads in flight) and prefetch (jobs held ahead, none in flight;
+ * the default when not given), KMS quotas off, the KMS deadline, the wrapping key's spec.
  */
-export function pipelineEnv(name: string, o: { redisUrl: string; concurrency: number; kmsTimeoutMs: number; keySpec: string }): Record<string, string> {
+export function pipelineEnv(name: string, o: { redisUrl: string; concurrency: number; prefetch?: number | undefined; kmsTimeoutMs: number; keySpec: string }): Record<string, string> {
   return testEnv(name, {
     REDIS_URL: o.redisUrl,
     LOG_LEVEL: 'info',
     WORKER_CONCURRENCY: String(o.concurrency),
+    ...(o.prefetch === undefined ? {} : { WORKER_PREFETCH: String(o.prefetch) }),
     KMS_QUOTAS: QUOTAS_OFF,
     KMS_TIMEOUT_MS: String(o.kmsTimeoutMs),
     DEFAULT_WRAPPING_KEY_SPEC: o.keySpec,

@@ -1,7 +1,9 @@
 /**
  * Pipeline overhead (run by hand: `npm run bench:pipeline`; sizes by flag or environment:
  * `--uploads N` / BENCH_N, `--rounds R` / BENCH_ROUNDS, `--workers W` / BENCH_WORKERS,
- * `--concurrency C` / BENCH_CONCURRENCY, `--latency MS` / BENCH_LATENCY_MS, `--warmup N` / BENCH_WARMUP).
+ * `--concurrency C` / BENCH_CONCURRENCY, `--latency MS` / BENCH_LATENCY_MS, `--warmup N` / BENCH_WARMUP,
+ * `--prefetch P` / BENCH_PREFETCH: the workers' WORKER_PREFETCH, jobs held ahead of the C in flight; default
+ * the configuration's).
  *
  * N uploads through keyferry (one batch through the API; W worker processes of concurrency C) next to the same
  * KMS requests sent directly with @aws-sdk/client-kms, W × C uploads in flight (bench/lib-bench.ts bareUpload:
@@ -27,7 +29,7 @@ import { parseArgs } from 'node:util';
 import type { KMSClient } from '@aws-sdk/client-kms';
 import { startApi } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
-import { loadConfig } from '../shared/config.js';
+import { DEFAULT_WORKER_PREFETCH, loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
 import { bareKmsClient, bareUpload, BENCH_TAGS, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
@@ -41,6 +43,7 @@ const { values } = parseArgs({
     concurrency: { type: 'string' },
     latency: { type: 'string' },
     warmup: { type: 'string' },
+    prefetch: { type: 'string' },
     pin: { type: 'boolean' },
   },
 });
@@ -50,6 +53,7 @@ const WORKERS = intParam(values.workers, 'BENCH_WORKERS', 1);
 const CONCURRENCY = intParam(values.concurrency, 'BENCH_CONCURRENCY', 8);
 const LATENCY_MS = intParam(values.latency, 'BENCH_LATENCY_MS', 5, 0);
 const WARMUP = intParam(values.warmup, 'BENCH_WARMUP', 100, 0);
+const PREFETCH = intParam(values.prefetch, 'BENCH_PREFETCH', DEFAULT_WORKER_PREFETCH, 0);
 const IN_FLIGHT = WORKERS * CONCURRENCY;
 /**
  * `--pin`: the sender of each phase (this process for bare, the worker for keyferry; one worker only) gets CPU 0
@@ -71,7 +75,7 @@ const regionOf = (round: number, side: 'bare' | 'keyferry') => REGION_POOL[1 + 2
 
 const redis = await startPrivateRedis();
 const emulator = await startEmulatorProcess({ accounts: { [EMULATOR_ACCESS_KEY]: ACCOUNT_ID }, latencyMs: LATENCY_MS });
-const env = pipelineEnv('bench-pipeline', { redisUrl: redis.url, concurrency: CONCURRENCY, kmsTimeoutMs: KMS_TIMEOUT_MS, keySpec: KEY_SPEC });
+const env = pipelineEnv('bench-pipeline', { redisUrl: redis.url, concurrency: CONCURRENCY, prefetch: PREFETCH, kmsTimeoutMs: KMS_TIMEOUT_MS, keySpec: KEY_SPEC });
 const config = loadConfig(env);
 const api = await startApi(config, createLogger('silent'));
 const workers: WorkerProcess[] = [];
@@ -231,7 +235,7 @@ try {
 
   console.log(machineLine());
   console.log(`redis ${redis.version} (private, appendfsync everysec); emulator in its own process, ${LATENCY_MS} ms added to every request, no quotas`);
-  console.log(`pipeline overhead: ${N} uploads per run, ${ROUNDS} rounds, ${WORKERS} worker process(es) × concurrency ${CONCURRENCY} = ${IN_FLIGHT} uploads in flight on both sides, wrapping key ${KEY_SPEC}, warm-up ${WARMUP}${PIN ? '; pinned: the sender on CPU 0, everything else on CPU 1' : ''}`);
+  console.log(`pipeline overhead: ${N} uploads per run, ${ROUNDS} rounds, ${WORKERS} worker process(es) × concurrency ${CONCURRENCY} = ${IN_FLIGHT} uploads in flight on both sides (keyferry's workers hold ${PREFETCH} job(s) each ahead of those, WORKER_PREFETCH), wrapping key ${KEY_SPEC}, warm-up ${WARMUP}${PIN ? '; pinned: the sender on CPU 0, everything else on CPU 1' : ''}`);
   // The process sending the KMS requests: this one (bare) or the workers (keyferry); its CPU share of one core
   // (per worker) and event-loop delay tell whether it is the bottleneck.
   const sender = (p: Phase) => (p.side === 'bare' ? p.cpu.bench : p.cpu.workers);

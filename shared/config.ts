@@ -3,6 +3,9 @@ import { kmsQuotaListSchema } from './kms-quotas.js';
 import { hsmTokenListSchema } from './source-connections.js';
 import { parseCidrs } from './ssrf.js';
 
+/** Jobs a worker process holds ahead of its slots, unless WORKER_PREFETCH says otherwise. */
+export const DEFAULT_WORKER_PREFETCH = 1;
+
 /** Every setting keyferry reads, with its default. Parsed once at start; a bad value stops the process. */
 const boolFromEnv = z
   .enum(['true', 'false', '1', '0'])
@@ -45,6 +48,13 @@ export const configSchema = z.object({
   WORKER_METRICS_PORT: z.coerce.number().int().min(0).max(65535).default(9464),
   /** Jobs processed at once by one worker process. */
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(8),
+  /**
+   * Jobs one worker process holds ahead of its WORKER_CONCURRENCY slots: fetched from the queue (BullMQ's
+   * concurrency is the sum), their records read, waiting for a slot, so that a finished upload's slot is taken
+   * at once rather than after BullMQ's complete-and-fetch. They have not started: they can still be canceled,
+   * and a worker that shuts down puts them back in the queue. 0 = none.
+   */
+  WORKER_PREFETCH: z.coerce.number().int().min(0).max(256).default(DEFAULT_WORKER_PREFETCH),
   /**
    * How long a worker's lock on a running job lasts, ms; the worker renews it every half of that. A job
    * whose worker died is taken up again within about WORKER_LOCK_DURATION_MS + WORKER_STALLED_INTERVAL_MS,

@@ -1,9 +1,10 @@
-import { DelayedError, UnrecoverableError, Worker, type Job } from 'bullmq';
+import { DelayedError, UnrecoverableError, WaitingError, Worker, type Job } from 'bullmq';
 import type { Config } from '../shared/config.js';
 import { RESUMED_BATCH_PRIORITY } from '../shared/batches.js';
 import { createStores } from '../shared/context.js';
 import { PipelineError } from '../shared/errors.js';
 import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type Step, type UploadJobData } from '../shared/jobs.js';
+import type { HeldJob } from '../shared/stores/job-store.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
@@ -14,7 +15,8 @@ import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
-import { AttemptFailure, UploadPipeline } from './pipeline.js';
+import { AttemptFailure, UploadPipeline, type Lookups } from './pipeline.js';
+import { Slots } from './slots.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
@@ -42,6 +44,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     logger,
     defaultWrappingKeySpec: config.DEFAULT_WRAPPING_KEY_SPEC,
   });
+  const slots = new Slots(config.WORKER_CONCURRENCY);
   const webhookQueue = createWebhookQueue(redis, stores.keys);
   const notifier = new Notifier(stores, (event) => enqueueWebhook(webhookQueue, event));
 
@@ -98,25 +101,12 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     throw new DelayedError();
   };
 
-  const processJob = async (job: Job<UploadJobData>, token?: string) => {
-    const { jobId, account } = job.data;
-    const loaded = await stores.jobs.getHeld(jobId);
-    const current = loaded?.job;
-    const log = logger.child({ job_id: jobId, account, ...(current?.batch_id ? { batch_id: current.batch_id } : {}) });
-    if (!loaded || !current || FINAL_STATUSES.includes(current.status)) {
-      // Already final: an earlier run may have died before notifying; notifying again delivers once.
-      if (current) {
-        await notifier.jobFinished(current);
-        if (current.batch_id) await notifier.batchCompleted(current.account, current.batch_id);
-      }
-      log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
-      return;
-    }
-    // Compare-and-set: a cancel that won the race leaves the job alone. The write goes from the record just
-    // read (checked unchanged inside the write script), and enters the pipeline's first step (see
-    // UploadPipeline.start). The first step's reads of Redis go out with it; they are dropped if the job does
-    // not start.
-    const lookups = pipeline.lookUp(current);
+  const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, lookups: Lookups, log: Logger) => {
+    const { jobId } = job.data;
+    const current = loaded.job;
+    // Compare-and-set: a cancel that won the race leaves the job alone. The write goes from the record read
+    // before the slot was free (checked unchanged inside the write script), and enters the pipeline's first
+    // step (see UploadPipeline.start).
     const started = await stores.jobs.updateHeld(loaded, (j) => UploadPipeline.start(j, job.attemptsMade + 1), current.status);
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
@@ -137,12 +127,43 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     }
   };
 
+  const processJob = async (job: Job<UploadJobData>, token?: string) => {
+    const { jobId, account } = job.data;
+    const loaded = await stores.jobs.getHeld(jobId);
+    const current = loaded?.job;
+    const log = logger.child({ job_id: jobId, account, ...(current?.batch_id ? { batch_id: current.batch_id } : {}) });
+    if (!loaded || !current || FINAL_STATUSES.includes(current.status)) {
+      // Already final: an earlier run may have died before notifying; notifying again delivers once.
+      if (current) {
+        await notifier.jobFinished(current);
+        if (current.batch_id) await notifier.batchCompleted(current.account, current.batch_id);
+      }
+      log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
+      return;
+    }
+    // The first step's reads of Redis go out now; they are dropped if the job does not start.
+    const lookups = pipeline.lookUp(current);
+    // A job fetched ahead (WORKER_PREFETCH) waits here, record and reads in hand, for a slot. A worker that
+    // shuts down puts the waiting ones back in the queue, unstarted, where they were in line.
+    if (!(await slots.acquire())) {
+      await job.moveToWait(token);
+      log.info('worker shutting down: the job goes back to the queue unstarted');
+      throw new WaitingError();
+    }
+    try {
+      return await startAndRun(job, token, loaded, lookups, log);
+    } finally {
+      slots.release();
+    }
+  };
+
   const workerConnection = createRedis(config); // BullMQ does not close a client it is given
   workerConnection.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const worker = new Worker<UploadJobData>(UPLOAD_QUEUE, processJob, {
     connection: workerConnection,
     prefix: stores.keys.bullPrefix,
-    concurrency: config.WORKER_CONCURRENCY,
+    // The slots' jobs and those held ahead of them (see processJob).
+    concurrency: config.WORKER_CONCURRENCY + config.WORKER_PREFETCH,
     // A job whose worker died (its lock expired) is run again from its checkpoints by another worker.
     lockDuration: config.WORKER_LOCK_DURATION_MS,
     stalledInterval: config.WORKER_STALLED_INTERVAL_MS,
@@ -165,13 +186,16 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   });
   const webhooks = await startWebhookWorker(config, logger);
   await worker.waitUntilReady();
-  logger.info({ concurrency: config.WORKER_CONCURRENCY, metrics_url: metrics.url }, 'worker started');
+  logger.info({ concurrency: config.WORKER_CONCURRENCY, prefetch: config.WORKER_PREFETCH, metrics_url: metrics.url }, 'worker started');
 
   return {
     worker,
     metricsUrl: metrics.url,
     async close() {
-      await worker.close();
+      // BullMQ stops fetching first; then the jobs waiting for a slot go back to the queue.
+      const closing = worker.close();
+      slots.close();
+      await closing;
       await sources.close();
       await webhooks.close();
       await webhookQueue.close();

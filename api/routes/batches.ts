@@ -98,8 +98,10 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     let canceled = 0;
     await inChunks(queued, 100, async (id) => {
       const job = await stores.jobs.get(id);
-      // remove() refuses a job a worker holds; a batch never enqueued (enqueued=0) has nothing to remove.
-      if (!job || (batch.enqueued && (await deps.queue.remove(job.queue_job_id)) !== 1)) return;
+      if (!job) return;
+      // As for one job (DELETE /api/v1/jobs/{id}): a job a worker holds but has not started is canceled by its
+      // record's compare-and-set. A batch never enqueued (enqueued=0) has nothing to remove.
+      if (batch.enqueued) await deps.queue.remove(job.queue_job_id);
       const update = await stores.jobs.updateIf(id, 'queued', (j) => {
         j.status = 'canceled';
         j.finished_at = new Date().toISOString();

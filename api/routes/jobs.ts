@@ -26,15 +26,15 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
     if (FINAL_STATUSES.includes(job.status) || job.attempts > 0) {
       throw new ConflictError('job_started', `The job is ${job.status}; only jobs that have not started can be canceled.`);
     }
-    // remove() refuses a job a worker holds the lock of, so a job cannot be canceled and run at once.
-    const removed = await deps.queue.remove(job.queue_job_id);
-    const update =
-      removed === 1
-        ? await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
-            j.status = 'canceled';
-            j.finished_at = new Date().toISOString();
-          })
-        : undefined;
+    // Out of the queue first, so that no worker takes it. remove() refuses a job a worker holds (its lock): one
+    // held ahead of a free slot (WORKER_PREFETCH), or about to start. The record decides then: its status is
+    // set only while still queued, and the worker's start write, from the record it read, is a compare-and-set
+    // too, so exactly one of the two wins; a worker that loses does nothing with the job.
+    await deps.queue.remove(job.queue_job_id);
+    const update = await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
+      j.status = 'canceled';
+      j.finished_at = new Date().toISOString();
+    });
     if (!update) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
     jobsFinished.inc({ status: 'canceled', code: '' });
     await deps.notifier.after(update);
