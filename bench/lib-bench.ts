@@ -109,6 +109,18 @@ export function procCpuMs(pid: number): number {
   return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLK_TCK;
 }
 
+/**
+ * How long the main thread of process `pid` (the thread whose id is the pid) has waited, runnable, for a CPU
+ * (its run-queue wait, the second field of /proc/<pid>/schedstat), ms; NaN where the kernel does not say.
+ */
+export function mainThreadRunQueueMs(pid: number): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/schedstat`, 'utf8').trim().split(' ')[1]) / 1e6;
+  } catch {
+    return NaN;
+  }
+}
+
 /** VmHWM (peak resident set) and VmRSS of a process, MiB, from /proc/<pid>/status. */
 export function procMemoryMiB(pid: number): { peak: number; now: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');

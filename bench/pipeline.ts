@@ -17,9 +17,10 @@
  * runs. keyferry's uploads count as done when its batch is completed: the batch's finished_at, written in the
  * same script as the last job's `succeeded`, ends the measurement (a poll every 250 ms only notices it). Also
  * prints, per run, the KMS requests per upload the emulator received (the same on both sides), the CPU each
- * process used, the sender's (this process for bare, the workers for keyferry) share of a core and event-loop
- * delay, the round trip of a Redis PING meanwhile, and where keyferry's time goes (its step and KMS-request
- * histograms, scraped from the workers' /metrics). BENCH_CPU_PROF_DIR=dir makes the workers write V8 CPU
+ * process used, the sender's (this process for bare, the workers for keyferry) share of a core, the share of the
+ * time its main thread waited, runnable, for a CPU (/proc/<pid>/schedstat), its event-loop delay, the round trip
+ * of a Redis PING meanwhile, and where keyferry's time goes (its step and KMS-request histograms, scraped from
+ * the workers' /metrics). BENCH_CPU_PROF_DIR=dir makes the workers write V8 CPU
  * profiles there. Redis: a private redis-server (appendfsync everysec), stopped at the end.
  */
 import { randomBytes } from 'node:crypto';
@@ -32,7 +33,7 @@ import { signToken } from '../shared/auth.js';
 import { DEFAULT_WORKER_PREFETCH, loadConfig } from '../shared/config.js';
 import { createLogger } from '../shared/logger.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY } from '../test/helpers/stack.js';
-import { bareKmsClient, bareUpload, BENCH_TAGS, fmt, histogramDelta, intParam, machineLine, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
+import { bareKmsClient, bareUpload, BENCH_TAGS, fmt, histogramDelta, intParam, machineLine, mainThreadRunQueueMs, median, percentile, printTable, pinToCpu, pipelineEnv, procCpuMs, runBatch, runPool, scrapeHistogram, scrapeValues, seed, selfCpuMs, startPrivateRedis, startWorkerProcess, type WorkerProcess } from './lib-bench.js';
 import { startEmulatorProcess } from './lib-emulator.js';
 
 const { values } = parseArgs({
@@ -95,14 +96,26 @@ interface Cpu {
   emulator: number;
   workers: number;
   redis: number;
+  /** Run-queue wait of this process's main thread and of the workers' (summed), ms. */
+  benchWaiting: number;
+  workersWaiting: number;
 }
 const cpuNow = async (): Promise<Cpu> => ({
   bench: selfCpuMs(),
   emulator: procCpuMs(emulator.pid),
   workers: workers.reduce((sum, w) => sum + procCpuMs(w.pid), 0),
   redis: await redis.cpuMs(),
+  benchWaiting: mainThreadRunQueueMs(process.pid),
+  workersWaiting: workers.reduce((sum, w) => sum + mainThreadRunQueueMs(w.pid), 0),
 });
-const cpuDelta = (a: Cpu, b: Cpu): Cpu => ({ bench: a.bench - b.bench, emulator: a.emulator - b.emulator, workers: a.workers - b.workers, redis: a.redis - b.redis });
+const cpuDelta = (a: Cpu, b: Cpu): Cpu => ({
+  bench: a.bench - b.bench,
+  emulator: a.emulator - b.emulator,
+  workers: a.workers - b.workers,
+  redis: a.redis - b.redis,
+  benchWaiting: a.benchWaiting - b.benchWaiting,
+  workersWaiting: a.workersWaiting - b.workersWaiting,
+});
 
 interface Phase {
   round: number;
@@ -239,8 +252,11 @@ try {
   // The process sending the KMS requests: this one (bare) or the workers (keyferry); its CPU share of one core
   // (per worker) and event-loop delay tell whether it is the bottleneck.
   const sender = (p: Phase) => (p.side === 'bare' ? p.cpu.bench : p.cpu.workers);
+  // The sender's main thread runnable but not running (another process had the cores), % of the phase's wall
+  // time (per worker): with the busy % above, how much of the time it wanted a CPU.
+  const senderWaiting = (p: Phase) => (p.side === 'bare' ? p.cpu.benchWaiting : p.cpu.workersWaiting) / (p.seconds * 1000 * (p.side === 'bare' ? 1 : WORKERS));
   printTable(
-    ['round', 'what', 'wall s', 'uploads/s', 'KMS requests/upload', 'sender CPU ms/upload', 'sender busy % of a core', 'sender event-loop delay mean / p99 ms', 'Redis PING from the bench process mean / p99 ms', 'CPU ms/upload: bench process (API, poll)', 'emulator', 'redis'],
+    ['round', 'what', 'wall s', 'uploads/s', 'KMS requests/upload', 'sender CPU ms/upload', 'sender busy % of a core', 'sender main thread waiting for a CPU, % of wall', 'sender event-loop delay mean / p99 ms', 'Redis PING from the bench process mean / p99 ms', 'CPU ms/upload: bench process (API, poll)', 'emulator', 'redis'],
     phases.map((p) => [
       p.round + 1,
       p.side === 'bare' ? 'bare SDK sequence (sender: this process)' : `keyferry (sender: ${WORKERS} worker process(es))`,
@@ -249,6 +265,7 @@ try {
       fmt(p.kmsRequests / N, 2),
       fmt(sender(p) / N, 2),
       fmt((100 * sender(p)) / (p.seconds * 1000 * (p.side === 'bare' ? 1 : WORKERS)), 0),
+      fmt(100 * senderWaiting(p), 0),
       `${fmt(p.loopDelay.mean, 1)} / ${fmt(p.loopDelay.p99, 1)}`,
       p.ping ? `${fmt(p.ping.mean, 2)} / ${fmt(p.ping.p99, 2)}` : '—',
       p.side === 'bare' ? '—' : fmt(p.cpu.bench / N, 2),

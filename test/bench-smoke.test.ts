@@ -45,11 +45,13 @@ const cases: { script: string; args?: string[]; env?: Record<string, string>; fi
   { script: 'bench/api-cpu.ts', args: ['--requests', '200', '--rounds', '1'], figures: [/ratio bare \/ keyferry CPU per request: \d/, /ratio bare \/ \(bare \+ Redis calls\) CPU per request: \d/] },
   {
     script: 'bench/pipeline.ts',
-    env: { BENCH_N: '16', BENCH_ROUNDS: '1', BENCH_WARMUP: '4', BENCH_CONCURRENCY: '4' },
+    env: { BENCH_N: '16', BENCH_ROUNDS: '1', BENCH_WARMUP: '4', BENCH_CONCURRENCY: '4', BENCH_PREFETCH: '2' },
     figures: [
       /^machine: \d+ × .+, node v\d+/m,
-      /^\| 1 \| bare SDK sequence \(sender: this process\) \| [\d.]+ \| [\d.]+ \|/m,
-      /^\| 1 \| keyferry \(sender: 1 worker process\(es\)\) \| [\d.]+ \| [\d.]+ \|/m,
+      /= 4 uploads in flight on both sides \(keyferry's workers hold 2 job\(s\) each ahead of those, WORKER_PREFETCH\)/m,
+      // wall s, uploads/s, KMS requests, CPU ms, then busy % and waiting for a CPU %, each side.
+      /^\| 1 \| bare SDK sequence \(sender: this process\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| \d+ \|/m,
+      /^\| 1 \| keyferry \(sender: 1 worker process\(es\)\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| \d+ \|/m,
       /^\| create_key \| [\d.]+ \|$/m,
       /^ratio over all rounds \(uploads of all rounds \/ their total time\): \d\.\d{3}$/m,
       /^ratio keyferry \/ bare sequence \(uploads\/s\): \d+\.\d\d/m,
