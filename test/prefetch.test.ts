@@ -105,10 +105,17 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
         const held = await queue.getJobs(['active']);
         return held.map((j) => j.data.jobId);
       };
+      const runningIds = async () => (await Promise.all(ids.map(async (id) => ((await statusOf(id)) === 'running' ? id : undefined)))).filter(Boolean);
       // The first runs, one more is held ahead (BullMQ: active), the third waits in the queue.
-      await vi.waitFor(async () => expect((await queueIds()).length).toBe(2), { timeout: 5000, interval: 10 });
-      const running = (await Promise.all(ids.map(async (id) => ((await statusOf(id)) === 'running' ? id : undefined)))).filter(Boolean);
-      expect(running).toHaveLength(1);
+      let running: (string | undefined)[] = [];
+      await vi.waitFor(
+        async () => {
+          expect((await queueIds()).length).toBe(2);
+          running = await runningIds();
+          expect(running).toHaveLength(1);
+        },
+        { timeout: 5000, interval: 10 },
+      );
       const del = await stack.call('DELETE', `/api/v1/batches/${res.body.id}`, { token });
       expect(del.status).toBe(200);
       expect(del.body.canceled).toBe(2);
