@@ -58,8 +58,12 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     if (Number.isFinite(ms)) jobDuration.observe(Math.max(0, ms) / 1000);
   };
 
-  /** `step`: where the attempt failed, when the record may show another step (the pipeline's AttemptFailure). */
-  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger, step?: Step) => {
+  /**
+   * `step`: where the attempt failed, when the record may show another step (the pipeline's AttemptFailure).
+   * `expected`: the status the record must still have (checked inside the write), for a writer that does not
+   * hold the job; if it moved on (a cancel won), nothing is written or notified.
+   */
+  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger, step?: Step, expected?: JobRecord['status']) => {
     if (final) {
       const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
         log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
@@ -67,13 +71,18 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       });
       if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
     }
-    const failed = await stores.jobs.update(jobId, (j) => {
+    const change = (j: JobRecord) => {
       j.status = final ? 'failed' : 'retrying';
       if (step) j.step = step;
       j.error = { code: err.code, message: err.message, retryable: err.retryable };
       if (err.code === 'import_token_expired') delete j.progress.import_params;
       if (final) j.finished_at = new Date().toISOString();
-    });
+    };
+    const failed = expected === undefined ? await stores.jobs.update(jobId, change) : await stores.jobs.updateIf(jobId, expected, change);
+    if (!failed) {
+      log.info({ code: err.code }, 'the job changed before its failure was recorded (canceled?); nothing recorded');
+      return;
+    }
     log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
     if (final) {
       recordFinished(failed.job);
@@ -146,8 +155,11 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     // A job fetched ahead (WORKER_PREFETCH) waits here, record and reads in hand, for a slot. A worker that
     // shuts down puts the waiting ones back in the queue, unstarted, where they were in line.
     if (!(await slots.acquire())) {
-      await job.moveToWait(token);
-      log.info('worker shutting down: the job goes back to the queue unstarted');
+      // Should the move fail (the lock was lost meanwhile), the job's lock expires and it is taken up as stalled.
+      await job.moveToWait(token).then(
+        () => log.info('worker shutting down: the job goes back to the queue unstarted'),
+        (err: unknown) => log.warn({ err: classify(err).message }, 'worker shutting down: could not put the unstarted job back; it is taken up again once its lock expires'),
+      );
       throw new WaitingError();
     }
     try {
@@ -181,7 +193,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     const err = new PipelineError('worker_lost', `Workers died running this job more often than WORKER_MAX_STALLED_COUNT allows (${reason.message}).`, false);
     stores.jobs
       .get(jobId)
-      .then((current) => (current && !FINAL_STATUSES.includes(current.status) ? recordFailure(jobId, err, true, log) : undefined))
+      // From the status read: a job held ahead of a slot that stalled is still queued, and a cancel may win.
+      .then((current) => (current && !FINAL_STATUSES.includes(current.status) ? recordFailure(jobId, err, true, log, undefined, current.status) : undefined))
       .catch((e: unknown) => log.error({ err: classify(e).message }, 'could not record the failure of a stalled job'));
   });
   const webhooks = await startWebhookWorker(config, logger);
