@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { BATCH_PRIORITY, batchResource } from '../../shared/batches.js';
 import type { Stores } from '../../shared/context.js';
 import { NotFoundError } from '../../shared/errors.js';
-import { JOB_STATUSES, jobResource } from '../../shared/jobs.js';
+import { JOB_STATUSES, jobResource, mayHaveMadeKey } from '../../shared/jobs.js';
 import { jobsFinished } from '../../shared/metrics.js';
 import type { Notifier } from '../../shared/notifier.js';
 import { uploadJobOptions, type UploadQueue } from '../../shared/queues.js';
@@ -98,7 +98,8 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     let canceled = 0;
     await inChunks(queued, 100, async (id) => {
       const job = await stores.jobs.get(id);
-      if (!job) return;
+      // A job retry-failed set back whose earlier run made its AWS key runs to its end (see DELETE /jobs/{id}).
+      if (!job || mayHaveMadeKey(job)) return;
       // As for one job (DELETE /api/v1/jobs/{id}): a job a worker holds but has not started is canceled by its
       // record's compare-and-set. A batch never enqueued (enqueued=0) has nothing to remove.
       if (batch.enqueued) await deps.queue.remove(job.queue_job_id);

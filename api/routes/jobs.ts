@@ -2,7 +2,7 @@ import { Router } from 'express';
 import type { Queue } from 'bullmq';
 import type { Stores } from '../../shared/context.js';
 import { ConflictError, NotFoundError } from '../../shared/errors.js';
-import { FINAL_STATUSES, jobResource, type JobStatus } from '../../shared/jobs.js';
+import { FINAL_STATUSES, jobResource, mayHaveMadeKey, type JobStatus } from '../../shared/jobs.js';
 import { jobsFinished } from '../../shared/metrics.js';
 import type { Notifier } from '../../shared/notifier.js';
 import type { RedisClient } from '../../shared/redis.js';
@@ -25,6 +25,9 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
     if (job.status === 'canceled') return void res.json(jobResource(job));
     if (FINAL_STATUSES.includes(job.status) || job.attempts > 0) {
       throw new ConflictError('job_started', `The job is ${job.status}; only jobs that have not started can be canceled.`);
+    }
+    if (mayHaveMadeKey(job)) {
+      throw new ConflictError('job_started', 'An earlier run of this job made its AWS key; the job can only run to its end (retry-failed set it back to queued).');
     }
     // Out of the queue first, so that no worker takes it. remove() refuses a job a worker holds (its lock): one
     // held ahead of a free slot (WORKER_PREFETCH), or about to start. The record decides then: its status is
