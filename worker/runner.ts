@@ -15,7 +15,7 @@ import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
-import { AttemptFailure, UploadPipeline, type Lookups } from './pipeline.js';
+import { AttemptFailure, UploadPipeline } from './pipeline.js';
 import { Slots } from './slots.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
@@ -110,12 +110,14 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     throw new DelayedError();
   };
 
-  const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, lookups: Lookups, log: Logger) => {
+  const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, log: Logger) => {
     const { jobId } = job.data;
     const current = loaded.job;
-    // Compare-and-set: a cancel that won the race leaves the job alone. The write goes from the record read
-    // before the slot was free (checked unchanged inside the write script), and enters the pipeline's first
-    // step (see UploadPipeline.start).
+    // The first step's reads of Redis go out with the start write (one socket write); they are dropped if the
+    // job does not start. Compare-and-set: a cancel that won the race leaves the job alone. The write goes from
+    // the record read before the slot was free (checked unchanged inside the write script), and enters the
+    // pipeline's first step (see UploadPipeline.start).
+    const lookups = pipeline.lookUp(current);
     const started = await stores.jobs.updateHeld(loaded, (j) => UploadPipeline.start(j, job.attemptsMade + 1), current.status);
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
@@ -150,10 +152,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       log.info({ status: current?.status ?? 'missing' }, 'nothing to do');
       return;
     }
-    // The first step's reads of Redis go out now; they are dropped if the job does not start.
-    const lookups = pipeline.lookUp(current);
-    // A job fetched ahead (WORKER_PREFETCH) waits here, record and reads in hand, for a slot. A worker that
-    // shuts down puts the waiting ones back in the queue, unstarted, where they were in line.
+    // A job fetched ahead (WORKER_PREFETCH) waits here, its record in hand, for a slot. A worker that shuts down
+    // puts the waiting ones back in the queue, unstarted, where they were in line. (The first step's reads go
+    // out with the start write, in startAndRun: it waits for them only after that write, so sending them earlier
+    // would gain nothing and cost a socket write of their own.)
     if (!(await slots.acquire())) {
       // Should the move fail (the lock was lost meanwhile), the job's lock expires and it is taken up as stalled.
       await job.moveToWait(token).then(
@@ -163,7 +165,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       throw new WaitingError();
     }
     try {
-      return await startAndRun(job, token, loaded, lookups, log);
+      return await startAndRun(job, token, loaded, log);
     } finally {
       slots.release();
     }
