@@ -24,7 +24,9 @@ const pageErrors: string[] = [];
 
 beforeAll(async () => {
   profile = mkdtempSync(join(tmpdir(), 'keyferry-chromium-'));
-  [stack, context] = await Promise.all([
+  // Both are kept as soon as they exist, so that afterAll closes the stack (and deletes its keys) also when
+  // the browser could not start.
+  const [started, launched] = await Promise.allSettled([
     startStack({ name: 'browser', worker: false }),
     chromium.launchPersistentContext(profile, {
       executablePath: CHROMIUM,
@@ -32,6 +34,9 @@ beforeAll(async () => {
       args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
     }),
   ]);
+  if (started.status === 'fulfilled') stack = started.value;
+  if (launched.status === 'fulfilled') context = launched.value;
+  for (const outcome of [started, launched]) if (outcome.status === 'rejected') throw outcome.reason;
   // Only the stack under test is reachable (bull-board's page names a web font elsewhere).
   const own = new URL(stack.api.url).origin;
   await context.route('**/*', (route) => (new URL(route.request().url()).origin === own ? route.continue() : route.abort()));
