@@ -51,8 +51,8 @@ export const configSchema = z.object({
   /**
    * Jobs one worker process holds ahead of its WORKER_CONCURRENCY slots: fetched from the queue (BullMQ's
    * concurrency is the sum), their records read, waiting for a slot, so that a finished upload's slot is taken
-   * at once rather than after BullMQ's complete-and-fetch. They have not started: they can still be canceled,
-   * and a worker that shuts down puts them back in the queue. 0 = none.
+   * at once rather than after BullMQ's complete-and-fetch. They have not started their attempt (a first attempt
+   * can still be canceled), and a worker that shuts down puts them back in the queue. 0 = none.
    */
   WORKER_PREFETCH: z.coerce.number().int().min(0).max(256).default(DEFAULT_WORKER_PREFETCH),
   /**
