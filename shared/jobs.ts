@@ -95,14 +95,6 @@ export function newJobRecord(args: { id: string; account: string; request: Uploa
   };
 }
 
-/**
- * Whether an earlier run of the job may have made its AWS key (a batch job set back to queued by retry-failed
- * keeps its checkpoints): such a job cannot be canceled, since nothing would then finish or clean up that key.
- */
-export function mayHaveMadeKey(job: JobRecord): boolean {
-  return job.progress.kms_key_id !== undefined || job.progress.create_key_started_at !== undefined;
-}
-
 /** The job resource of the HTTP API (DESIGN.md §3). */
 export function jobResource(job: JobRecord) {
   return {

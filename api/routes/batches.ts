@@ -3,14 +3,14 @@ import { z } from 'zod';
 import { BATCH_PRIORITY, batchResource } from '../../shared/batches.js';
 import type { Stores } from '../../shared/context.js';
 import { NotFoundError } from '../../shared/errors.js';
-import { JOB_STATUSES, jobResource, mayHaveMadeKey } from '../../shared/jobs.js';
-import { jobsFinished } from '../../shared/metrics.js';
+import { JOB_STATUSES, jobResource } from '../../shared/jobs.js';
 import type { Notifier } from '../../shared/notifier.js';
 import { uploadJobOptions, type UploadQueue } from '../../shared/queues.js';
 import type { RedisClient } from '../../shared/redis.js';
 import type { Config } from '../../shared/config.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
+import { cancelQueuedJob } from '../cancel.js';
 import type { Intake } from '../intake.js';
 import { streamEvents } from '../sse.js';
 import { RETRY_AFTER_SECONDS } from './upload-key.js';
@@ -98,19 +98,11 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     let canceled = 0;
     await inChunks(queued, 100, async (id) => {
       const job = await stores.jobs.get(id);
-      // A job retry-failed set back whose earlier run made its AWS key runs to its end (see DELETE /jobs/{id}).
-      if (!job || mayHaveMadeKey(job)) return;
-      // As for one job (DELETE /api/v1/jobs/{id}): a job a worker holds but has not started is canceled by its
-      // record's compare-and-set. A batch never enqueued (enqueued=0) has nothing to remove.
-      if (batch.enqueued) await deps.queue.remove(job.queue_job_id);
-      const update = await stores.jobs.updateIf(id, 'queued', (j) => {
-        j.status = 'canceled';
-        j.finished_at = new Date().toISOString();
-      });
-      if (!update) return;
-      canceled++;
-      jobsFinished.inc({ status: 'canceled', code: '' });
-      await deps.notifier.after(update);
+      if (!job) return;
+      // A batch never enqueued (enqueued=0) has nothing in the queue. A job that started, or whose earlier run
+      // made its key, runs to its end.
+      const outcome = await cancelQueuedJob(deps, job, batch.enqueued > 0);
+      if (outcome !== 'started' && outcome !== 'key_made') canceled++;
     });
     const after = await owned(account, batch.id);
     res.json({ ...batchResource(after.batch, after.counts), canceled });

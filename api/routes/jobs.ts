@@ -2,12 +2,12 @@ import { Router } from 'express';
 import type { Queue } from 'bullmq';
 import type { Stores } from '../../shared/context.js';
 import { ConflictError, NotFoundError } from '../../shared/errors.js';
-import { FINAL_STATUSES, jobResource, mayHaveMadeKey, type JobStatus } from '../../shared/jobs.js';
-import { jobsFinished } from '../../shared/metrics.js';
+import { FINAL_STATUSES, jobResource, type JobStatus } from '../../shared/jobs.js';
 import type { Notifier } from '../../shared/notifier.js';
 import type { RedisClient } from '../../shared/redis.js';
 import { streamEvents, type SseEvent } from '../sse.js';
 import { accountOf } from '../auth.js';
+import { cancelQueuedJob } from '../cancel.js';
 
 export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClient; notifier: Notifier; keepAliveMs: number }): Router {
   const router = Router();
@@ -26,21 +26,11 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
     if (FINAL_STATUSES.includes(job.status) || job.attempts > 0) {
       throw new ConflictError('job_started', `The job is ${job.status}; only jobs that have not started can be canceled.`);
     }
-    if (mayHaveMadeKey(job)) {
+    const update = await cancelQueuedJob(deps, job);
+    if (update === 'key_made') {
       throw new ConflictError('job_started', 'An earlier run of this job made its AWS key; the job can only run to its end (retry-failed set it back to queued).');
     }
-    // Out of the queue first, so that no worker takes it. remove() refuses a job a worker holds (its lock): one
-    // held ahead of a free slot (WORKER_PREFETCH), or about to start. The record decides then: its status is
-    // set only while still queued, and the worker's start write, from the record it read, is a compare-and-set
-    // too, so exactly one of the two wins; a worker that loses does nothing with the job.
-    await deps.queue.remove(job.queue_job_id);
-    const update = await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
-      j.status = 'canceled';
-      j.finished_at = new Date().toISOString();
-    });
-    if (!update) throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
-    jobsFinished.inc({ status: 'canceled', code: '' });
-    await deps.notifier.after(update);
+    if (update === 'started') throw new ConflictError('job_started', 'The job has started; only jobs that have not started can be canceled.');
     res.json(jobResource(update.job));
   });
 

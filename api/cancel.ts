@@ -1,0 +1,34 @@
+import type { Queue } from 'bullmq';
+import type { Stores } from '../shared/context.js';
+import type { JobRecord } from '../shared/jobs.js';
+import { jobsFinished } from '../shared/metrics.js';
+import type { Notifier } from '../shared/notifier.js';
+import type { JobUpdate } from '../shared/stores/job-store.js';
+
+/**
+ * Cancels a queued job that has not started (DELETE of a job, or of its batch). It is taken out of the queue
+ * first (`inQueue`; a batch never enqueued has nothing there), so that no worker takes it. remove() refuses a
+ * job a worker holds (its lock): one held ahead of a free slot (WORKER_PREFETCH), or about to start. The record
+ * decides then: its status is set only while still queued, and the worker's start write, from the record it
+ * read, is a compare-and-set too, so exactly one of the two wins; a worker that loses does nothing with the job.
+ *
+ * `key_made`: an earlier run made the job's AWS key (a batch job retry-failed set back to queued keeps its
+ * checkpoints); it is not canceled, since nothing would then finish or clean up that key: it runs to its end.
+ * `started`: a worker's start write won.
+ */
+export async function cancelQueuedJob(
+  deps: { stores: Stores; queue: Queue; notifier: Notifier },
+  job: JobRecord,
+  inQueue = true,
+): Promise<JobUpdate | 'key_made' | 'started'> {
+  if (job.progress.kms_key_id !== undefined || job.progress.create_key_started_at !== undefined) return 'key_made';
+  if (inQueue) await deps.queue.remove(job.queue_job_id);
+  const update = await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
+    j.status = 'canceled';
+    j.finished_at = new Date().toISOString();
+  });
+  if (!update) return 'started';
+  jobsFinished.inc({ status: 'canceled', code: '' });
+  await deps.notifier.after(update);
+  return update;
+}
