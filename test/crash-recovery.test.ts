@@ -4,6 +4,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAULT_POINTS, type FaultPoint } from '../worker/fault-point.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { JOB_TAG_KEY } from '../worker/result.js';
+import { readFileSync } from 'node:fs';
+import { TAKEN_OVER } from '../worker/runner.js';
 import { runEntry, type Child } from './helpers/child.js';
 import { EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, waitForJob, type TestStack } from './helpers/stack.js';
 
@@ -173,4 +175,51 @@ describe('crash recovery: the real worker process is killed at each side effect,
     expect(taggedWith(jobId).map((k) => k.keyState)).toEqual(['PendingDeletion']);
     expectNoOrphanKeys();
   });
+});
+
+/** Resolves once process `pid` is stopped (state T in /proc/<pid>/stat); rejects after `timeoutMs`. */
+async function stopped(pid: number, timeoutMs = 20_000): Promise<void> {
+  for (const end = Date.now() + timeoutMs; Date.now() < end; await new Promise((r) => setTimeout(r, 20))) {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('T')) return;
+  }
+  throw new Error(`process ${pid} did not stop within ${timeoutMs} ms`);
+}
+
+describe('a worker frozen past its lock: another worker takes the job over, and the frozen one, once it runs again, writes nothing', () => {
+  it.each(['after:create_key', 'before:import', 'before:record'] as const)(
+    'when a worker freezes at %s until the job succeeded elsewhere, then after it wakes the record, the key and the resources stay as the other worker left them',
+    async (point) => {
+      const alias = `frozen-${point.replace(':', '-')}`;
+      const frozen = runEntry('worker/main.ts', { ...childEnv, KEYFERRY_FAULT_POINT: point, KEYFERRY_FAULT_ACTION: 'stop' });
+      children.push(frozen);
+      try {
+        const resourcesBefore = await uploadedKeyRecords();
+        const jobId = await submit(alias);
+        await stopped(frozen.proc.pid as number);
+
+        const worker = await stack.startWorker();
+        const job = await waitForJob(stack, token, jobId);
+        await worker.close();
+        expect(job.status).toBe('succeeded');
+        const keyspace = new Keyspace(stack.config.KEYFERRY_PREFIX);
+        const record = await stack.redis.get(keyspace.job(jobId));
+        const events = await stack.redis.xlen(keyspace.jobEvents(jobId));
+
+        frozen.proc.kill('SIGCONT');
+        const said = await frozen.waitForLog(TAKEN_OVER);
+        expect(said).toMatchObject({ job_id: jobId });
+        expect(await stack.redis.get(keyspace.job(jobId))).toBe(record);
+        expect(await stack.redis.xlen(keyspace.jobEvents(jobId))).toBe(events);
+        const keys = taggedWith(jobId);
+        expect(keys.map((k) => [k.keyState, k.arn, k.aliases])).toEqual([['Enabled', job.kms_key_arn, [`alias/${alias}`]]]);
+        expect(keys[0]?.material?.equals(material)).toBe(true);
+        expect(await uploadedKeyRecords()).toBe(resourcesBefore + 1);
+        expectNoOrphanKeys();
+      } finally {
+        frozen.proc.kill('SIGKILL');
+        await frozen.exited;
+      }
+    },
+  );
 });

@@ -21,6 +21,7 @@ import { createRedis, type RedisClient } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
 import { newResourceStamp } from '../shared/stores/resource-store.js';
+import { JobTakenOver } from '../shared/stores/job-store.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import { testEnv } from './helpers/stack.js';
@@ -230,6 +231,40 @@ describe('two writers, one compare-and-set', () => {
     expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'succeeded'), 'queued', alongside)).toBeUndefined();
     expect(await direct.exists(alongside.key)).toBe(0);
     expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
+  });
+
+  it("when another worker started the job after a run last wrote it, then the run's next write throws JobTakenOver and writes neither the record nor the key alongside", async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const run = await stores.jobs.updateFrom((await stores.jobs.getHeld(job.id))!, (j) => void (j.status = 'running'));
+    // The run's lock expired; another worker took the job up from the record as the run left it.
+    const taker = await stores.jobs.updateFrom((await stores.jobs.getHeld(job.id))!, (j) => void (j.attempts = 2));
+    const alongside = { key: stores.keys.uploadedKey(randomUUID()), value: '{"owner":"acme"}' };
+    await expect(stores.jobs.updateFrom(run, (j) => void (j.status = 'succeeded'), alongside)).rejects.toBeInstanceOf(JobTakenOver);
+    await expect(stores.jobs.updateFrom(run, (j) => void (j.progress.kms_key_id = 'key-1'))).rejects.toBeInstanceOf(JobTakenOver);
+    expect(await direct.exists(alongside.key)).toBe(0);
+    expect(await stores.jobs.get(job.id)).toEqual(taker.job);
+    // The taker's own next write goes through.
+    expect((await stores.jobs.updateFrom(taker, (j) => void (j.step = 'resolve'))).job).toMatchObject({ status: 'running', attempts: 2, step: 'resolve' });
+  });
+
+  it('when the record is gone, then a write from the held record throws JobTakenOver and creates nothing', async () => {
+    const job = newJob();
+    await stores.jobs.create(job);
+    const held = await stores.jobs.getHeld(job.id);
+    await stores.jobs.delete(job.id);
+    await expect(stores.jobs.updateFrom(held!, (j) => void (j.status = 'running'))).rejects.toBeInstanceOf(JobTakenOver);
+    expect(await direct.exists(stores.keys.job(job.id))).toBe(0);
+  });
+
+  it('when a held record without a write_id has the stored status still, then updateFrom writes it; once the status moved, it throws JobTakenOver', async () => {
+    const { write_id: _none, ...legacy } = newJob();
+    await direct.set(stores.keys.job(legacy.id), JSON.stringify(legacy));
+    const held = await stores.jobs.getHeld(legacy.id);
+    expect((await stores.jobs.updateFrom(held!, (j) => void (j.attempts = 1))).job).toMatchObject({ status: 'queued', attempts: 1, write_id: expect.any(String) });
+    await direct.set(stores.keys.job(legacy.id), JSON.stringify({ ...legacy, status: 'canceled' }));
+    await expect(stores.jobs.updateFrom(held!, (j) => void (j.status = 'running'))).rejects.toBeInstanceOf(JobTakenOver);
+    expect((await stores.jobs.get(legacy.id))?.status).toBe('canceled');
   });
 
   it('when a write from a held record changes its status and progress, then the held record itself stays as it was', async () => {

@@ -160,12 +160,14 @@ function upcomingStep(request: JobRecord['request'], p: JobProgress): Step {
 
 /**
  * What UploadPipeline.run throws: the failure (`cause`) and the step it happened in, for the failure record,
- * whose step may be another (a local-store job's shows `import` while wrapping, see shownStep).
+ * whose step may be another (a local-store job's shows `import` while wrapping, see shownStep), and the record
+ * as this run last wrote it, which the failure record is written from (JobStore.updateFrom).
  */
 export class AttemptFailure extends Error {
   constructor(
     override readonly cause: unknown,
     readonly step: Step | undefined,
+    readonly held: HeldJob,
   ) {
     super(`upload attempt failed${step ? ` at ${step}` : ''}`, { cause });
     this.name = 'AttemptFailure';
@@ -221,23 +223,25 @@ export class UploadPipeline {
    */
   async run(started: HeldJob, lookups: Lookups = this.lookUp(started.job)): Promise<JobUpdate> {
     const timer = new StepTimer();
+    const last = { held: started };
     try {
-      return await this.#run(started, lookups, timer);
+      return await this.#run(last, lookups, timer);
     } catch (err) {
-      throw new AttemptFailure(err, timer.failedStep);
+      throw new AttemptFailure(err, timer.failedStep, last.held);
     } finally {
       timer.end();
     }
   }
 
-  async #run(started: HeldJob, lookups: Lookups, timer: StepTimer): Promise<JobUpdate> {
+  /** `last.held`: the record as this run last wrote it (the start write's, to begin with). */
+  async #run(last: { held: HeldJob }, lookups: Lookups, timer: StepTimer): Promise<JobUpdate> {
     const { stores } = this.deps;
-    // The record as this worker last wrote it: every write goes from it, in one round trip.
-    let held: HeldJob = started;
-    let job = held.job;
+    // Every write goes from the record as this run last wrote it, in one round trip, and only if nothing else
+    // wrote it since (JobStore.updateFrom throws JobTakenOver then: another worker took the job over).
+    let job = last.held.job;
     const write = async (change: (j: JobRecord) => void) => {
-      held = await stores.jobs.updateFrom(held, change);
-      job = held.job;
+      last.held = await stores.jobs.updateFrom(last.held, change);
+      job = last.held.job;
     };
     // The worker's start write entered resolve, or create_key with the intent recorded ahead of resolve.
     const intentAhead = job.step === 'create_key' && !job.progress.kms_key_id && job.progress.create_key_started_at !== undefined;
@@ -473,7 +477,7 @@ export class UploadPipeline {
     const resource = buildKeyResource({ id: resourceId, account: job.account, conn: r.conn, region: job.request.region, source: r.source, described, now });
     // The key resource and the record that says succeeded are written together (both or neither).
     const done = await stores.jobs.updateFrom(
-      held,
+      last.held,
       (j) => {
         j.status = 'succeeded';
         j.step = 'record';
@@ -489,10 +493,14 @@ export class UploadPipeline {
 
   /**
    * After a permanent failure: a key that never received material is scheduled for deletion (7 days), also
-   * one that an attempt created but died before recording.
+   * one that an attempt created but died before recording. `held`: the record as the caller last read or wrote
+   * it. Before the alias or the key is deleted, a write from it that changes nothing checks that no one else
+   * wrote the record since (JobTakenOver if so): a run that lost its job to another worker must not delete the
+   * key or alias that worker goes on with. Returns the deletion date and the record as last written, or
+   * undefined when nothing was to be deleted.
    */
-  async cleanUp(jobId: string): Promise<string | undefined> {
-    const job = await this.load(jobId);
+  async cleanUp(held: HeldJob): Promise<{ when: string; held: HeldJob } | undefined> {
+    const { job } = held;
     const { progress } = job;
     if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
     const conn = await this.deps.stores.kmsConnections.find(job.account, job.kms_id);
@@ -501,6 +509,7 @@ export class UploadPipeline {
     const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: false });
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
+    const claimed = await this.deps.stores.jobs.updateFrom(held, () => undefined);
     // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload. It is
     // looked for also when the record does not say it was made, and when the key was found by its tag (CreateAlias
     // goes while the key's checkpoint is on its way): a worker may have died between CreateAlias and the
@@ -510,25 +519,19 @@ export class UploadPipeline {
       const look = this.deleteAliasIfOurs(kms, alias, keyId);
       await (progress.alias_created
         ? look
-        : look.catch((err: unknown) => this.deps.logger.warn({ job_id: jobId, err: classify(err).message }, 'could not look for an alias the job may have made')));
+        : look.catch((err: unknown) => this.deps.logger.warn({ job_id: job.id, err: classify(err).message }, 'could not look for an alias the job may have made')));
     }
     const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
-    await this.deps.stores.jobs.update(jobId, (j) => {
+    const written = await this.deps.stores.jobs.updateFrom(claimed, (j) => {
       j.progress.deletion_scheduled_for = when;
     });
-    return when;
+    return { when, held: written };
   }
 
   private async deleteAliasIfOurs(kms: MeteredKms, aliasName: string, keyId: string): Promise<void> {
     const mine = await kms.send('ListAliases', new ListAliasesCommand({ KeyId: keyId }));
     if (mine.Aliases?.some((a) => a.AliasName === aliasName)) await kms.send('DeleteAlias', new DeleteAliasCommand({ AliasName: aliasName }));
-  }
-
-  private async load(jobId: string): Promise<JobRecord> {
-    const job = await this.deps.stores.jobs.get(jobId);
-    if (!job) throw new PipelineError('job_record_missing', `The record of job ${jobId} is missing.`, false);
-    return job;
   }
 
   /**

@@ -4,7 +4,7 @@ import { RESUMED_BATCH_PRIORITY } from '../shared/batches.js';
 import { createStores } from '../shared/context.js';
 import { PipelineError } from '../shared/errors.js';
 import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type Step, type UploadJobData } from '../shared/jobs.js';
-import type { HeldJob } from '../shared/stores/job-store.js';
+import { JobTakenOver, type HeldJob } from '../shared/stores/job-store.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
 import { createLogger, type Logger } from '../shared/logger.js';
@@ -19,6 +19,9 @@ import { AttemptFailure, UploadPipeline } from './pipeline.js';
 import { Slots } from './slots.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
+
+/** Logged by a run whose job another worker took over (JobTakenOver): it stops at once, writing nothing more. */
+export const TAKEN_OVER = 'another worker took this job over (this worker had lost its lock on it): this run stops here and writes nothing more';
 
 export interface WorkerHandle {
   worker: Worker<UploadJobData>;
@@ -59,30 +62,33 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   };
 
   /**
+   * Records a failed attempt, from `held`: the record as this writer last read or wrote it. The write happens
+   * only if no one else wrote the record since (JobStore.updateFrom): for a run, only if no other worker took
+   * its job over; for the handler of a job that stalled for good, only if a cancel did not win meanwhile. A
+   * final failure first schedules deletion of a key that never got material (from the same check), so the
+   * failed record already says so, then notifies. Throws JobTakenOver, having written nothing, if the record
+   * changed.
    * `step`: where the attempt failed, when the record may show another step (the pipeline's AttemptFailure).
-   * `expected`: the status the record must still have (checked inside the write), for a writer that does not
-   * hold the job; if it moved on (a cancel won), nothing is written or notified.
    */
-  const recordFailure = async (jobId: string, err: PipelineError, final: boolean, log: Logger, step?: Step, expected?: JobRecord['status']) => {
+  const recordFailure = async (held: HeldJob, err: PipelineError, final: boolean, log: Logger, step?: Step) => {
     if (final) {
-      const deletion = await pipeline.cleanUp(jobId).catch((e: unknown) => {
+      const deletion = await pipeline.cleanUp(held).catch((e: unknown) => {
+        if (e instanceof JobTakenOver) throw e;
         log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
         return undefined;
       });
-      if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
+      if (deletion) {
+        log.info({ deletion: deletion.when }, 'scheduled deletion of the key that never received material');
+        held = deletion.held;
+      }
     }
-    const change = (j: JobRecord) => {
+    const failed = await stores.jobs.updateFrom(held, (j) => {
       j.status = final ? 'failed' : 'retrying';
       if (step) j.step = step;
       j.error = { code: err.code, message: err.message, retryable: err.retryable };
       if (err.code === 'import_token_expired') delete j.progress.import_params;
       if (final) j.finished_at = new Date().toISOString();
-    };
-    const failed = expected === undefined ? await stores.jobs.update(jobId, change) : await stores.jobs.updateIf(jobId, expected, change);
-    if (!failed) {
-      log.info({ code: err.code }, 'the job changed before its failure was recorded (canceled?); nothing recorded');
-      return;
-    }
+    });
     log.warn({ code: err.code, retryable: err.retryable, final, step: failed.job.step }, 'upload attempt failed');
     if (final) {
       recordFinished(failed.job);
@@ -97,8 +103,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
    * resume. The record is written first, so the job cannot come back before it. A batch job comes back before
    * the batch jobs that have not started, so that its slot is not taken late.
    */
-  const delayForQuota = async (job: Job<UploadJobData>, token: string | undefined, before: JobRecord, wait: KmsQuotaWait, log: Logger): Promise<never> => {
-    await stores.jobs.update(job.data.jobId, (j) => {
+  const delayForQuota = async (job: Job<UploadJobData>, token: string | undefined, before: JobRecord, held: HeldJob, wait: KmsQuotaWait, log: Logger): Promise<never> => {
+    await stores.jobs.updateFrom(held, (j) => {
       const madeNothing = !j.progress.kms_key_id && !j.progress.create_key_started_at;
       j.status = madeNothing && before.status === 'queued' ? 'queued' : 'retrying';
       if (madeNothing) j.attempts = before.attempts;
@@ -111,7 +117,6 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   };
 
   const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, log: Logger) => {
-    const { jobId } = job.data;
     const current = loaded.job;
     // The first step's reads of Redis go out with the start write (one socket write); they are dropped if the
     // job does not start. Compare-and-set: a cancel that won the race leaves the job alone. The write goes from
@@ -129,12 +134,20 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       recordFinished(done.job);
       await notifier.after(done);
     } catch (failure) {
-      const { cause: thrown, step } = failure instanceof AttemptFailure ? failure : { cause: failure, step: undefined };
-      if (thrown instanceof KmsQuotaWait) return delayForQuota(job, token, current, thrown, log);
-      const err = classify(thrown);
-      const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-      await recordFailure(jobId, err, final, log, step);
-      throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
+      const { cause: thrown, step, held } = failure instanceof AttemptFailure ? failure : { cause: failure, step: undefined, held: started };
+      try {
+        if (thrown instanceof JobTakenOver) throw thrown;
+        if (thrown instanceof KmsQuotaWait) return await delayForQuota(job, token, current, held, thrown, log);
+        const err = classify(thrown);
+        const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
+        await recordFailure(held, err, final, log, step);
+        throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
+      } catch (e) {
+        // Another worker runs the job now: BullMQ's lock on it is that worker's, so the move to failed that
+        // BullMQ tries with this run's token fails too, and changes nothing.
+        if (e instanceof JobTakenOver) log.warn({ step: held.job.step }, TAKEN_OVER);
+        throw e;
+      }
     }
   };
 
@@ -194,10 +207,13 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     const log = logger.child({ job_id: jobId, account });
     const err = new PipelineError('worker_lost', `Workers died running this job more often than WORKER_MAX_STALLED_COUNT allows (${reason.message}).`, false);
     stores.jobs
-      .get(jobId)
-      // From the status read: a job held ahead of a slot that stalled is still queued, and a cancel may win.
-      .then((current) => (current && !FINAL_STATUSES.includes(current.status) ? recordFailure(jobId, err, true, log, undefined, current.status) : undefined))
-      .catch((e: unknown) => log.error({ err: classify(e).message }, 'could not record the failure of a stalled job'));
+      .getHeld(jobId)
+      // From the record read: a job held ahead of a slot that stalled is still queued, and a cancel may win.
+      .then((held) => (held && !FINAL_STATUSES.includes(held.job.status) ? recordFailure(held, err, true, log) : undefined))
+      .catch((e: unknown) => {
+        if (e instanceof JobTakenOver) log.info('the job changed before its failure was recorded (canceled?); nothing recorded');
+        else log.error({ err: classify(e).message }, 'could not record the failure of a stalled job');
+      });
   });
   const webhooks = await startWebhookWorker(config, logger);
   await worker.waitUntilReady();

@@ -107,6 +107,17 @@ export interface AlongsideSet {
 }
 
 /**
+ * What JobStore.updateFrom throws when the record is no longer the one the writer holds: someone else wrote
+ * (or removed) it since. Nothing was written.
+ */
+export class JobTakenOver extends Error {
+  constructor(readonly jobId: string) {
+    super(`the record of job ${jobId} was written or removed by someone else since this writer last read or wrote it`);
+    this.name = 'JobTakenOver';
+  }
+}
+
+/**
  * A record as read or last written by its one writer: a later write from it (updateHeld) needs no read first.
  * It is not changed afterwards.
  */
@@ -202,12 +213,21 @@ export class JobStore {
   }
 
   /**
-   * updateHeld that must write: throws if the record is missing. With `alongside`, that key is SET too, in the
-   * same round trip on a single Redis (the record is written only if it was); a Cluster client SETs it first.
+   * The write of a job's one writer, from the record it last read or wrote: only if the stored record is still
+   * exactly that one (checked inside the write script by its `write_id`). Throws JobTakenOver if anything else
+   * wrote it meanwhile, or removed it: for a worker's run, another worker took the job over (this run's BullMQ
+   * lock expired, e.g. while its process was frozen), and this run must write nothing more. A held record
+   * without a `write_id` (written before there were any) is written only if the stored status is still the
+   * held one (updateIf). With `alongside`, that key is SET too, in the same round trip on a single Redis (the
+   * record is written only if it was, and so is the key); a Cluster client SETs it first.
    */
   async updateFrom(held: HeldJob, change: (job: JobRecord) => void, alongside?: AlongsideSet): Promise<JobUpdate> {
-    const done = await this.updateHeld(held, change, undefined, alongside);
-    if (!done) throw new Error(`job record ${held.job.id} is missing`);
+    const job = copyForChange(held.job);
+    const done =
+      job.write_id === undefined
+        ? await this.updateIf(job.id, job.status, change, alongside)
+        : await this.#apply(job, change, { expected: undefined, version: job.write_id, alongside });
+    if (done === undefined || done === 'changed') throw new JobTakenOver(job.id);
     return done;
   }
 
