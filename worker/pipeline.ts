@@ -158,16 +158,25 @@ function upcomingStep(request: JobRecord['request'], p: JobProgress): Step {
   return 'describe';
 }
 
+/** What a run of the pipeline has done so far, as far as its failure handling needs to know. */
+export interface RunState {
+  /** The record as this run last wrote it (the start write's, to begin with). */
+  held: HeldJob;
+  /** The id of the key this run's own CreateKey made (not one it adopted). */
+  madeKeyId?: string;
+}
+
 /**
  * What UploadPipeline.run throws: the failure (`cause`) and the step it happened in, for the failure record,
- * whose step may be another (a local-store job's shows `import` while wrapping, see shownStep), and the record
- * as this run last wrote it, which the failure record is written from (JobStore.updateFrom).
+ * whose step may be another (a local-store job's shows `import` while wrapping, see shownStep), and the run's
+ * state: the record as this run last wrote it, which the failure record is written from (JobStore.updateFrom),
+ * and the key it made, if any.
  */
 export class AttemptFailure extends Error {
   constructor(
     override readonly cause: unknown,
     readonly step: Step | undefined,
-    readonly held: HeldJob,
+    readonly run: RunState,
   ) {
     super(`upload attempt failed${step ? ` at ${step}` : ''}`, { cause });
     this.name = 'AttemptFailure';
@@ -223,18 +232,17 @@ export class UploadPipeline {
    */
   async run(started: HeldJob, lookups: Lookups = this.lookUp(started.job)): Promise<JobUpdate> {
     const timer = new StepTimer();
-    const last = { held: started };
+    const last: RunState = { held: started };
     try {
       return await this.#run(last, lookups, timer);
     } catch (err) {
-      throw new AttemptFailure(err, timer.failedStep, last.held);
+      throw new AttemptFailure(err, timer.failedStep, last);
     } finally {
       timer.end();
     }
   }
 
-  /** `last.held`: the record as this run last wrote it (the start write's, to begin with). */
-  async #run(last: { held: HeldJob }, lookups: Lookups, timer: StepTimer): Promise<JobUpdate> {
+  async #run(last: RunState, lookups: Lookups, timer: StepTimer): Promise<JobUpdate> {
     const { stores } = this.deps;
     // Every write goes from the record as this run last wrote it, in one round trip, and only if nothing else
     // wrote it since (JobStore.updateFrom throws JobTakenOver then: another worker took the job over).
@@ -357,6 +365,7 @@ export class UploadPipeline {
           if (didNothing(err)) await step('create_key', dropCreateKeyIntent);
           throw err;
         });
+        last.madeKeyId = key.KeyId;
         faultPoint('after:create_key');
       }
       const { KeyId, Arn } = key;
@@ -503,10 +512,8 @@ export class UploadPipeline {
     const { job } = held;
     const { progress } = job;
     if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
-    const conn = await this.deps.stores.kmsConnections.find(job.account, job.kms_id);
-    if (!conn) return undefined;
-    // A failing job cannot be put back to wait for a slot: it waits here.
-    const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: false });
+    const kms = await this.kmsForCleanUp(job);
+    if (!kms) return undefined;
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
     const claimed = await this.deps.stores.jobs.updateFrom(held, () => undefined);
@@ -527,6 +534,35 @@ export class UploadPipeline {
       j.progress.deletion_scheduled_for = when;
     });
     return { when, held: written };
+  }
+
+  /**
+   * After this run lost its job to another worker (JobTakenOver) having made key `keyId` itself: if the job's
+   * record names another key, the other worker made or adopted that one and will never adopt this one, which
+   * has no material then: it is scheduled for deletion (7 days), after the job's alias if that names it (this
+   * run's CreateAlias goes out with the checkpoint that failed). While the record names no key yet, the other
+   * worker may still find this one by its tag and adopt it: it is left alone ('unknown'), as it is when the
+   * record names this very key ('in use').
+   */
+  async dropKeyOfLostRun(jobId: string, keyId: string): Promise<'scheduled' | 'in use' | 'unknown'> {
+    const job = await this.deps.stores.jobs.get(jobId);
+    const theirs = job?.progress.kms_key_id;
+    if (theirs === keyId) return 'in use';
+    if (!job || !theirs) return 'unknown';
+    const kms = await this.kmsForCleanUp(job);
+    if (!kms) return 'unknown';
+    const alias = aliasNameOf(job.request);
+    if (alias) await this.deleteAliasIfOurs(kms, alias, keyId);
+    await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
+    return 'scheduled';
+  }
+
+  /** The job's KMS client outside the pipeline's steps; undefined if its KMS connection is gone. */
+  private async kmsForCleanUp(job: JobRecord): Promise<MeteredKms | undefined> {
+    const conn = await this.deps.stores.kmsConnections.find(job.account, job.kms_id);
+    if (!conn) return undefined;
+    // A clean-up cannot put its job back to wait for a quota slot: it waits here.
+    return this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: false });
   }
 
   private async deleteAliasIfOurs(kms: MeteredKms, aliasName: string, keyId: string): Promise<void> {

@@ -15,7 +15,7 @@ import { createRedis } from '../shared/redis.js';
 import { classify } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
-import { AttemptFailure, UploadPipeline } from './pipeline.js';
+import { AttemptFailure, UploadPipeline, type RunState } from './pipeline.js';
 import { Slots } from './slots.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
@@ -116,6 +116,16 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     throw new DelayedError();
   };
 
+  /** A key that a run which lost its job made (see UploadPipeline.dropKeyOfLostRun); logged either way. */
+  const dropKeyOfLostRun = async (jobId: string, keyId: string, log: Logger) => {
+    const outcome = await pipeline.dropKeyOfLostRun(jobId, keyId).catch((e: unknown) => {
+      log.error({ err: classify(e).message, kms_key_id: keyId }, 'could not schedule deletion of the key this run made before it lost the job');
+      return undefined;
+    });
+    if (outcome === 'scheduled') log.warn({ kms_key_id: keyId }, 'scheduled deletion of the key this run made: the job goes on with another');
+    if (outcome === 'unknown') log.warn({ kms_key_id: keyId }, 'left the key this run made: the job may still adopt it (found by its tag)');
+  };
+
   const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, log: Logger) => {
     const current = loaded.job;
     // The first step's reads of Redis go out with the start write (one socket write); they are dropped if the
@@ -134,7 +144,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       recordFinished(done.job);
       await notifier.after(done);
     } catch (failure) {
-      const { cause: thrown, step, held } = failure instanceof AttemptFailure ? failure : { cause: failure, step: undefined, held: started };
+      const { cause: thrown, step, run } = failure instanceof AttemptFailure ? failure : { cause: failure, step: undefined, run: { held: started } as RunState };
+      const { held } = run;
       try {
         if (thrown instanceof JobTakenOver) throw thrown;
         if (thrown instanceof KmsQuotaWait) return await delayForQuota(job, token, current, held, thrown, log);
@@ -145,7 +156,10 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       } catch (e) {
         // Another worker runs the job now: BullMQ's lock on it is that worker's, so the move to failed that
         // BullMQ tries with this run's token fails too, and changes nothing.
-        if (e instanceof JobTakenOver) log.warn({ step: held.job.step }, TAKEN_OVER);
+        if (e instanceof JobTakenOver) {
+          log.warn({ step: held.job.step }, TAKEN_OVER);
+          if (run.madeKeyId) await dropKeyOfLostRun(job.data.jobId, run.madeKeyId, log);
+        }
         throw e;
       }
     }
