@@ -100,6 +100,24 @@ describe('faults', () => {
     expect(await waitForJob(stack, token, denied.body.id)).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'aws_access_denied', retryable: false } });
   }, 60_000);
 
+  it('when the clean-up after a permanent failure cannot schedule the key for deletion, then the failure is still recorded, without a deletion date', async () => {
+    const stack = await startStack({ name: 'faults-cleanup', env: fastRecovery });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+    stack.emulator.injectFault({ op: 'ImportKeyMaterial', error: 'AccessDeniedException', count: 1 });
+    stack.emulator.injectFault({ op: 'ScheduleKeyDeletion', error: 'AccessDeniedException', count: 1 });
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'cleanup-denied-1' } } });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'aws_access_denied', retryable: false } });
+    expect(job.deletion_scheduled_for ?? null).toBeNull();
+    expect(stack.emulator.callCount('ScheduleKeyDeletion')).toBe(1);
+    // The alias went before the key's deletion was asked for; the key stays, without material.
+    const keys = stack.emulator.keys().filter((k) => k.tags.some((t) => t.TagValue === res.body.id));
+    expect(keys.map((k) => [k.keyState, k.aliases])).toEqual([['PendingImport', []]]);
+  }, 30_000);
+
   it('when KMS is slow past the timeout, then calls are aborted and retried, and the job completes once KMS is fast again', async () => {
     const stack = await startStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });
     cleanups.push(() => stack.close());

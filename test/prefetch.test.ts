@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -123,6 +124,24 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
       expect(done.counts).toMatchObject({ succeeded: 1, canceled: 2, failed: 0 });
       const made = ids.filter((id) => keysTagged(id).length > 0);
       expect(made).toEqual(running);
+    } finally {
+      await worker.close();
+    }
+  });
+
+  it('when the record of a job held ahead changes meanwhile to a status that is not final, then the job starts from the changed record and succeeds', async () => {
+    worker = await stack.startWorker(ONE_SLOT);
+    try {
+      const first = await upload('prefetch-changed-1');
+      const second = await upload('prefetch-changed-2');
+      await untilHeldAhead(first, second);
+      // As a run of it that had lost its lock would write it (its failure, late): not a cancel.
+      const key = new Keyspace(stack.config.KEYFERRY_PREFIX).job(second);
+      const stored = JSON.parse((await stack.redis.get(key)) as string) as Record<string, unknown>;
+      await stack.redis.set(key, JSON.stringify({ ...stored, status: 'retrying', error: { code: 'aws_unavailable', message: 'late', retryable: true }, write_id: randomUUID() }));
+      expect(await statusOf(first)).toBe('running'); // so the second had not started yet
+      expect(await waitForJob(stack, token, second, 10_000)).toMatchObject({ status: 'succeeded', error: null });
+      expect(keysTagged(second)).toHaveLength(1);
     } finally {
       await worker.close();
     }

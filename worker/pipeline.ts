@@ -502,21 +502,22 @@ export class UploadPipeline {
 
   /**
    * After a permanent failure: a key that never received material is scheduled for deletion (7 days), also
-   * one that an attempt created but died before recording. `held`: the record as the caller last read or wrote
-   * it. Before the alias or the key is deleted, a write from it that changes nothing checks that no one else
-   * wrote the record since (JobTakenOver if so): a run that lost its job to another worker must not delete the
-   * key or alias that worker goes on with. Returns the deletion date and the record as last written, or
-   * undefined when nothing was to be deleted.
+   * one that an attempt created but died before recording. `state.held`: the record as the caller last read or
+   * wrote it, kept up to date here with each write (also when a later step throws). Before anything in AWS is
+   * looked for or deleted (a tag lookup also deletes the extra keys it finds), a write that changes nothing
+   * checks that no one else wrote the record since (JobTakenOver if so): a run that lost its job to another
+   * worker must not delete the key or alias that worker goes on with. Returns the deletion date, or undefined
+   * when nothing was to be deleted.
    */
-  async cleanUp(held: HeldJob): Promise<{ when: string; held: HeldJob } | undefined> {
-    const { job } = held;
+  async cleanUp(state: { held: HeldJob }): Promise<string | undefined> {
+    const { job } = state.held;
     const { progress } = job;
     if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
     const kms = await this.kmsForCleanUp(job);
     if (!kms) return undefined;
+    state.held = await this.deps.stores.jobs.updateFrom(state.held, () => undefined);
     const keyId = progress.kms_key_id ?? (await this.findCreatedKey(kms, job.id))?.KeyId;
     if (!keyId) return undefined;
-    const claimed = await this.deps.stores.jobs.updateFrom(held, () => undefined);
     // The alias would otherwise keep naming the doomed key for 7 days and block a retry or a new upload. It is
     // looked for also when the record does not say it was made, and when the key was found by its tag (CreateAlias
     // goes while the key's checkpoint is on its way): a worker may have died between CreateAlias and the
@@ -530,10 +531,10 @@ export class UploadPipeline {
     }
     const out = await kms.send('ScheduleKeyDeletion', new ScheduleKeyDeletionCommand({ KeyId: keyId, PendingWindowInDays: 7 }));
     const when = (out.DeletionDate ?? new Date(Date.now() + 7 * 86_400_000)).toISOString();
-    const written = await this.deps.stores.jobs.updateFrom(claimed, (j) => {
+    state.held = await this.deps.stores.jobs.updateFrom(state.held, (j) => {
       j.progress.deletion_scheduled_for = when;
     });
-    return { when, held: written };
+    return when;
   }
 
   /**

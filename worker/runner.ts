@@ -71,18 +71,16 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
    * `step`: where the attempt failed, when the record may show another step (the pipeline's AttemptFailure).
    */
   const recordFailure = async (held: HeldJob, err: PipelineError, final: boolean, log: Logger, step?: Step) => {
+    const state = { held };
     if (final) {
-      const deletion = await pipeline.cleanUp(held).catch((e: unknown) => {
+      const deletion = await pipeline.cleanUp(state).catch((e: unknown) => {
         if (e instanceof JobTakenOver) throw e;
         log.error({ err: classify(e).message }, 'could not schedule deletion of the orphan key');
         return undefined;
       });
-      if (deletion) {
-        log.info({ deletion: deletion.when }, 'scheduled deletion of the key that never received material');
-        held = deletion.held;
-      }
+      if (deletion) log.info({ deletion }, 'scheduled deletion of the key that never received material');
     }
-    const failed = await stores.jobs.updateFrom(held, (j) => {
+    const failed = await stores.jobs.updateFrom(state.held, (j) => {
       j.status = final ? 'failed' : 'retrying';
       if (step) j.step = step;
       j.error = { code: err.code, message: err.message, retryable: err.retryable };
@@ -127,17 +125,27 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   };
 
   const startAndRun = async (job: Job<UploadJobData>, token: string | undefined, loaded: HeldJob, log: Logger) => {
-    const current = loaded.job;
     // The first step's reads of Redis go out with the start write (one socket write); they are dropped if the
     // job does not start. Compare-and-set: a cancel that won the race leaves the job alone. The write goes from
     // the record read before the slot was free (checked unchanged inside the write script), and enters the
-    // pipeline's first step (see UploadPipeline.start).
-    const lookups = pipeline.lookUp(current);
-    const started = await stores.jobs.updateHeld(loaded, (j) => UploadPipeline.start(j, job.attemptsMade + 1), current.status);
+    // pipeline's first step (see UploadPipeline.start). The job's request, which the reads need, never changes.
+    const lookups = pipeline.lookUp(loaded.job);
+    const start = (j: JobRecord) => UploadPipeline.start(j, job.attemptsMade + 1);
+    let from = loaded;
+    let started = await stores.jobs.updateHeld(from, start, from.job.status);
+    // Changed since it was read. Canceled, or finished by a run that had lost its lock and still wrote last: left
+    // alone. Changed otherwise (such a run's checkpoint or failure, written before this start): started from it.
+    for (let tries = 0; !started && tries < 3; tries++) {
+      const fresh = await stores.jobs.getHeld(job.data.jobId);
+      if (!fresh || FINAL_STATUSES.includes(fresh.job.status)) break;
+      from = fresh;
+      started = await stores.jobs.updateHeld(from, start, from.job.status);
+    }
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
       return;
     }
+    const current = from.job;
     try {
       const done = await pipeline.run(started, lookups);
       log.info({ kms_key_arn: done.job.progress.kms_key_arn, attempts: done.job.attempts }, 'upload succeeded');
