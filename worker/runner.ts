@@ -20,8 +20,11 @@ import { Slots } from './slots.js';
 import { Sources } from './sources/index.js';
 import { startWebhookWorker } from './webhook-delivery.js';
 
-/** Logged by a run whose job another worker took over (JobTakenOver): it stops at once, writing nothing more. */
-export const TAKEN_OVER = 'another worker took this job over (this worker had lost its lock on it): this run stops here and writes nothing more';
+/**
+ * Logged by a run whose job's record changed under it (JobTakenOver): another worker took the job over, or the
+ * record is gone. It stops at once, writing nothing more.
+ */
+export const TAKEN_OVER = 'another worker took this job over (this worker had lost its lock on it), or its record is gone: this run stops here and writes nothing more';
 
 export interface WorkerHandle {
   worker: Worker<UploadJobData>;
