@@ -1,6 +1,6 @@
 import type { Queue } from 'bullmq';
 import type { Stores } from '../shared/context.js';
-import type { JobRecord } from '../shared/jobs.js';
+import { mayHaveMadeKey, type JobRecord } from '../shared/jobs.js';
 import { jobsFinished } from '../shared/metrics.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { JobUpdate } from '../shared/stores/job-store.js';
@@ -21,7 +21,7 @@ export async function cancelQueuedJob(
   job: JobRecord,
   inQueue = true,
 ): Promise<JobUpdate | 'key_made' | 'started'> {
-  if (job.progress.kms_key_id !== undefined || job.progress.create_key_started_at !== undefined) return 'key_made';
+  if (mayHaveMadeKey(job.progress)) return 'key_made';
   if (inQueue) await deps.queue.remove(job.queue_job_id);
   const update = await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
     j.status = 'canceled';

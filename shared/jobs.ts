@@ -95,6 +95,14 @@ export function newJobRecord(args: { id: string; account: string; request: Uploa
   };
 }
 
+/**
+ * Whether a run of the job may have made its AWS key: the record names it, or holds the intent recorded before
+ * CreateKey (a run may have died or timed out before recording the key it made).
+ */
+export function mayHaveMadeKey(p: JobProgress): boolean {
+  return Boolean(p.kms_key_id || p.create_key_started_at);
+}
+
 /** The job resource of the HTTP API (DESIGN.md §3). */
 export function jobResource(job: JobRecord) {
   return {

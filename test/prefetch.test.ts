@@ -48,15 +48,24 @@ async function untilHeldAhead(first: string, second: string): Promise<void> {
 
 describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
   let worker: WorkerHandle | undefined;
+
+  /** A one-slot worker, running upload `<name>-1` with upload `<name>-2` held ahead; `test` gets both ids. */
+  async function withOneHeldAhead(name: string, test: (first: string, second: string) => Promise<void>): Promise<void> {
+    worker = await stack.startWorker(ONE_SLOT);
+    try {
+      const first = await upload(`${name}-1`);
+      const second = await upload(`${name}-2`);
+      await untilHeldAhead(first, second);
+      await test(first, second);
+    } finally {
+      await worker.close();
+    }
+  }
   beforeAll(() => stack.emulator.setLatency(150));
   afterAll(() => stack.emulator.setLatency(0));
 
-  it('when the one slot is busy, then the job held ahead stays queued until the slot is free, and then runs', async () => {
-    worker = await stack.startWorker(ONE_SLOT);
-    try {
-      const first = await upload('prefetch-run-1');
-      const second = await upload('prefetch-run-2');
-      await untilHeldAhead(first, second);
+  it('when the one slot is busy, then the job held ahead stays queued until the slot is free, and then runs', () =>
+    withOneHeldAhead('prefetch-run', async (first, second) => {
       // Held by the worker, but not started: never running while the first one is. (The second's status is read
       // first: the first one, running before, was still running while it was read if it still is afterwards.)
       const seen = new Set<string>();
@@ -68,17 +77,10 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
       expect([...seen]).toEqual(['queued']);
       expect(await waitForJob(stack, token, second, 10_000)).toMatchObject({ status: 'succeeded', attempts: 1 });
       expect(await statusOf(first)).toBe('succeeded');
-    } finally {
-      await worker.close();
-    }
-  });
+    }));
 
-  it('when a job held ahead is canceled, then it is canceled, the worker does nothing with it, and the running job finishes', async () => {
-    worker = await stack.startWorker(ONE_SLOT);
-    try {
-      const first = await upload('prefetch-cancel-1');
-      const second = await upload('prefetch-cancel-2');
-      await untilHeldAhead(first, second);
+  it('when a job held ahead is canceled, then it is canceled, the worker does nothing with it, and the running job finishes', () =>
+    withOneHeldAhead('prefetch-cancel', async (first, second) => {
       const del = await stack.call('DELETE', `/api/v1/jobs/${second}`, { token });
       expect(del.status).toBe(200);
       expect(del.body).toMatchObject({ id: second, status: 'canceled' });
@@ -88,10 +90,7 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
       expect(await stack.call('GET', `/api/v1/jobs/${second}`, { token })).toMatchObject({ body: { status: 'canceled', attempts: 0, kms_key_arn: null } });
       expect(keysTagged(second)).toEqual([]);
       expect(keysTagged(first)).toHaveLength(1);
-    } finally {
-      await worker.close();
-    }
-  });
+    }));
 
   it('when a batch is canceled, then its job held ahead is canceled with the queued ones and the running one finishes', async () => {
     worker = await stack.startWorker(ONE_SLOT);
@@ -129,12 +128,8 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
     }
   });
 
-  it('when the record of a job held ahead changes meanwhile to a status that is not final, then the job starts from the changed record and succeeds', async () => {
-    worker = await stack.startWorker(ONE_SLOT);
-    try {
-      const first = await upload('prefetch-changed-1');
-      const second = await upload('prefetch-changed-2');
-      await untilHeldAhead(first, second);
+  it('when the record of a job held ahead changes meanwhile to a status that is not final, then the job starts from the changed record and succeeds', () =>
+    withOneHeldAhead('prefetch-changed', async (first, second) => {
       // As a run of it that had lost its lock would write it (its failure, late): not a cancel.
       const key = new Keyspace(stack.config.KEYFERRY_PREFIX).job(second);
       const stored = JSON.parse((await stack.redis.get(key)) as string) as Record<string, unknown>;
@@ -142,10 +137,7 @@ describe('jobs held ahead of the worker’s slots (WORKER_PREFETCH)', () => {
       expect(await statusOf(first)).toBe('running'); // so the second had not started yet
       expect(await waitForJob(stack, token, second, 10_000)).toMatchObject({ status: 'succeeded', error: null });
       expect(keysTagged(second)).toHaveLength(1);
-    } finally {
-      await worker.close();
-    }
-  });
+    }));
 
   it('when the worker shuts down, then the running job finishes and the job held ahead goes back to the queue unstarted', async () => {
     worker = await stack.startWorker(ONE_SLOT);

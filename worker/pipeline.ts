@@ -17,7 +17,7 @@ import {
 import type { Stores } from '../shared/context.js';
 import { zeroize, type WrappingAlgorithm } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
-import type { JobProgress, JobRecord, Step } from '../shared/jobs.js';
+import { mayHaveMadeKey, type JobProgress, type JobRecord, type Step } from '../shared/jobs.js';
 import type { KmsOperation } from '../shared/kms-quotas.js';
 import type { HeldJob, JobUpdate } from '../shared/stores/job-store.js';
 import type { Logger } from '../shared/logger.js';
@@ -220,7 +220,7 @@ export class UploadPipeline {
     j.status = 'running';
     j.attempts = attempt;
     j.step = 'resolve';
-    if (j.request.source_key_tier === 'local' && !j.progress.kms_key_id && !j.progress.create_key_started_at) {
+    if (j.request.source_key_tier === 'local' && !mayHaveMadeKey(j.progress)) {
       recordCreateKeyIntent(j);
       j.step = 'create_key';
     }
@@ -512,7 +512,7 @@ export class UploadPipeline {
   async cleanUp(state: { held: HeldJob }): Promise<string | undefined> {
     const { job } = state.held;
     const { progress } = job;
-    if (!(progress.kms_key_id || progress.create_key_started_at) || progress.imported || progress.deletion_scheduled_for) return undefined;
+    if (!mayHaveMadeKey(progress) || progress.imported || progress.deletion_scheduled_for) return undefined;
     const kms = await this.kmsForCleanUp(job);
     if (!kms) return undefined;
     state.held = await this.deps.stores.jobs.updateFrom(state.held, () => undefined);

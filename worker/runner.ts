@@ -3,7 +3,7 @@ import type { Config } from '../shared/config.js';
 import { RESUMED_BATCH_PRIORITY } from '../shared/batches.js';
 import { createStores } from '../shared/context.js';
 import { PipelineError } from '../shared/errors.js';
-import { FINAL_STATUSES, UPLOAD_QUEUE, type JobRecord, type Step, type UploadJobData } from '../shared/jobs.js';
+import { FINAL_STATUSES, mayHaveMadeKey, UPLOAD_QUEUE, type JobRecord, type Step, type UploadJobData } from '../shared/jobs.js';
 import { JobTakenOver, type HeldJob } from '../shared/stores/job-store.js';
 import { Notifier } from '../shared/notifier.js';
 import { createWebhookQueue, enqueueWebhook } from '../shared/webhooks.js';
@@ -106,7 +106,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
    */
   const delayForQuota = async (job: Job<UploadJobData>, token: string | undefined, before: JobRecord, held: HeldJob, wait: KmsQuotaWait, log: Logger): Promise<never> => {
     await stores.jobs.updateFrom(held, (j) => {
-      const madeNothing = !j.progress.kms_key_id && !j.progress.create_key_started_at;
+      const madeNothing = !mayHaveMadeKey(j.progress);
       j.status = madeNothing && before.status === 'queued' ? 'queued' : 'retrying';
       if (madeNothing) j.attempts = before.attempts;
     });
@@ -133,16 +133,20 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
     // the record read before the slot was free (checked unchanged inside the write script), and enters the
     // pipeline's first step (see UploadPipeline.start). The job's request, which the reads need, never changes.
     const lookups = pipeline.lookUp(loaded.job);
-    const start = (j: JobRecord) => UploadPipeline.start(j, job.attemptsMade + 1);
+    const startFrom = (from: HeldJob) =>
+      stores.jobs.updateFrom(from, (j) => UploadPipeline.start(j, job.attemptsMade + 1)).catch((e: unknown) => {
+        if (e instanceof JobTakenOver) return undefined;
+        throw e;
+      });
     let from = loaded;
-    let started = await stores.jobs.updateHeld(from, start, from.job.status);
+    let started = await startFrom(from);
     // Changed since it was read. Canceled, or finished by a run that had lost its lock and still wrote last: left
     // alone. Changed otherwise (such a run's checkpoint or failure, written before this start): started from it.
     for (let tries = 0; !started && tries < 3; tries++) {
       const fresh = await stores.jobs.getHeld(job.data.jobId);
       if (!fresh || FINAL_STATUSES.includes(fresh.job.status)) break;
       from = fresh;
-      started = await stores.jobs.updateHeld(from, start, from.job.status);
+      started = await startFrom(from);
     }
     if (!started) {
       log.info('the job changed before it started (canceled?); nothing to do');
