@@ -6,15 +6,17 @@ import type { Notifier } from '../shared/notifier.js';
 import type { JobUpdate } from '../shared/stores/job-store.js';
 
 /**
- * Cancels a queued job that has not started (DELETE of a job, or of its batch). It is taken out of the queue
- * first (`inQueue`; a batch never enqueued has nothing there), so that no worker takes it. remove() refuses a
- * job a worker holds (its lock): one held ahead of a free slot (WORKER_PREFETCH), or about to start. The record
- * decides then: its status is set only while still queued, and the worker's start write, from the record it
- * read, is a compare-and-set too, so exactly one of the two wins; a worker that loses does nothing with the job.
+ * Cancels a queued job that has not started (DELETE of a job, or of its batch). The record decides first: its
+ * status is set to `canceled` only while it is still `queued` (a compare-and-set inside the write script), and
+ * the worker's start write, from the record it read, is a compare-and-set too, so exactly one of the two wins;
+ * a worker that loses does nothing with the job. Only a job whose record was canceled is then taken out of the
+ * queue, last (`inQueue`; a batch never enqueued has nothing there). A job whose record moved on keeps its
+ * BullMQ job: a worker started it, and it may now wait in BullMQ's delayed set for its retry. remove() refuses
+ * a job a worker holds (its lock); that worker reads the canceled record and does nothing with it.
  *
  * `key_made`: an earlier run made the job's AWS key (a batch job retry-failed set back to queued keeps its
  * checkpoints); it is not canceled, since nothing would then finish or clean up that key: it runs to its end.
- * `started`: a worker's start write won.
+ * `started`: the record is no longer queued (a worker's start write won).
  */
 export async function cancelQueuedJob(
   deps: { stores: Stores; queue: Queue; notifier: Notifier },
@@ -22,7 +24,6 @@ export async function cancelQueuedJob(
   inQueue = true,
 ): Promise<JobUpdate | 'key_made' | 'started'> {
   if (mayHaveMadeKey(job.progress)) return 'key_made';
-  if (inQueue) await deps.queue.remove(job.queue_job_id);
   const update = await deps.stores.jobs.updateIf(job.id, 'queued', (j) => {
     j.status = 'canceled';
     j.finished_at = new Date().toISOString();
@@ -30,5 +31,6 @@ export async function cancelQueuedJob(
   if (!update) return 'started';
   jobsFinished.inc({ status: 'canceled', code: '' });
   await deps.notifier.after(update);
+  if (inQueue) await deps.queue.remove(update.job.queue_job_id);
   return update;
 }

@@ -1,5 +1,10 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { cancelQueuedJob } from '../api/cancel.js';
+import { createStores } from '../shared/context.js';
+import { Notifier } from '../shared/notifier.js';
+import { createUploadQueue } from '../shared/queues.js';
+import { createRedis } from '../shared/redis.js';
 import { seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
@@ -52,6 +57,39 @@ describe('canceling a job that retry-failed set back after its key was made', ()
       expect(keysTagged(jobId).map((k) => k.keyState)).toEqual(['Enabled']);
     } finally {
       await worker.close();
+    }
+  });
+});
+
+describe('a cancel that finds the job no longer queued', () => {
+  it('when the record moved on after the cancel read it (a worker started the job, which now waits for its retry), then its BullMQ job stays in the queue and the record is left as it is', async () => {
+    // DELETE of a batch reads its queued jobs one chunk at a time: a job it read as queued can start, and
+    // fail for a while, before its turn. Its record is then `retrying` and its BullMQ job waits for the retry.
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'cancel-stale-read' } } });
+    expect(res.status).toBe(202);
+    const jobId = res.body.id as string;
+    const redis = createRedis(stack.config);
+    const stores = createStores(stack.config, redis);
+    const queue = createUploadQueue(redis, stores.keys);
+    try {
+      const readByCancel = await stores.jobs.get(jobId);
+      expect(readByCancel?.status).toBe('queued');
+      await stores.jobs.update(jobId, (j) => {
+        j.status = 'retrying';
+        j.attempts = 1;
+        j.step = 'resolve';
+        j.error = { code: 'source_unavailable', message: 'the key source does not answer', retryable: true };
+      });
+      const notified: unknown[] = [];
+      const outcome = await cancelQueuedJob({ stores, queue, notifier: new Notifier(stores, async (e) => void notified.push(e)) }, readByCancel as NonNullable<typeof readByCancel>);
+      expect(outcome).toBe('started');
+      expect(await queue.getJob(jobId)).toBeDefined();
+      expect((await stores.jobs.get(jobId))?.status).toBe('retrying');
+      expect(notified).toEqual([]);
+    } finally {
+      await queue.remove(jobId);
+      await queue.close();
+      redis.disconnect();
     }
   });
 });
