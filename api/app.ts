@@ -97,7 +97,7 @@ export function createApp(deps: AppDeps): Express {
       secrets: deps.webhookSecrets,
       deliveries: deps.deliveries,
       graceSeconds: deps.config.WEBHOOK_SECRET_GRACE_SECONDS,
-      batchOwner: async (id) => (await deps.stores.batches.get(id))?.batch.account,
+      ownsBatch: async (account, id) => (await deps.stores.batches.getOwned(account, id)) !== undefined,
     }),
   );
   app.use(keyRoutes({ stores: deps.stores }));

@@ -69,6 +69,18 @@ export interface JobRecord {
 }
 
 /** A new job record, status `queued`. */
+/**
+ * The form of every job id: a UUID, or `<batch id>.<index>` for a batch's job (looser, for records written by
+ * tests). An id of another form names no job, and must never reach a Redis key: `<job id>.events` would be
+ * the key of that job's event stream, and `<batch id>.batch` that of its batch.
+ */
+const JOB_ID_RE = /^[A-Za-z0-9-]{1,64}(?:\.\d{1,6})?$/;
+
+/** Whether `id` has the form of a job id (the API answers 404 for any other without asking Redis). */
+export function isJobId(id: string): boolean {
+  return JOB_ID_RE.test(id);
+}
+
 export function newJobRecord(args: { id: string; account: string; request: UploadKeyRequest; kmsId: string; maxAttempts: number; batch?: { id: string; index: number } }): JobRecord {
   const now = new Date().toISOString();
   return {

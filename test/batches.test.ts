@@ -127,6 +127,24 @@ describe('batch runs', () => {
     expect((await stack.call('GET', `/api/v1/batches/${batchId}/jobs`, { token: other })).status).toBe(404);
   });
 
+  it("when a job id names another of the batch's Redis keys (`<batch id>.batch`, `<job id>.events`), then every job route answers 404, not 500", async () => {
+    // The batch hash is at the key a job `<batch id>.batch` would have, and a single upload's event stream at
+    // `<job id>.events`: reading either as a job record is a WRONGTYPE error in Redis.
+    const single = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: item(40) });
+    const singleId = single.body.id as string;
+    expect(await waitForJob(stack, token, singleId)).toMatchObject({ status: 'succeeded' });
+    expect(await stack.redis.type(new Keyspace(stack.config.KEYFERRY_PREFIX).jobEvents(singleId))).toBe('stream');
+    for (const id of [`${batchId}.batch`, `${singleId}.events`, `${batchId}.batch:counts`, `${batchId}.0}`]) {
+      for (const [method, path] of [['GET', ''], ['DELETE', ''], ['GET', '/events'], ['GET', '/deliveries']] as const) {
+        const res = await stack.call(method, `/api/v1/jobs/${encodeURIComponent(id)}${path}`, { token });
+        expect({ id, method, path, status: res.status, type: res.headers.get('content-type') }).toEqual({ id, method, path, status: 404, type: expect.stringMatching(/^application\/problem\+json/) });
+      }
+    }
+    for (const path of ['', '/jobs', '/deliveries']) {
+      expect((await stack.call('GET', `/api/v1/batches/${encodeURIComponent(`${batchId}}`)}${path}`, { token })).status).toBe(404);
+    }
+  });
+
   it('when the same Idempotency-Key and body are posted twice, then the same batch answers', async () => {
     const body = { items: [item(20), item(21)] };
     const a = await postBatch(body, { 'idempotency-key': 'batch-idem' });

@@ -305,7 +305,7 @@ describe('webhook routes', () => {
         secrets: main.secrets,
         deliveries: main.deliveries,
         graceSeconds: GRACE,
-        batchOwner: async (id) => batchOwners[id],
+        ownsBatch: async (account, id) => batchOwners[id] === account,
       }),
     );
     app.use(problemHandler(logger));

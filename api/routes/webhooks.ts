@@ -11,8 +11,8 @@ export interface WebhookRouteDeps {
   deliveries: WebhookDeliveries;
   /** WEBHOOK_SECRET_GRACE_SECONDS: how long the previous secret keeps signing after a rotation. */
   graceSeconds: number;
-  /** The account that owns a batch, or undefined when there is no such batch. */
-  batchOwner: (id: string) => Promise<string | undefined>;
+  /** Whether the account owns a batch of that id. */
+  ownsBatch: (account: string, id: string) => Promise<boolean>;
 }
 
 /** The account's webhook signing secret, and the delivery attempts of a job's or a batch's webhooks. */
@@ -32,7 +32,7 @@ export function webhookRoutes(deps: WebhookRouteDeps): Router {
 
   router.get('/api/v1/batches/:id/deliveries', async (req, res) => {
     const account = accountOf(req);
-    if ((await deps.batchOwner(req.params.id)) !== account) throw new NotFoundError(`The batch "${req.params.id}"`);
+    if (!(await deps.ownsBatch(account, req.params.id))) throw new NotFoundError(`The batch "${req.params.id}"`);
     res.json({ deliveries: await deps.deliveries.list(req.params.id) });
   });
 

@@ -1,4 +1,4 @@
-import { emptyCounts, type BatchCounts, type BatchRecord } from '../batches.js';
+import { emptyCounts, isBatchId, type BatchCounts, type BatchRecord } from '../batches.js';
 import type { JobRecord, JobStatus } from '../jobs.js';
 import type { RedisClient } from '../redis.js';
 import type { Keyspace } from './keyspace.js';
@@ -45,7 +45,9 @@ export class BatchStore {
     return { batch: fromHash(raw), counts };
   }
 
+  /** Only the account that owns a batch sees it; an id not of a batch's form (isBatchId) names none. */
   async getOwned(account: string, id: string) {
+    if (!isBatchId(id)) return undefined;
     const found = await this.get(id);
     return found && found.batch.account === account ? found : undefined;
   }

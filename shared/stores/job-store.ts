@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Cluster } from 'ioredis';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
-import { FINAL_STATUSES, JOB_STATUSES, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
+import { FINAL_STATUSES, JOB_STATUSES, isJobId, jobResource, type JobRecord, type JobStatus } from '../jobs.js';
 import type { Keyspace } from './keyspace.js';
 
 /**
@@ -166,8 +166,9 @@ export class JobStore {
     return raw ? { job: JSON.parse(raw) as JobRecord } : undefined;
   }
 
-  /** Only the account that owns a job sees it. */
+  /** Only the account that owns a job sees it; an id not of a job's form (isJobId) names none. */
   async getOwned(account: string, id: string): Promise<JobRecord | undefined> {
+    if (!isJobId(id)) return undefined;
     const job = await this.get(id);
     return job && job.account === account ? job : undefined;
   }
