@@ -1,4 +1,4 @@
-import express, { type Express, type RequestHandler } from 'express';
+import express, { type Express, type Request, type RequestHandler } from 'express';
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
 import type { Logger } from '../shared/logger.js';
@@ -38,9 +38,15 @@ export interface AppDeps {
   deliveries: WebhookDeliveries;
 }
 
+/**
+ * A request carries a body only with a Transfer-Encoding or a Content-Length above 0: a POST with neither
+ * (`curl -X POST` without `-d`) has none, like one with `Content-Length: 0`.
+ */
+const hasBody = (req: Request) => req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0';
+
 /** POST bodies must be JSON. */
 const requireJson: RequestHandler = (req, res, next) => {
-  if (req.method === 'POST' && req.headers['content-length'] !== '0' && req.body === undefined && !req.is('application/json')) {
+  if (req.method === 'POST' && hasBody(req) && req.body === undefined && !req.is('application/json')) {
     return sendProblem(res, problem(415, 'unsupported_media_type', 'Send the body as application/json.', { instance: req.originalUrl }));
   }
   next();

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { SignJWT } from 'jose';
@@ -65,6 +66,19 @@ describe('intake: validation', () => {
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, raw: 'region=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } });
     expect(res.status).toBe(415);
     expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+
+  it('when a POST that needs no body comes with no body and no Content-Length (as `curl -X POST` sends it), then it is served, not 415', async () => {
+    const { hostname: host, port } = new URL(stack.api.url);
+    const answer = await new Promise<string>((resolve, reject) => {
+      const socket = connect(Number(port), host, () => {
+        socket.write(`POST /api/v1/webhooks/secret HTTP/1.1\r\nHost: ${host}:${port}\r\nAuthorization: Bearer ${token}\r\nConnection: close\r\n\r\n`);
+      });
+      let text = '';
+      socket.setEncoding('utf8').on('data', (d: string) => (text += d)).on('end', () => resolve(text)).on('error', reject);
+    });
+    expect(answer).toMatch(/^HTTP\/1\.1 201 /);
+    expect(answer).toMatch(/"secret":"whsec_/);
   });
 
   it('when the KMS connection does not exist or does not serve the region, then 422 names the field', async () => {
