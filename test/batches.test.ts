@@ -121,6 +121,18 @@ describe('batch runs', () => {
     expect(await stack.redis.ttl(new Keyspace(stack.config.KEYFERRY_PREFIX).batch(batchId))).toBeGreaterThan(29 * 86_400);
   });
 
+  it("when retry-failed finds no failed job it can move (their records expired before the batch's), then the batch stays completed", async () => {
+    const res = await postBatch({ items: [{ ...item(30), source_key_identifier: 'missing-key-2' }] });
+    const done = await waitForBatch(stack, token, res.body.id);
+    expect(done).toMatchObject({ status: 'completed', counts: { failed: 1 } });
+    // A job's record expires 30 days after the job ended, the batch's keys 30 days after the batch did.
+    await stack.redis.del(new Keyspace(stack.config.KEYFERRY_PREFIX).job(`${res.body.id}.0`));
+    const retried = await stack.call('POST', `/api/v1/batches/${res.body.id}/retry-failed`, { token });
+    expect(retried.status).toBe(202);
+    expect(retried.body).toMatchObject({ retried: 0, status: 'completed', finished_at: done.finished_at });
+    expect((await stack.call('GET', `/api/v1/batches/${res.body.id}`, { token })).body).toMatchObject({ status: 'completed', finished_at: done.finished_at });
+  });
+
   it('when another account asks for the batch, then 404', async () => {
     const other = await stack.token('globex');
     expect((await stack.call('GET', `/api/v1/batches/${batchId}`, { token: other })).status).toBe(404);

@@ -58,13 +58,14 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
    * Re-enqueues the failed jobs. Each move failed → queued is a compare-and-set, so concurrent calls
    * retry a job once. Queued jobs whose BullMQ job is missing (an earlier call failed between the two
    * writes) are enqueued again. Each job resumes from its checkpoints; one whose key was scheduled for
-   * deletion starts over.
+   * deletion starts over. The batch is reopened (`running`) only once a job is to run again, and before any
+   * is enqueued, so that their ends complete it again: a call that moves nothing (the failed jobs' records
+   * expired, or another call moved them) leaves a completed batch completed.
    */
   router.post('/api/v1/batches/:id/retry-failed', async (req, res) => {
     const account = accountOf(req);
     const { batch } = await owned(account, req.params.id);
     const failed = await stores.batches.idsIn(batch.id, 'failed');
-    if (failed.length > 0) await stores.batches.reopen(batch.id);
     const moved: { id: string; queueJobId: string }[] = [];
     const run = Date.now().toString(36);
     await inChunks(await stores.batches.idsIn(batch.id, 'queued'), 100, async (id) => {
@@ -83,6 +84,7 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
       });
       if (update) moved.push({ id, queueJobId: update.job.queue_job_id });
     });
+    if (moved.length > 0) await stores.batches.reopen(batch.id);
     await deps.queue.addBulk(
       moved.map(({ id, queueJobId }) => ({ name: 'upload-key', data: { jobId: id, account }, opts: { ...uploadJobOptions(deps.config), priority: BATCH_PRIORITY, jobId: queueJobId } })),
     );
