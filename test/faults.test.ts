@@ -118,6 +118,21 @@ describe('faults', () => {
     expect(keys.map((k) => [k.keyState, k.aliases])).toEqual([['PendingImport', []]]);
   }, 30_000);
 
+  it('when KMS does not know the key it just made yet (NotFoundException, then KMSInvalidStateException), then the job is retried with that key and succeeds', async () => {
+    const stack = await startStack({ name: 'faults-settling', env: fastRecovery });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token);
+    await seedLocalKey(stack, token, 'test-key');
+    // AWS: "KMS can return a NotFoundException if you call GetParametersForImport immediately after CreateKey".
+    stack.emulator.injectFault({ op: 'GetParametersForImport', error: 'NotFoundException', status: 400, count: 1 });
+    stack.emulator.injectFault({ op: 'DescribeKey', error: 'KMSInvalidStateException', status: 400, count: 1 });
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'settling-1' } } });
+    expect(await waitForJob(stack, token, res.body.id)).toMatchObject({ status: 'succeeded', attempts: 3, error: null });
+    expect(stack.emulator.callCount('CreateKey')).toBe(1);
+    expectOneKeyPerJob(stack, [res.body.id]);
+  }, 30_000);
+
   it('when KMS is slow past the timeout, then calls are aborted and retried, and the job completes once KMS is fast again', async () => {
     const stack = await startStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });
     cleanups.push(() => stack.close());

@@ -60,3 +60,25 @@ export function classify(err: unknown): PipelineError {
   // Unknown failures (a bug, a dropped connection without a code) are retried: retrying is safe, giving up is not.
   return new PipelineError('internal_error', `${name}: ${message}`, true);
 }
+
+/**
+ * How long after its CreateKey a key may still be unknown to parts of KMS. AWS documents KMS as eventually
+ * consistent: a change usually reaches all of KMS within seconds, in some cases minutes, and meanwhile calls
+ * can fail with NotFoundException or KMSInvalidStateException, e.g. GetParametersForImport right after
+ * CreateKey ("AWS KMS eventual consistency" in the KMS developer guide).
+ */
+export const NEW_KEY_SETTLING_MS = 10 * 60_000;
+
+/**
+ * classify, for the failure of an attempt whose job made its KMS key at `keyMadeAt` (the create_key intent's
+ * time; undefined when the job has no key yet): a NotFoundException or KMSInvalidStateException within
+ * NEW_KEY_SETTLING_MS of it is taken for KMS's eventual consistency and retried, with the same code. Later, the
+ * key is taken to be gone or in a state that will not change by itself (deleted, disabled), and the job fails.
+ */
+export function classifyAttempt(err: unknown, keyMadeAt: string | undefined, now = Date.now()): PipelineError {
+  const e = classify(err);
+  if (e.retryable || (e.code !== 'aws_key_not_found' && e.code !== 'aws_invalid_key_state') || keyMadeAt === undefined) return e;
+  const age = now - Date.parse(keyMadeAt);
+  if (!(age >= 0 && age < NEW_KEY_SETTLING_MS)) return e;
+  return new PipelineError(e.code, `${e.message} (the key was made ${Math.round(age / 1000)} s ago; KMS may not know it everywhere yet)`, true);
+}

@@ -12,7 +12,7 @@ import { jobDuration, jobsFinished, quotaWaits, startMetricsServer } from '../sh
 import { uploadBackoffDelay } from '../shared/queues.js';
 import { bullTelemetry } from '../shared/tracing.js';
 import { createRedis } from '../shared/redis.js';
-import { classify } from './classify.js';
+import { classify, classifyAttempt } from './classify.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
 import { AttemptFailure, UploadPipeline, type RunState } from './pipeline.js';
@@ -164,7 +164,8 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
       try {
         if (thrown instanceof JobTakenOver) throw thrown;
         if (thrown instanceof KmsQuotaWait) return await delayForQuota(job, token, current, held, thrown, log);
-        const err = classify(thrown);
+        const { progress } = held.job;
+        const err = classifyAttempt(thrown, run.madeKeyId || progress.kms_key_id ? progress.create_key_started_at : undefined);
         const final = !err.retryable || job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
         await recordFailure(held, err, final, log, step);
         throw err.retryable ? err : new UnrecoverableError(`${err.code}: ${err.message}`);
