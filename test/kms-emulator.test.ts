@@ -323,6 +323,9 @@ describe('KMS emulator', () => {
         kms.send(new CreateKeyCommand({ Tags: [{ TagKey: 'k'.repeat(129), TagValue: '' }] })),
         'ValidationException',
       );
+      const tags = (n: number) => Array.from({ length: n }, (_, i) => ({ TagKey: `k${i}`, TagValue: 'v' }));
+      await expectKmsError(kms.send(new CreateKeyCommand({ Tags: tags(51) })), 'TagException');
+      expect((await kms.send(new CreateKeyCommand({ Tags: tags(50) }))).KeyMetadata?.KeyId).toEqual(expect.any(String));
     });
 
     it('creates multi-Region keys with an mrk- key id', async () => {

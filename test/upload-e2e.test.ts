@@ -110,6 +110,15 @@ describe('upload-key end to end (API → BullMQ → worker → KMS emulator)', (
     expect(Date.parse(res.body.aws_param.ValidTo)).toBe(validTo.getTime());
   });
 
+  it('when the request names as many tags as it may (49), then the key gets them and keyferry\'s job tag: the 50 AWS allows', async () => {
+    const tags = Array.from({ length: 49 }, (_, i) => ({ TagKey: `team-${i}`, TagValue: `v${i}` }));
+    const res = await upload({ ...exampleRequest, aws_param: { Tags: tags } }, { prefer: 'wait=20' });
+    expect(res.status).toBe(201);
+    expect(res.body.aws_param.Tags).toEqual(tags);
+    const key = stack.emulator.keys().find((k) => k.arn === res.body.aws_param.Arn);
+    expect(key?.tags).toHaveLength(50);
+  });
+
   it('when principal lists are given, then the key policy in KMS names them', async () => {
     const res = await upload({ ...exampleRequest, aws_param: { Description: 'with principals' }, key_admins: ['alice'], external_accounts: ['444455556666'] }, { prefer: 'wait=20' });
     expect(res.status).toBe(201);

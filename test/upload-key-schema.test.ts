@@ -1,7 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { ValidationError } from '../shared/errors.js';
-import { parseUploadKey } from '../shared/schemas/upload-key.js';
+import { parseUploadKey, RESERVED_TAG_PREFIX } from '../shared/schemas/upload-key.js';
+import { JOB_TAG_KEY } from '../worker/result.js';
 
 const example = JSON.parse(readFileSync(new URL('./fixtures/spec-example-request.json', import.meta.url), 'utf8')) as Record<string, unknown>;
 const NOW = Date.parse('2026-11-28T12:00:00Z');
@@ -43,6 +44,8 @@ describe('upload-key request validation', () => {
     ['tag value with a space', {}, { Tags: [{ TagKey: 'k', TagValue: 'two words' }] }, 'aws_param.Tags[0].TagValue'],
     ['tag value with #', {}, { Tags: [{ TagKey: 'k', TagValue: 'a#b' }] }, 'aws_param.Tags[0].TagValue'],
     ['tag key with aws: prefix', {}, { Tags: [{ TagKey: 'aws:x', TagValue: 'v' }] }, 'aws_param.Tags[0].TagKey'],
+    ['tag key with the keyferry: prefix keyferry tags its keys with', {}, { Tags: [{ TagKey: 'KeyFerry:job-id', TagValue: 'v' }] }, 'aws_param.Tags[0].TagKey'],
+    ['50 tags (AWS allows 50 on a key, and keyferry adds one)', {}, { Tags: Array.from({ length: 50 }, (_, i) => ({ TagKey: `k${i}`, TagValue: 'v' })) }, 'aws_param.Tags'],
     ['duplicate tag keys', {}, { Tags: [{ TagKey: 'k', TagValue: 'a' }, { TagKey: 'k', TagValue: 'b' }] }, 'aws_param.Tags'],
     ['tag with an extra field', {}, { Tags: [{ TagKey: 'k', TagValue: 'v', Extra: 1 }] }, 'aws_param.Tags[0].Extra'],
     ['alias with a space', {}, { Alias: 'my key' }, 'aws_param.Alias'],
@@ -116,5 +119,12 @@ describe('upload-key request validation', () => {
   it('when the body is not an object, then the body itself is reported', () => {
     expect(errorPaths([1, 2])).toEqual(['(body)']);
     expect(errorPaths(null)).toEqual(['(body)']);
+  });
+});
+
+describe('the tags keyferry adds', () => {
+  it('when keyferry tags a key with its job, then that tag key is one a request may not use, and a request may name one tag fewer than AWS allows', () => {
+    expect(JOB_TAG_KEY.startsWith(RESERVED_TAG_PREFIX)).toBe(true);
+    expect(() => parseUploadKey(buildBody({}, { Tags: [{ TagKey: JOB_TAG_KEY, TagValue: 'x' }] }))).toThrow(ValidationError);
   });
 });

@@ -11,6 +11,10 @@ export const TAG_VALUE_RE = /^[A-Za-z0-9_./=+\-@]*$/;
 /** AWS's rule for tag keys: letters, digits, spaces and `_ . : / = + - @`. */
 const TAG_KEY_RE = /^[\p{L}\p{Z}\p{N}_.:/=+\-@]+$/u;
 const ALIAS_RE = /^[A-Za-z0-9/_-]+$/;
+/** keyferry tags every key it makes (`keyferry:job-id`, worker/result.ts): a request's tag keys may not start so. */
+export const RESERVED_TAG_PREFIX = 'keyferry:';
+/** AWS allows 50 tags on a KMS key; keyferry adds its one, so a request may name 49. */
+export const MAX_REQUEST_TAGS = 49;
 const REGION_RE = /^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$/;
 const ACCOUNT_RE = /^\d{12}$/;
 const IAM_NAME_RE = /^[\w+=,.@-]{1,128}$/;
@@ -26,7 +30,8 @@ const tag = z.strictObject({
     .min(1)
     .max(128)
     .regex(TAG_KEY_RE, 'Tag keys allow letters, digits, spaces and _ . : / = + - @.')
-    .refine((k) => !k.toLowerCase().startsWith('aws:'), 'Tag keys must not start with "aws:".'),
+    .refine((k) => !k.toLowerCase().startsWith('aws:'), 'Tag keys must not start with "aws:".')
+    .refine((k) => !k.toLowerCase().startsWith(RESERVED_TAG_PREFIX), `Tag keys must not start with "${RESERVED_TAG_PREFIX}": keyferry tags the keys it makes.`),
   TagValue: z.string().max(256).regex(TAG_VALUE_RE, 'Tag values allow only alphanumerics and _ . / = + - @.'),
 });
 
@@ -56,7 +61,7 @@ export const awsParamSchema = z.strictObject({
     .optional(),
   Tags: z
     .array(tag)
-    .max(50)
+    .max(MAX_REQUEST_TAGS, `At most ${MAX_REQUEST_TAGS} tags: AWS allows 50 on a key, and keyferry adds its own (${RESERVED_TAG_PREFIX}job-id).`)
     .refine((tags) => new Set(tags.map((t) => t.TagKey)).size === tags.length, 'Tag keys must be unique.')
     .optional(),
   ValidTo: rfc3339.optional(),

@@ -120,7 +120,11 @@ function checkPolicy(policy: string): void {
   }
 }
 
+/** AWS's limit of tags on one KMS key. */
+const MAX_TAGS = 50;
+
 function checkTags(tags: Tag[]): void {
+  if (tags.length > MAX_TAGS) throw new KmsError('TagException', `A KMS key can have at most ${MAX_TAGS} tags; the request has ${tags.length}.`);
   const seen = new Set<string>();
   for (const { TagKey, TagValue } of tags) {
     if (TagKey.length < 1) throw lengthError('TagKey', 'greater than or equal to', 1);
