@@ -1,5 +1,9 @@
 import { createCipheriv, createDecipheriv, createHash, createPublicKey, constants, publicEncrypt, randomBytes } from 'node:crypto';
 
+/** AES-256-GCM's nonce and tag sizes in a sealed value. */
+const IV_BYTES = 12;
+const TAG_BYTES = 16;
+
 export type WrappingAlgorithm = 'RSAES_OAEP_SHA_256' | 'RSAES_OAEP_SHA_1';
 
 /** Overwrites a buffer's bytes with zeros (key material must not linger in memory). */
@@ -28,7 +32,7 @@ export class SecretBox {
 
   seal(plaintext: Buffer | string, context: string): string {
     const key = this.#keys.get(this.#current) as Buffer;
-    const iv = randomBytes(12);
+    const iv = randomBytes(IV_BYTES);
     const cipher = createCipheriv('aes-256-gcm', key, iv);
     cipher.setAAD(Buffer.from(context));
     const data = typeof plaintext === 'string' ? Buffer.from(plaintext, 'utf8') : plaintext;
@@ -38,16 +42,29 @@ export class SecretBox {
     return `kf1.${this.#current}.${out.toString('base64')}`;
   }
 
-  /** Returns the plaintext in a fresh buffer; the caller zeroizes it after use. */
+  /**
+   * Returns the plaintext in a fresh buffer, the only copy made; the caller zeroizes it after use. The tag is
+   * always the full 16 bytes (a shorter one is not accepted as a truncated tag).
+   */
   open(sealed: string, context: string): Buffer {
     const [version, kid, body] = sealed.split('.');
     const key = kid === undefined ? undefined : this.#keys.get(kid);
     if (version !== 'kf1' || body === undefined || key === undefined) throw new Error('sealed value has an unknown format or key');
     const raw = Buffer.from(body, 'base64');
-    const decipher = createDecipheriv('aes-256-gcm', key, raw.subarray(0, 12));
+    if (raw.length < IV_BYTES + TAG_BYTES) throw new Error('sealed value is too short');
+    const decipher = createDecipheriv('aes-256-gcm', key, raw.subarray(0, IV_BYTES), { authTagLength: TAG_BYTES });
     decipher.setAAD(Buffer.from(context));
-    decipher.setAuthTag(raw.subarray(raw.length - 16));
-    return Buffer.concat([decipher.update(raw.subarray(12, raw.length - 16)), decipher.final()]);
+    decipher.setAuthTag(raw.subarray(raw.length - TAG_BYTES));
+    // GCM is a stream mode: update() returns all of the plaintext, final() only checks the tag (and returns
+    // nothing). Concatenating the two would leave the plaintext in update()'s buffer too, never zeroized.
+    const plain = decipher.update(raw.subarray(IV_BYTES, raw.length - TAG_BYTES));
+    try {
+      decipher.final();
+    } catch (err) {
+      zeroize(plain);
+      throw err;
+    }
+    return plain;
   }
 
   /** The same value sealed under the current master key (unchanged if it already is). */

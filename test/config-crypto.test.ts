@@ -68,6 +68,13 @@ describe('SecretBox', () => {
     expect(() => new SecretBox(randomBytes(32)).open(sealed, 'ctx')).toThrow();
   });
 
+  it('when a sealed value is shorter than its nonce and a full tag, then opening fails without trying a shorter tag', () => {
+    const sealed = box.seal(Buffer.alloc(32, 7), 'ctx');
+    const [version, kid, body] = sealed.split('.') as [string, string, string];
+    const short = Buffer.from(body, 'base64').subarray(0, 12 + 8);
+    expect(() => box.open(`${version}.${kid}.${short.toString('base64')}`, 'ctx')).toThrow(/too short/);
+  });
+
   it('when a previous key is kept, then values sealed under it still open', () => {
     const oldKey = randomBytes(32);
     const sealed = new SecretBox(oldKey).seal('v', 'c');
