@@ -20,6 +20,7 @@ import {
   dateTime,
   dateTimeExtended,
   decode,
+  DEFAULT_MAX_BYTES,
   encode,
   encodedLength,
   enumeration,
@@ -323,6 +324,21 @@ describe('TTLV decoding never trusts a length', () => {
       expect(() => decode(bytes)).toThrow(message);
     });
   }
+
+  it('when a server sends a Big Integer as large as a message may be, then it decodes to its value and encodes back (each in one step: a byte at a time, each took minutes)', () => {
+    const length = DEFAULT_MAX_BYTES - 8;
+    const value = Buffer.alloc(length, 0x5a);
+    value[0] = 0x81; // negative: two's complement
+    value[length - 1] = 0x03;
+    const item = decode(Buffer.concat([hex('42 00 20 | 04'), Buffer.from([length >>> 24, (length >>> 16) & 0xff, (length >>> 8) & 0xff, length & 0xff]), value]));
+    expect(item.type).toBe('BigInteger');
+    const v = item.value as bigint;
+    expect(v < 0n).toBe(true);
+    expect(BigInt.asUintN(8, v)).toBe(3n);
+    expect(BigInt.asUintN(16, v >> 8n)).toBe(0x5a5an);
+    expect(BigInt.asUintN(8, v >> BigInt((length - 1) * 8))).toBe(0x81n);
+    expect(encode(item).subarray(8).equals(value)).toBe(true);
+  });
 
   it('when the input is larger than maxBytes or nested deeper than maxDepth, then decoding refuses it', () => {
     expect(() => decode(int8, { maxBytes: 15 })).toThrow(/exceeds the limit of 15/);
