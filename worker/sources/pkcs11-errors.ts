@@ -17,6 +17,9 @@ const SESSION_LOST = new Set([
   'CKR_CRYPTOKI_NOT_INITIALIZED',
   'CKR_OBJECT_HANDLE_INVALID',
   'CKR_KEY_HANDLE_INVALID',
+  // The slot found for the token's label no longer exists (the token was initialised again, or its HSM
+  // reconfigured): the pool looks for the token by its label again.
+  'CKR_SLOT_ID_INVALID',
 ]);
 
 /** The HSM or its token is away or failing: another attempt later may succeed. */
@@ -28,7 +31,6 @@ const UNAVAILABLE = new Set([
   'CKR_FUNCTION_FAILED',
   'CKR_FUNCTION_CANCELED',
   'CKR_SESSION_COUNT',
-  'CKR_SLOT_ID_INVALID',
   'CKR_CANT_LOCK',
 ]);
 
