@@ -12,6 +12,9 @@ describe('classify', () => {
     expect(classify(awsError('AccessDeniedException'))).toMatchObject({ code: 'aws_access_denied', retryable: false });
     expect(classify(awsError('NotFoundException'))).toMatchObject({ code: 'aws_key_not_found', retryable: false });
     expect(classify(awsError('SomethingNew', 400))).toMatchObject({ code: 'aws_request_rejected', retryable: false });
+    // What the SDK throws for a connection without keys on a worker with no AWS identity of its own.
+    const noCredentials = Object.assign(new Error('Could not load credentials from any providers'), { name: 'CredentialsProviderError' });
+    expect(classify(noCredentials)).toMatchObject({ code: 'aws_credentials_unavailable', retryable: true });
   });
 });
 

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
+import { runEntry } from './helpers/child.js';
 import { KmsEmulator } from './kms-emulator/emulator.js';
 import { OwnRedis, freePort } from './helpers/redis-server.js';
 import { EMULATOR_ACCESS_KEY, seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
@@ -132,6 +133,29 @@ describe('faults', () => {
     expect(stack.emulator.callCount('CreateKey')).toBe(1);
     expectOneKeyPerJob(stack, [res.body.id]);
   }, 30_000);
+
+  it('when a connection without keys runs on a worker where the AWS SDK finds no credentials, then the job fails aws_credentials_unavailable after its retries', async () => {
+    const stack = await startStack({ name: 'faults-no-credentials', worker: false, env: { JOB_ATTEMPTS: '2' } });
+    cleanups.push(() => stack.close());
+    const token = await stack.token('acme');
+    await seedKms(stack, token, { aws_access_key_id: undefined, aws_secret_access_key: undefined });
+    await seedLocalKey(stack, token, 'test-key');
+    // A worker process of its own, with no AWS identity: no keys in its environment, no credentials files,
+    // no instance metadata service.
+    const worker = runEntry(
+      'worker/main.ts',
+      stack.childEnv({ AWS_EC2_METADATA_DISABLED: 'true', AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_CONFIG_FILE: '/nonexistent/config' }),
+    );
+    cleanups.push(async () => {
+      worker.proc.kill('SIGTERM');
+      await worker.exited;
+    });
+    await worker.waitForLog('worker started', 30_000);
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'no-credentials-1' } } });
+    const job = await waitForJob(stack, token, res.body.id, 20_000);
+    expect(job).toMatchObject({ status: 'failed', attempts: 2, error: { code: 'aws_credentials_unavailable', retryable: true } });
+    expect(stack.emulator.callCount()).toBe(0);
+  }, 40_000);
 
   it('when KMS is slow past the timeout, then calls are aborted and retried, and the job completes once KMS is fast again', async () => {
     const stack = await startStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });

@@ -53,6 +53,9 @@ export function classify(err: unknown): PipelineError {
 
   if (RETRYABLE.has(name)) return new PipelineError(name === 'ExpiredImportTokenException' ? 'import_token_expired' : 'aws_unavailable', `${name}: ${message}`, true);
   if (e.code && NETWORK_CODES.has(e.code)) return new PipelineError('aws_unreachable', `${e.code}: ${message}`, true);
+  // The SDK found no credentials: a connection without keys on a worker with no AWS identity of its own (or
+  // its instance metadata service did not answer). Retried, in case the identity comes back, but named.
+  if (name === 'CredentialsProviderError') return new PipelineError('aws_credentials_unavailable', `${name}: ${message}`, true);
   const permanent = PERMANENT[name];
   if (permanent) return new PipelineError(permanent, `${name}: ${message}`, false);
   if (status !== undefined && (status >= 500 || status === 429)) return new PipelineError('aws_unavailable', `${name} (HTTP ${status}): ${message}`, true);
