@@ -1,5 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createStores } from '../shared/context.js';
+import { createRedis } from '../shared/redis.js';
 import { Keyspace } from '../shared/stores/keyspace.js';
 import { collectEvents } from './helpers/sse.js';
 import { queuedJobs, seedKms, seedLocalKey, startStack, waitForBatch, waitForJob, type TestStack } from './helpers/stack.js';
@@ -131,6 +133,33 @@ describe('batch runs', () => {
     expect(retried.status).toBe(202);
     expect(retried.body).toMatchObject({ retried: 0, status: 'completed', finished_at: done.finished_at });
     expect((await stack.call('GET', `/api/v1/batches/${res.body.id}`, { token })).body).toMatchObject({ status: 'completed', finished_at: done.finished_at });
+  });
+
+  it('when a job of a completed batch leaves its final status (retry-failed), then that write reopens the batch; a cancel that ends it again completes it again', async () => {
+    const res = await postBatch({ items: [{ ...item(31), source_key_identifier: 'missing-key-3' }] });
+    const batchKeys = new Keyspace(stack.config.KEYFERRY_PREFIX);
+    expect(await waitForBatch(stack, token, res.body.id)).toMatchObject({ status: 'completed', counts: { failed: 1 } });
+    expect(await stack.redis.ttl(batchKeys.batch(res.body.id))).toBeGreaterThan(0);
+    const redis = createRedis(stack.config);
+    try {
+      // retry-failed's move, done by hand so that nothing runs between it and the cancel below.
+      const moved = await createStores(stack.config, redis).jobs.updateIf(`${res.body.id}.0`, 'failed', (j) => {
+        j.status = 'queued';
+        j.error = null;
+        j.finished_at = null;
+        j.attempts = 0;
+      });
+      expect(moved?.batchCompletion).toBe(0);
+    } finally {
+      redis.disconnect();
+    }
+    expect((await stack.call('GET', `/api/v1/batches/${res.body.id}`, { token })).body).toMatchObject({ status: 'running', finished_at: null, counts: { queued: 1, failed: 0 } });
+    for (const key of [batchKeys.batch(res.body.id), batchKeys.batchCounts(res.body.id), batchKeys.batchEvents(res.body.id)]) {
+      expect(await stack.redis.ttl(key), key).toBe(-1);
+    }
+    // A cancel of the moved job before retry-failed enqueued it ends the batch again.
+    expect((await stack.call('DELETE', `/api/v1/jobs/${res.body.id}.0`, { token })).body.status).toBe('canceled');
+    expect((await stack.call('GET', `/api/v1/batches/${res.body.id}`, { token })).body).toMatchObject({ status: 'completed', finished_at: expect.any(String), counts: { canceled: 1 } });
   });
 
   it('when another account asks for the batch, then 404', async () => {

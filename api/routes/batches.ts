@@ -58,9 +58,10 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
    * Re-enqueues the failed jobs. Each move failed → queued is a compare-and-set, so concurrent calls
    * retry a job once. Queued jobs whose BullMQ job is missing (an earlier call failed between the two
    * writes) are enqueued again. Each job resumes from its checkpoints; one whose key was scheduled for
-   * deletion starts over. The batch is reopened (`running`) only once a job is to run again, and before any
-   * is enqueued, so that their ends complete it again: a call that moves nothing (the failed jobs' records
-   * expired, or another call moved them) leaves a completed batch completed.
+   * deletion starts over. The batch is `running` again from the first move (the job-write script reopens a
+   * completed batch when a job leaves its final status), so that the jobs' ends complete it again; a call
+   * that moves nothing (the failed jobs' records expired, or another call moved them) leaves it completed, and
+   * a cancel of a moved job that ends the batch again completes it.
    */
   router.post('/api/v1/batches/:id/retry-failed', async (req, res) => {
     const account = accountOf(req);
@@ -84,7 +85,6 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
       });
       if (update) moved.push({ id, queueJobId: update.job.queue_job_id });
     });
-    if (moved.length > 0) await stores.batches.reopen(batch.id);
     await deps.queue.addBulk(
       moved.map(({ id, queueJobId }) => ({ name: 'upload-key', data: { jobId: id, account }, opts: { ...uploadJobOptions(deps.config), priority: BATCH_PRIORITY, jobId: queueJobId } })),
     );

@@ -78,11 +78,6 @@ export class BatchStore {
     return this.redis.zrange(this.keys.batchStatusIndex(batchId, status), 0, -1);
   }
 
-  /** A completed batch runs again (retry-failed): it is `running` until its jobs end again. */
-  async reopen(id: string): Promise<void> {
-    await this.redis.hset(this.keys.batch(id), 'status', 'running', 'finished_at', '', 'updated_at', new Date().toISOString());
-  }
-
   private async records(ids: string[]): Promise<JobRecord[]> {
     if (ids.length === 0) return [];
     const raws = await this.redis.mget(ids.map((id) => this.keys.job(id)));

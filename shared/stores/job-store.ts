@@ -9,7 +9,8 @@ import type { Keyspace } from './keyspace.js';
  * - appends the job resource to the job's event stream when status or step changed;
  * - for a batch job whose status changed: moves it between the batch's status counters and indexes,
  *   appends a progress event with the new counts to the batch's stream, and, when this change finishes
- *   the batch, marks it completed once and appends a `completed` event.
+ *   the batch, marks it completed once and appends a `completed` event; when it takes a job of a completed
+ *   batch out of its final status (retry-failed), the batch is `running` again (its keys then lose their TTLs).
  * Returns the batch's completion number (1 the first time, 2 after a retry-failed run ends, ...) or 0;
  * -1 when an expected status was given and the stored record is not in it (nothing written).
  * Records of finished jobs and every key of a completed batch expire after the retention; event streams,
@@ -72,9 +73,13 @@ for i = 1, #flat, 2 do counts[flat[i]] = tonumber(flat[i + 1]) end
 redis.call('HSET', KEYS[7], 'updated_at', ARGV[7])
 local done = (counts['succeeded'] or 0) + (counts['failed'] or 0) + (counts['canceled'] or 0)
 local completion = 0
-if done == tonumber(redis.call('HGET', KEYS[7], 'total')) and redis.call('HGET', KEYS[7], 'status') ~= 'completed' then
+local total = tonumber(redis.call('HGET', KEYS[7], 'total'))
+local wasCompleted = redis.call('HGET', KEYS[7], 'status') == 'completed'
+if done == total and not wasCompleted then
   redis.call('HSET', KEYS[7], 'status', 'completed', 'finished_at', ARGV[7])
   completion = redis.call('HINCRBY', KEYS[7], 'completions', 1)
+elseif done < total and wasCompleted then
+  redis.call('HSET', KEYS[7], 'status', 'running', 'finished_at', '')
 end
 local progress = cjson.encode({ job_id = ARGV[5], index = tonumber(ARGV[6]), status = ARGV[4], counts = counts })
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', 'progress', 'data', progress)
