@@ -26,6 +26,8 @@ describe('classifyAttempt: a key KMS may not know everywhere yet', () => {
     expect(classifyAttempt(awsError('NotFoundException'), madeAt, at(1500))).toMatchObject({ code: 'aws_key_not_found', retryable: true });
     expect(classifyAttempt(awsError('KMSInvalidStateException'), madeAt, at(NEW_KEY_SETTLING_MS - 1))).toMatchObject({ code: 'aws_invalid_key_state', retryable: true });
     expect(classifyAttempt(awsError('NotFoundException'), madeAt, at(1500)).message).toMatch(/made 2 s ago/);
+    // A worker whose clock is a little behind the one that recorded the intent.
+    expect(classifyAttempt(awsError('NotFoundException'), madeAt, at(-5000))).toMatchObject({ retryable: true });
   });
 
   it('when it comes later, or the job has no key, then it is permanent; other permanent errors stay permanent within the settling time', () => {

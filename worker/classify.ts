@@ -71,17 +71,20 @@ export function classify(err: unknown): PipelineError {
  * CreateKey ("AWS KMS eventual consistency" in the KMS developer guide).
  */
 export const NEW_KEY_SETTLING_MS = 10 * 60_000;
+/** How far behind the clock of the worker that recorded the create_key intent another worker's clock may be. */
+const CLOCK_SKEW_MS = 60_000;
 
 /**
  * classify, for the failure of an attempt whose job made its KMS key at `keyMadeAt` (the create_key intent's
  * time; undefined when the job has no key yet): a NotFoundException or KMSInvalidStateException within
- * NEW_KEY_SETTLING_MS of it is taken for KMS's eventual consistency and retried, with the same code. Later, the
+ * NEW_KEY_SETTLING_MS of it (or up to CLOCK_SKEW_MS before it, as this worker's clock tells) is taken for KMS's
+ * eventual consistency and retried, with the same code. Later, the
  * key is taken to be gone or in a state that will not change by itself (deleted, disabled), and the job fails.
  */
 export function classifyAttempt(err: unknown, keyMadeAt: string | undefined, now = Date.now()): PipelineError {
   const e = classify(err);
   if (e.retryable || (e.code !== 'aws_key_not_found' && e.code !== 'aws_invalid_key_state') || keyMadeAt === undefined) return e;
   const age = now - Date.parse(keyMadeAt);
-  if (!(age >= 0 && age < NEW_KEY_SETTLING_MS)) return e;
-  return new PipelineError(e.code, `${e.message} (the key was made ${Math.round(age / 1000)} s ago; KMS may not know it everywhere yet)`, true);
+  if (!(age > -CLOCK_SKEW_MS && age < NEW_KEY_SETTLING_MS)) return e;
+  return new PipelineError(e.code, `${e.message} (the key was made ${Math.max(0, Math.round(age / 1000))} s ago; KMS may not know it everywhere yet)`, true);
 }
