@@ -68,7 +68,6 @@ export interface JobRecord {
   write_id?: string;
 }
 
-/** A new job record, status `queued`. */
 /**
  * The form of every job id: a UUID, or `<batch id>.<index>` for a batch's job (looser, for records written by
  * tests). An id of another form names no job, and must never reach a Redis key: `<job id>.events` would be
@@ -81,6 +80,7 @@ export function isJobId(id: string): boolean {
   return JOB_ID_RE.test(id);
 }
 
+/** A new job record, status `queued`. */
 export function newJobRecord(args: { id: string; account: string; request: UploadKeyRequest; kmsId: string; maxAttempts: number; batch?: { id: string; index: number } }): JobRecord {
   const now = new Date().toISOString();
   return {

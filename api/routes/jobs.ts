@@ -18,7 +18,7 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
     res.json(jobResource(job));
   });
 
-  /** Cancels a job no worker has started: it is removed from the queue, then marked canceled. */
+  /** Cancels a job no worker has started: it is marked canceled, then removed from the queue (cancelQueuedJob). */
   router.delete('/api/v1/jobs/:id', async (req, res) => {
     const job = await deps.stores.jobs.getOwned(accountOf(req), req.params.id);
     if (!job) throw new NotFoundError(`The job "${req.params.id}"`);
