@@ -4,13 +4,13 @@ import { JOB_STATUSES, type JobStatus } from './jobs.js';
 export const MAX_BATCH_ITEMS = 10_000;
 /** BullMQ priority of batch jobs: single uploads carry none, and BullMQ serves those first. */
 export const BATCH_PRIORITY = 100;
+/** BullMQ priority of a batch job put back to wait for a KMS slot it reserved: before batch jobs not started yet. */
+export const RESUMED_BATCH_PRIORITY = 1;
 
 /** Whether `id` has the form of a batch id (a UUID; looser, for tests); no other reaches a Redis key. */
 export function isBatchId(id: string): boolean {
   return /^[A-Za-z0-9-]{1,64}$/.test(id);
 }
-/** BullMQ priority of a batch job put back to wait for a KMS slot it reserved: before batch jobs not started yet. */
-export const RESUMED_BATCH_PRIORITY = 1;
 
 export const batchBodySchema = z.strictObject({
   items: z.array(z.unknown()).min(1).max(MAX_BATCH_ITEMS),

@@ -78,8 +78,8 @@ const CLOCK_SKEW_MS = 60_000;
  * classify, for the failure of an attempt whose job made its KMS key at `keyMadeAt` (the create_key intent's
  * time; undefined when the job has no key yet): a NotFoundException or KMSInvalidStateException within
  * NEW_KEY_SETTLING_MS of it (or up to CLOCK_SKEW_MS before it, as this worker's clock tells) is taken for KMS's
- * eventual consistency and retried, with the same code. Later, the
- * key is taken to be gone or in a state that will not change by itself (deleted, disabled), and the job fails.
+ * eventual consistency and retried, with the same code. Later, the key is taken to be gone or in a state that
+ * will not change by itself (deleted, disabled), and the job fails.
  */
 export function classifyAttempt(err: unknown, keyMadeAt: string | undefined, now = Date.now()): PipelineError {
   const e = classify(err);
