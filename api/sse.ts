@@ -1,3 +1,4 @@
+import { Cluster } from 'ioredis';
 import type { Request, Response } from 'express';
 import type { RedisClient } from '../shared/redis.js';
 
@@ -28,7 +29,8 @@ export async function streamEvents(
 ): Promise<void> {
   res.status(200).set({ 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
   res.flushHeaders();
-  const conn = opts.redis.duplicate();
+  // A Cluster's copy takes its settings as they are now: it must queue its first commands until it is connected.
+  const conn = opts.redis instanceof Cluster ? opts.redis.duplicate(undefined, { enableOfflineQueue: true }) : opts.redis.duplicate();
   conn.on('error', () => undefined); // a failed read rejects the XREAD below, which ends the stream
   let open = !res.destroyed;
   res.on('close', () => {

@@ -27,6 +27,14 @@ export function createRedis(
       return { host: host ?? '127.0.0.1', port: Number(port ?? 6379) };
     });
     const cluster = new Cluster(nodes, { redisOptions: common });
+    if (opts.failFast) {
+      // ioredis's Cluster keeps commands in its offline queue while it reconnects, for as long as that takes, so
+      // an API request would wait as long as the cluster is away. Once it has been ready, commands sent while it
+      // is not fail at once instead (`503`); those sent before it first was still wait for it.
+      cluster.once('ready', () => {
+        cluster.options.enableOfflineQueue = false;
+      });
+    }
     // Each node's connection coalesces its own writes.
     cluster.on('+node', (node: Redis) => coalesceWrites(node));
     return cluster;
