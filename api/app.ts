@@ -13,6 +13,7 @@ import type { Intake } from './intake.js';
 import type { JobWaiter } from './job-waiter.js';
 import { problem, problemHandler, sendProblem } from './problem.js';
 import { accountRateLimit } from './rate-limit.js';
+import { StreamLimit } from './sse.js';
 import { requestLogging } from './request-id.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
@@ -95,8 +96,11 @@ export function createApp(deps: AppDeps): Express {
   app.use('/api', requireJson);
   app.use(uploadKeyRoutes({ intake: deps.intake, stores: deps.stores, waiter: deps.waiter, maxWait: deps.config.MAX_PREFER_WAIT_SECONDS }));
   const keepAliveMs = deps.config.SSE_KEEPALIVE_MS;
-  app.use(jobRoutes({ stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs }));
-  app.use(batchRoutes({ config: deps.config, intake: deps.intake, stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs }));
+  const streamLimit = new StreamLimit(deps.config.SSE_MAX_STREAMS_PER_ACCOUNT);
+  app.use(jobRoutes({ stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs, streamLimit }));
+  app.use(
+    batchRoutes({ config: deps.config, intake: deps.intake, stores: deps.stores, queue: deps.queue, redis: deps.redis, notifier: deps.notifier, keepAliveMs, streamLimit }),
+  );
   app.use(
     webhookRoutes({
       stores: deps.stores,

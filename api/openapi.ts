@@ -187,6 +187,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     429: problemResponse('Rate limited.'),
     503: problemResponse('Redis is unavailable; retry later.'),
   };
+  const tooManyStreams = problemResponse('The account holds SSE_MAX_STREAMS_PER_ACCOUNT event streams open on this server already (`too_many_streams`).');
   const idParam = (what: string) => z.object({ id: z.string().openapi({ param: { description: `The ${what} id.` } }) });
   const bodyErrors = { 400: problemResponse('Invalid body (every offending field in `errors`).'), 413: problemResponse('Body too large.'), 415: problemResponse('Body is not JSON.') };
   const idempotencyKey = z.object({ 'idempotency-key': z.string().optional().openapi({ param: { description: 'Replays the first answer for the same key and body.' } }) });
@@ -285,7 +286,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     tags: ['jobs'],
     summary: "The job's status changes as Server-Sent Events",
     request: jobId,
-    responses: { 200: sse('`job` events until the job ends.'), 404: problemResponse('No such job.'), ...authErrors },
+    responses: { 200: sse('`job` events until the job ends.'), 404: problemResponse('No such job.'), ...authErrors, 429: tooManyStreams },
   });
   route({
     method: 'get',
@@ -324,7 +325,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     tags: ['batches'],
     summary: "The batch's progress as Server-Sent Events",
     request: batchId,
-    responses: { 200: sse('`snapshot` and job events, ending with `completed`.'), 404: problemResponse('No such batch.'), ...authErrors },
+    responses: { 200: sse('`snapshot` and job events, ending with `completed`.'), 404: problemResponse('No such batch.'), ...authErrors, 429: tooManyStreams },
   });
   route({
     method: 'post',

@@ -1,6 +1,31 @@
 import { Cluster } from 'ioredis';
 import type { Request, Response } from 'express';
 import type { RedisClient } from '../shared/redis.js';
+import { problem, sendProblem } from './problem.js';
+
+/**
+ * The event streams each account holds open on this API process, at most `max` at once: each stream reads
+ * with a Redis connection of its own, so one account's streams could otherwise use up Redis's clients.
+ */
+export class StreamLimit {
+  readonly #open = new Map<string, number>();
+
+  constructor(readonly max: number) {}
+
+  /** Takes a place for one of the account's streams; false when it holds `max` already. */
+  take(account: string): boolean {
+    const n = this.#open.get(account) ?? 0;
+    if (n >= this.max) return false;
+    this.#open.set(account, n + 1);
+    return true;
+  }
+
+  release(account: string): void {
+    const n = (this.#open.get(account) ?? 1) - 1;
+    if (n > 0) this.#open.set(account, n);
+    else this.#open.delete(account);
+  }
+}
 
 export interface SseEvent {
   id: string;
@@ -12,13 +37,16 @@ export interface SseEvent {
  * Streams a Redis stream as Server-Sent Events: `first` events (a snapshot) are sent, then new stream
  * entries after `Last-Event-ID` (or after the snapshot) with blocking XREADs on a connection of the
  * stream's own, a keep-alive comment whenever `keepAliveMs` pass quietly, until `isFinal` says the
- * last event was sent or the client goes away.
+ * last event was sent or the client goes away. An account that holds `limit.max` streams open already gets a
+ * `429` problem instead.
  */
 export async function streamEvents(
   req: Request,
   res: Response,
   opts: {
     redis: RedisClient;
+    account: string;
+    limit: StreamLimit;
     streamKey: string;
     keepAliveMs: number;
     snapshot: (lastId: string) => Promise<SseEvent[]>;
@@ -27,6 +55,14 @@ export async function streamEvents(
     map?: (e: SseEvent) => Promise<SseEvent>;
   },
 ): Promise<void> {
+  if (!opts.limit.take(opts.account)) {
+    res.setHeader('Retry-After', '5');
+    return sendProblem(
+      res,
+      problem(429, 'too_many_streams', `This account holds ${opts.limit.max} event streams open on this server already; close one, or poll the resource.`, { instance: req.originalUrl }),
+    );
+  }
+  res.on('close', () => opts.limit.release(opts.account));
   res.status(200).set({ 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
   res.flushHeaders();
   // A Cluster's copy takes its settings as they are now: it must queue its first commands until it is connected.

@@ -158,6 +158,8 @@ export const configSchema = z.object({
     .transform((v) => (v === '' ? [] : v.split(',').map((k) => decodeKey(k.trim()) as Buffer))),
   /** Server-Sent Events: a keep-alive comment after this long without events, ms. */
   SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).max(300_000).default(15_000),
+  /** Server-Sent Events: streams one account may hold open at once on one API process (each holds a Redis connection). */
+  SSE_MAX_STREAMS_PER_ACCOUNT: z.coerce.number().int().min(1).max(100_000).default(100),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /**
    * The `cust.groups` group whose tokens open the queue dashboard (/admin/queues). Every tenant's jobs show

@@ -12,7 +12,7 @@ import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
 import { cancelQueuedJob } from '../cancel.js';
 import type { Intake } from '../intake.js';
-import { streamEvents } from '../sse.js';
+import { streamEvents, type StreamLimit } from '../sse.js';
 import { RETRY_AFTER_SECONDS } from './upload-key.js';
 
 export const pageQuery = z.strictObject({
@@ -26,7 +26,16 @@ async function inChunks<T>(items: T[], width: number, fn: (item: T) => Promise<v
   for (let i = 0; i < items.length; i += width) await Promise.all(items.slice(i, i + width).map(fn));
 }
 
-export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stores; queue: UploadQueue; redis: RedisClient; notifier: Notifier; keepAliveMs: number }): Router {
+export function batchRoutes(deps: {
+  config: Config;
+  intake: Intake;
+  stores: Stores;
+  queue: UploadQueue;
+  redis: RedisClient;
+  notifier: Notifier;
+  keepAliveMs: number;
+  streamLimit: StreamLimit;
+}): Router {
   const { stores } = deps;
   const router = Router();
   const owned = async (account: string, id: string) => {
@@ -119,6 +128,8 @@ export function batchRoutes(deps: { config: Config; intake: Intake; stores: Stor
     };
     await streamEvents(req, res, {
       redis: deps.redis,
+      account,
+      limit: deps.streamLimit,
       streamKey: stores.keys.batchEvents(batch.id),
       keepAliveMs: deps.keepAliveMs,
       snapshot: async (lastId) => {

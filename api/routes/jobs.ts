@@ -5,11 +5,11 @@ import { ConflictError, NotFoundError } from '../../shared/errors.js';
 import { FINAL_STATUSES, jobResource, type JobStatus } from '../../shared/jobs.js';
 import type { Notifier } from '../../shared/notifier.js';
 import type { RedisClient } from '../../shared/redis.js';
-import { streamEvents, type SseEvent } from '../sse.js';
+import { streamEvents, type SseEvent, type StreamLimit } from '../sse.js';
 import { accountOf } from '../auth.js';
 import { cancelQueuedJob } from '../cancel.js';
 
-export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClient; notifier: Notifier; keepAliveMs: number }): Router {
+export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClient; notifier: Notifier; keepAliveMs: number; streamLimit: StreamLimit }): Router {
   const router = Router();
 
   router.get('/api/v1/jobs/:id', async (req, res) => {
@@ -42,6 +42,8 @@ export function jobRoutes(deps: { stores: Stores; queue: Queue; redis: RedisClie
     const isFinal = (e: SseEvent) => FINAL_STATUSES.includes((JSON.parse(e.data) as { status: JobStatus }).status);
     await streamEvents(req, res, {
       redis: deps.redis,
+      account,
+      limit: deps.streamLimit,
       streamKey: deps.stores.keys.jobEvents(job.id),
       keepAliveMs: deps.keepAliveMs,
       snapshot: async (lastId) => {
