@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStores } from '../shared/context.js';
+import { setFieldsIfUnchanged } from '../shared/rekey.js';
 import { kmsSecretContext, localKeyContext } from '../shared/resources.js';
 import { hsmPinContext } from '../shared/source-connections.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
@@ -67,5 +68,20 @@ describe('master key rotation', () => {
     const again = runEntry('shared/rekey-main.ts', { ...testEnv('rekey'), KEYFERRY_PREFIX: stack.config.KEYFERRY_PREFIX, KEYFERRY_MASTER_KEY: newKey.toString('hex'), JWT_SECRET: stack.config.JWT_SECRET });
     expect(await again.exited).toEqual({ code: 0, signal: null });
     expect(again.output.join('\n')).toContain('"kms_connections":0,"local_keys":0,"hsm_connections":0,"dsm_connections":0,"webhook_secrets":0');
+  });
+});
+
+describe('re-sealing while the service runs', () => {
+  it('when a field was written between the read and the write back (a webhook-secret rotation), then the write back leaves it as written', async () => {
+    const key = `${stack.config.KEYFERRY_PREFIX}:rekey-race`;
+    await stack.redis.hset(key, { current: 'sealed-old-1', previous: 'sealed-old-2' });
+    // What rekey read: both fields. Meanwhile a rotation writes `current` anew.
+    await stack.redis.hset(key, 'current', 'rotated');
+    const written = await setFieldsIfUnchanged(stack.redis, key, [
+      { field: 'current', read: 'sealed-old-1', next: 'resealed-1' },
+      { field: 'previous', read: 'sealed-old-2', next: 'resealed-2' },
+    ]);
+    expect(written).toBe(1);
+    expect(await stack.redis.hgetall(key)).toEqual({ current: 'rotated', previous: 'resealed-2' });
   });
 });
