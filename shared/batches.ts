@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { JOB_STATUSES, type JobStatus } from './jobs.js';
+import { isJobId, JOB_STATUSES, type JobStatus } from './jobs.js';
 
 export const MAX_BATCH_ITEMS = 10_000;
 /** BullMQ priority of batch jobs: single uploads carry none, and BullMQ serves those first. */
@@ -7,9 +7,9 @@ export const BATCH_PRIORITY = 100;
 /** BullMQ priority of a batch job put back to wait for a KMS slot it reserved: before batch jobs not started yet. */
 export const RESUMED_BATCH_PRIORITY = 1;
 
-/** Whether `id` has the form of a batch id (a UUID; looser, for tests); no other reaches a Redis key. */
+/** Whether `id` has the form of a batch id: a job id's (isJobId) without an item index; no other reaches a Redis key. */
 export function isBatchId(id: string): boolean {
-  return /^[A-Za-z0-9-]{1,64}$/.test(id);
+  return isJobId(id) && !id.includes('.');
 }
 
 export const batchBodySchema = z.strictObject({

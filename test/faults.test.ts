@@ -22,16 +22,22 @@ afterAll(async () => {
   for (const fn of cleanups.reverse()) await fn();
 });
 
+/** A stack of the test's own, closed after the file, with account acme's KMS connection (`kms` overrides) and local key `test-key`. */
+async function seededStack(opts: Parameters<typeof startStack>[0], kms: Record<string, unknown> = {}): Promise<{ stack: TestStack; token: string }> {
+  const stack = await startStack(opts);
+  cleanups.push(() => stack.close());
+  const token = await stack.token('acme');
+  await seedKms(stack, token, kms);
+  await seedLocalKey(stack, token, 'test-key');
+  return { stack, token };
+}
+
 describe('faults', () => {
   it('when Redis crashes and comes back during a batch, then the API answers 503 meanwhile and every accepted job completes with one key', async () => {
     const redis = await OwnRedis.start();
     cleanups.push(() => redis.stop());
-    const stack = await startStack({ name: 'faults-redis', env: { REDIS_URL: redis.url, ...fastRecovery } });
-    cleanups.push(() => stack.close());
+    const { stack, token } = await seededStack({ name: 'faults-redis', env: { REDIS_URL: redis.url, ...fastRecovery } });
     stack.emulator.setLatency(20);
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
 
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body: { items: items(30, 'rr') } });
     expect(res.status).toBe(202);
@@ -60,11 +66,7 @@ describe('faults', () => {
   it('when Redis goes away while a request waits (Prefer: wait), then the accepted job is answered 202, not 503', async () => {
     const redis = await OwnRedis.start();
     cleanups.push(() => redis.stop());
-    const stack = await startStack({ name: 'faults-wait', env: { REDIS_URL: redis.url }, worker: false });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-wait', env: { REDIS_URL: redis.url }, worker: false });
 
     // No worker: the job stays queued, and the request waits its 2 s; Redis dies in the middle of them.
     const pending = stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: example, headers: { prefer: 'wait=2' } });
@@ -78,11 +80,7 @@ describe('faults', () => {
   }, 30_000);
 
   it('when KMS fails 30% of calls with 5xx and throttling, then every job completes after retries with one key', async () => {
-    const stack = await startStack({ name: 'faults-flaky', env: fastRecovery });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-flaky', env: fastRecovery });
     stack.emulator.injectFault({ op: '*', error: 'KMSInternalException', rate: 0.15 });
     stack.emulator.injectFault({ op: '*', error: 'ThrottlingException', rate: 0.15 });
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body: { items: items(20, 'flaky') } });
@@ -102,11 +100,7 @@ describe('faults', () => {
   }, 60_000);
 
   it('when the clean-up after a permanent failure cannot schedule the key for deletion, then the failure is still recorded, without a deletion date', async () => {
-    const stack = await startStack({ name: 'faults-cleanup', env: fastRecovery });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-cleanup', env: fastRecovery });
     stack.emulator.injectFault({ op: 'ImportKeyMaterial', error: 'AccessDeniedException', count: 1 });
     stack.emulator.injectFault({ op: 'ScheduleKeyDeletion', error: 'AccessDeniedException', count: 1 });
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'cleanup-denied-1' } } });
@@ -120,11 +114,7 @@ describe('faults', () => {
   }, 30_000);
 
   it('when KMS does not know the key it just made yet (NotFoundException, then KMSInvalidStateException), then the job is retried with that key and succeeds', async () => {
-    const stack = await startStack({ name: 'faults-settling', env: fastRecovery });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-settling', env: fastRecovery });
     // AWS: "KMS can return a NotFoundException if you call GetParametersForImport immediately after CreateKey".
     stack.emulator.injectFault({ op: 'GetParametersForImport', error: 'NotFoundException', status: 400, count: 1 });
     stack.emulator.injectFault({ op: 'DescribeKey', error: 'KMSInvalidStateException', status: 400, count: 1 });
@@ -135,11 +125,7 @@ describe('faults', () => {
   }, 30_000);
 
   it('when a connection without keys runs on a worker where the AWS SDK finds no credentials, then the job fails aws_credentials_unavailable after its retries', async () => {
-    const stack = await startStack({ name: 'faults-no-credentials', worker: false, env: { JOB_ATTEMPTS: '2' } });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token, { aws_access_key_id: undefined, aws_secret_access_key: undefined });
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-no-credentials', worker: false, env: { JOB_ATTEMPTS: '2' } }, { aws_access_key_id: undefined, aws_secret_access_key: undefined });
     // A worker process of its own, with no AWS identity: no keys in its environment, no credentials files,
     // no instance metadata service.
     const worker = runEntry(
@@ -158,11 +144,7 @@ describe('faults', () => {
   }, 40_000);
 
   it('when KMS is slow past the timeout, then calls are aborted and retried, and the job completes once KMS is fast again', async () => {
-    const stack = await startStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token);
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-slow', env: { ...fastRecovery, KMS_TIMEOUT_MS: '300' } });
     stack.emulator.setLatency(1000);
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, aws_param: { Alias: 'slow-1' } } });
     // The slow CreateKey makes its key after the worker gave up on it (300 ms). KMS is made fast again only
@@ -180,11 +162,7 @@ describe('faults', () => {
 
   it('when KMS is down when jobs start, then they retry until it is up and complete', async () => {
     const port = await freePort();
-    const stack = await startStack({ name: 'faults-down', env: fastRecovery });
-    cleanups.push(() => stack.close());
-    const token = await stack.token('acme');
-    await seedKms(stack, token, { name: 'down-kms', endpoint: `http://127.0.0.1:${port}` });
-    await seedLocalKey(stack, token, 'test-key');
+    const { stack, token } = await seededStack({ name: 'faults-down', env: fastRecovery }, { name: 'down-kms', endpoint: `http://127.0.0.1:${port}` });
     const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { ...example, kms: 'down-kms', aws_param: { Alias: 'down-1' } } });
     for (let i = 0; i < 100; i++) {
       const j = await stack.call('GET', `/api/v1/jobs/${res.body.id}`, { token });
