@@ -4,29 +4,20 @@ import { Cluster } from 'ioredis';
 import { BATCH_PRIORITY, batchBodySchema, type BatchRecord } from '../shared/batches.js';
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
-import { canonicalJson, sha256Hex } from '../shared/crypto.js';
-import { AppError, UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
+import { UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
 import { newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
-import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
+import type { RedisClient } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
 import { checkWebhookUrl } from '../shared/ssrf.js';
+import type { BatchStore } from '../shared/stores/batch-store.js';
 import type { JobStore } from '../shared/stores/job-store.js';
 import { parseOrThrow } from '../shared/validation.js';
+import { Idempotency, STALE_CLAIM_MS, type Claim } from './idempotency.js';
 
-const IDEMPOTENCY_TTL_SECONDS = 86_400;
-/** A claim older than this whose record does not exist was left by a request that failed (claimIdempotency). */
-const STALE_CLAIM_MS = 30_000;
-/** Replaces the claim ARGV[1] by ARGV[2] (with a fresh TTL of ARGV[3] s) only if it is still ARGV[1]. */
-const TAKE_OVER_CLAIM = `
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1`;
-/** Deletes the claim only if it is still ARGV[1] (a request that failed late must not free a claim taken over). */
-const RELEASE_CLAIM = `
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('DEL', KEYS[1])`;
+/** How many BullMQ jobs undoBatch removes per round trip. */
+const UNDO_CHUNK = 500;
 const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,255}$/;
 /** A 400 for a huge batch lists this many errors at most (the rest are counted). */
 const MAX_REPORTED_ERRORS = 1000;
@@ -44,8 +35,7 @@ export interface BatchSubmission {
 
 /** Validates, authorises against the account's resources, records and enqueues upload jobs and batches. */
 export class Intake {
-  readonly #takeOverClaim: RedisScript;
-  readonly #releaseClaim: RedisScript;
+  readonly #idempotency: Idempotency;
   /** Whether a new job's record and its add go out together (recordAndEnqueue): one Redis, one client for both. */
   readonly #recordWithAdd: boolean;
 
@@ -54,11 +44,10 @@ export class Intake {
     private readonly redis: RedisClient,
     private readonly stores: Stores,
     private readonly queue: UploadQueue,
-    /** How old a claim without a record must be before a retry takes it over (see claimIdempotency). */
-    private readonly staleClaimMs = STALE_CLAIM_MS,
+    /** How old a claim without a record must be before a retry takes it over (see Idempotency.claim). */
+    staleClaimMs = STALE_CLAIM_MS,
   ) {
-    this.#takeOverClaim = defineScript(redis, 'idempotency_take_over', TAKE_OVER_CLAIM);
-    this.#releaseClaim = defineScript(redis, 'idempotency_release', RELEASE_CLAIM);
+    this.#idempotency = new Idempotency(redis, stores.keys, staleClaimMs);
     this.#recordWithAdd = !(redis instanceof Cluster) && queue.opts.connection === redis;
   }
 
@@ -70,22 +59,28 @@ export class Intake {
     const id = randomUUID();
 
     const load = (jobId: string) => this.stores.jobs.getOwned(account, jobId);
-    const claim = await this.claimIdempotency(account, idempotencyKey, req, id, load);
-    if (claim.priorId) {
-      const job = await this.waitForRecord(() => load(claim.priorId as string));
-      // The first request may have recorded its job and then failed to enqueue it (and to clean up, with Redis
-      // away): a replay enqueues a still-queued job again. BullMQ ignores a job id it already has.
-      if (job.status === 'queued') await this.queue.add('upload-key', { jobId: job.id, account }, { ...uploadJobOptions(this.config), jobId: job.id });
-      return { job, bullJob: undefined, replayed: true };
-    }
-    const job = newJobRecord({ id, account, request: req, kmsId: kmsId as string, maxAttempts: this.config.JOB_ATTEMPTS });
-    try {
-      const bullJob = await this.recordAndEnqueue(job);
-      jobsAccepted.inc({ kind: 'single' });
-      return { job, bullJob, replayed: false };
-    } catch (err) {
-      await undoSubmission(this.queue, this.stores.jobs, id, claim.release).catch(() => undefined);
-      throw err;
+    for (;;) {
+      const { prior, claim } = await this.#idempotency.claim(account, idempotencyKey, req, id, load);
+      if (prior) {
+        const job = await this.#idempotency.waitForRecord(() => load(prior.id));
+        // The first request may have recorded its job and then failed to enqueue it (and to clean up, with Redis
+        // away): a replay enqueues a still-queued job again (BullMQ ignores a job id it already has), once it has
+        // marked the claim adopted, so that the first request's undo, if it is still to come, leaves it alone.
+        if (job.status === 'queued') {
+          if (!(await this.#idempotency.adopt(prior, account, idempotencyKey))) continue; // it is being undone
+          await this.queue.add('upload-key', { jobId: job.id, account }, { ...uploadJobOptions(this.config), jobId: job.id });
+        }
+        return { job, bullJob: undefined, replayed: true };
+      }
+      const job = newJobRecord({ id, account, request: req, kmsId: kmsId as string, maxAttempts: this.config.JOB_ATTEMPTS });
+      try {
+        const bullJob = await this.recordAndEnqueue(job);
+        jobsAccepted.inc({ kind: 'single' });
+        return { job, bullJob, replayed: false };
+      } catch (err) {
+        await undoSubmission(this.queue, this.stores.jobs, id, claim).catch(() => undefined);
+        throw err;
+      }
     }
   }
 
@@ -110,9 +105,9 @@ export class Intake {
 
   /**
    * Validates every item first (errors named `items[i].path`), then records the batch and all its job
-   * records in one MULTI, then enqueues all jobs with one addBulk. A crash between the two leaves a
-   * recorded batch with `enqueued=0` and no answer to the client; a retry with the same Idempotency-Key
-   * enqueues it (BullMQ ignores job ids it already has).
+   * records in one MULTI, then enqueues all jobs with one addBulk. If the addBulk fails, the batch is taken
+   * back (undoBatch). A crash between the two, or an undo that fails too (Redis away), leaves a recorded batch
+   * with `enqueued=0`; a retry with the same Idempotency-Key enqueues it (BullMQ ignores job ids it already has).
    */
   async submitBatch(account: string, body: unknown, idempotencyKey: string | undefined): Promise<BatchSubmission> {
     checkIdempotencyKey(idempotencyKey);
@@ -135,38 +130,51 @@ export class Intake {
 
     const batchId = randomUUID();
     const load = (id: string) => this.stores.batches.getOwned(account, id);
-    const claim = await this.claimIdempotency(account, idempotencyKey, { items, callback_url }, batchId, load);
-    if (claim.priorId) {
-      const prior = await this.waitForRecord(() => load(claim.priorId as string));
-      if (!prior.batch.enqueued) await this.enqueueBatch(prior.batch.id, account, prior.batch.total);
-      return { batchId: prior.batch.id, replayed: true };
-    }
+    for (;;) {
+      const { prior, claim } = await this.#idempotency.claim(account, idempotencyKey, { items, callback_url }, batchId, load);
+      if (prior) {
+        const { batch } = await this.#idempotency.waitForRecord(() => load(prior.id));
+        if (!batch.enqueued) {
+          if (!(await this.#idempotency.adopt(prior, account, idempotencyKey))) continue; // it is being undone
+          await this.enqueueBatch(batch.id, account, batch.total);
+        }
+        return { batchId: batch.id, replayed: true };
+      }
 
-    const now = new Date().toISOString();
-    const batch: BatchRecord = {
-      id: batchId,
-      account,
-      status: 'running',
-      total: items.length,
-      created_at: now,
-      updated_at: now,
-      finished_at: null,
-      callback_url: callback_url ?? null,
-      enqueued: 0,
-      completions: 0,
-    };
-    const jobs = items.map((request, index) =>
-      newJobRecord({ id: `${batchId}.${index}`, account, request, kmsId: kmsIds[index] as string, maxAttempts: this.config.JOB_ATTEMPTS, batch: { id: batchId, index } }),
-    );
-    try {
-      await this.stores.batches.create(batch, jobs);
-    } catch (err) {
-      await claim.release();
-      throw err;
+      const now = new Date().toISOString();
+      const batch: BatchRecord = {
+        id: batchId,
+        account,
+        status: 'running',
+        total: items.length,
+        created_at: now,
+        updated_at: now,
+        finished_at: null,
+        callback_url: callback_url ?? null,
+        enqueued: 0,
+        completions: 0,
+      };
+      const jobs = items.map((request, index) =>
+        newJobRecord({ id: `${batchId}.${index}`, account, request, kmsId: kmsIds[index] as string, maxAttempts: this.config.JOB_ATTEMPTS, batch: { id: batchId, index } }),
+      );
+      try {
+        await this.stores.batches.create(batch, jobs);
+      } catch (err) {
+        await claim.release();
+        throw err;
+      }
+      try {
+        await this.enqueueBatch(batchId, account, items.length);
+      } catch (err) {
+        await undoBatch(this.stores.batches, batchId, items.length, claim, {
+          remove: (id) => this.queue.remove(id),
+          enqueue: () => this.enqueueBatch(batchId, account, items.length),
+        }).catch(() => undefined);
+        throw err;
+      }
+      jobsAccepted.inc({ kind: 'batch' }, items.length);
+      return { batchId, replayed: false };
     }
-    await this.enqueueBatch(batchId, account, items.length);
-    jobsAccepted.inc({ kind: 'batch' }, items.length);
-    return { batchId, replayed: false };
   }
 
   /** Callback URLs must be https (http only with WEBHOOK_ALLOW_HTTP) and carry no credentials. */
@@ -222,57 +230,6 @@ export class Intake {
     if (errors.length > 0) throw new UnprocessableError('unknown_reference', 'The request names resources that do not exist.', errors.slice(0, MAX_REPORTED_ERRORS));
     return ids;
   }
-
-  /**
-   * Claims an Idempotency-Key for `newId`. If the key was used before with the same body, returns the
-   * earlier id; with another body, throws 422. `release` frees a claim whose request then failed.
-   *
-   * A claim can outlive its request without a record: Redis ran the SET NX but its answer was lost and the
-   * request failed (503) before it could release the claim. A claim older than `staleClaimMs` whose record
-   * `load` does not find is taken over (compare-and-set on the claim's value), so a retry is accepted instead
-   * of answering 409 `idempotency_key_in_flight` for the key's whole lifetime. A request writes its record
-   * right after claiming (one Redis command, or one MULTI for a batch, failing fast while Redis is away), far
-   * within that time. `release` deletes the claim only while it is still this request's.
-   */
-  private async claimIdempotency(
-    account: string,
-    key: string | undefined,
-    body: unknown,
-    newId: string,
-    load: (priorId: string) => Promise<unknown>,
-  ): Promise<{ priorId?: string; release(): Promise<unknown> }> {
-    if (key === undefined) return { release: async () => 0 };
-    const redisKey = this.stores.keys.idempotency(account, sha256Hex(key));
-    const fingerprint = sha256Hex(canonicalJson(body));
-    const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() });
-    const release = () => this.#releaseClaim([redisKey], [value]);
-    const claimed = await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX');
-    if (claimed !== null) return { release };
-    const raw = await this.redis.get(redisKey);
-    if (!raw) return this.claimIdempotency(account, key, body, newId, load); // it expired just now
-    const prior = JSON.parse(raw) as { fingerprint: string; id: string; at?: number };
-    // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
-    if (prior.id === newId) return { release };
-    if (prior.fingerprint !== fingerprint) {
-      throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
-    }
-    if (Date.now() - (prior.at ?? 0) > this.staleClaimMs && (await load(prior.id)) === undefined) {
-      const taken = await this.#takeOverClaim([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS]);
-      if (Number(taken) === 1) return { release };
-      return this.claimIdempotency(account, key, body, newId, load); // another request changed it meanwhile
-    }
-    return { priorId: prior.id, release };
-  }
-
-  /** The first request with an Idempotency-Key may still be writing its record: wait for it briefly. */
-  private async waitForRecord<T>(load: () => Promise<T | undefined>): Promise<T> {
-    for (let i = 0; i < 40; i++) {
-      const found = await load();
-      if (found) return found;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new AppError(409, 'idempotency_key_in_flight', 'A request with this Idempotency-Key is still being accepted; retry shortly.');
-  }
 }
 
 function checkIdempotencyKey(key: string | undefined): void {
@@ -305,13 +262,51 @@ function duplicateAliases(items: UploadKeyRequest[], kmsIds: string[]): FieldErr
 /**
  * Undoes an upload whose record or enqueue failed, so that nothing half-made stays behind and the client may
  * simply retry: the BullMQ job is removed, the record deleted, the Idempotency-Key claim released, each as far
- * as Redis allows. Unless a worker already holds the job and its record exists: then Redis ran both and only
- * their answers were lost (a dropped connection), and the job was in fact accepted. It runs, its record and
- * claim stay, and a retry with the same Idempotency-Key is answered with it. BullMQ does not remove a job a
- * worker holds: remove answers 0.
+ * as Redis allows. Unless the job was accepted after all: Redis ran both and only their answers were lost (a
+ * dropped connection), and a worker already holds the job (BullMQ's remove answers 0) or has started it (its
+ * record is no longer queued). It then runs, its record and claim stay, and a retry with the same
+ * Idempotency-Key is answered with it. The claim is marked `undoing` first: a replay with the same key waits
+ * for the undo; and if a replay marked it `adopted` before (it enqueues the job again), nothing is undone.
  */
-export async function undoSubmission(queue: UploadQueue, jobs: JobStore, id: string, releaseClaim: () => Promise<unknown>): Promise<void> {
+export async function undoSubmission(queue: UploadQueue, jobs: JobStore, id: string, claim: Claim): Promise<void> {
+  if (!(await claim.beginUndo())) return;
   const removed = await queue.remove(id).catch(() => undefined);
-  if (removed === 0 && (await jobs.get(id)) !== undefined) return;
-  await Promise.allSettled([jobs.delete(id), releaseClaim()]);
+  const record = await jobs.get(id);
+  if (record && (removed === 0 || record.status !== 'queued')) {
+    await claim.endUndo();
+    return;
+  }
+  await Promise.allSettled([jobs.delete(id), claim.release()]);
+}
+
+/**
+ * Undoes a batch whose addBulk failed, as undoSubmission does an upload: every job of the batch is taken out
+ * of the queue (an addBulk is a pipeline of adds, some of which may have run), then the batch's records and
+ * its claim are deleted. Unless a worker holds one of its jobs or has started one: the batch was accepted after
+ * all, and its jobs are enqueued again (`enqueue`; BullMQ ignores a job id it already has). If Redis fails
+ * here too, the batch stays as it is, recorded and not marked enqueued; its claim, left `undoing`, lets a retry
+ * with the same key enqueue it once the claim is stale.
+ */
+export async function undoBatch(
+  batches: BatchStore,
+  batchId: string,
+  total: number,
+  claim: Claim,
+  queue: { remove(id: string): Promise<number>; enqueue(): Promise<void> },
+): Promise<void> {
+  if (!(await claim.beginUndo())) return;
+  let held = false;
+  const ids = Array.from({ length: total }, (_, i) => `${batchId}.${i}`);
+  for (let i = 0; i < ids.length; i += UNDO_CHUNK) {
+    const removed = await Promise.all(ids.slice(i, i + UNDO_CHUNK).map((id) => queue.remove(id)));
+    if (removed.includes(0)) held = true;
+  }
+  const found = await batches.get(batchId);
+  if (found && (held || found.counts.queued < total)) {
+    await queue.enqueue();
+    await claim.endUndo();
+    return;
+  }
+  await batches.delete(batchId, total);
+  await claim.release();
 }

@@ -5,9 +5,11 @@ import { Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { Intake, undoSubmission } from '../api/intake.js';
+import { Claim, Idempotency } from '../api/idempotency.js';
+import { Intake, undoBatch, undoSubmission } from '../api/intake.js';
 import { startApi } from '../api/server.js';
 import { createStores } from '../shared/context.js';
+import { sha256Hex } from '../shared/crypto.js';
 import { newJobRecord, UPLOAD_QUEUE } from '../shared/jobs.js';
 import { createLogger } from '../shared/logger.js';
 import { createUploadQueue } from '../shared/queues.js';
@@ -176,6 +178,38 @@ describe('intake: an enqueue that fails', () => {
     expect(retried.status).toBe(202);
     expect(await queueSize()).toBe(queuedBefore + 1);
   });
+
+  it("when BullMQ refuses a batch's addBulk, then a problem answers and nothing of the batch stays, with an Idempotency-Key or without; a retry with the key makes a new batch", async () => {
+    // A batch's jobs are added with a priority: BullMQ's script stores each job, then INCRs the queue's priority
+    // counter, which Redis refuses on a value that is not a number; the stored job hashes stay behind.
+    const counter = `${new Keyspace(stack.config.KEYFERRY_PREFIX).bullPrefix}:${UPLOAD_QUEUE}:pc`;
+    const saved = await stack.redis.get(counter);
+    const before = await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX);
+    const queuedBefore = await queueSize();
+    const items = (from: number) => [0, 1, 2].map((i) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: `undo-batch-${from + i}` } }));
+    const postBatch = (body: unknown, headers: Record<string, string> = {}) => stack.call('POST', '/api/v1/cckm/aws/upload-key/batch', { token, body, headers });
+    await stack.redis.set(counter, 'not a number');
+    let refused: Awaited<ReturnType<typeof upload>>[];
+    try {
+      refused = [await postBatch({ items: items(0) }), await postBatch({ items: items(10) }, { 'idempotency-key': 'idem-batch-refused' })];
+    } finally {
+      if (saved === null) await stack.redis.del(counter);
+      else await stack.redis.set(counter, saved);
+    }
+    for (const res of refused) {
+      expect(res.status).toBe(500);
+      expect(res.body.code).toBe('internal_error');
+    }
+    expect((await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).filter((k) => !before.includes(k) && !isRateLimitBucket(k))).toEqual([]);
+    expect(await queueSize()).toBe(queuedBefore);
+
+    const retried = await postBatch({ items: items(10) }, { 'idempotency-key': 'idem-batch-refused' });
+    expect(retried.status).toBe(202);
+    expect(await queuedJobs(stack)).toBeGreaterThanOrEqual(3);
+    expect(await stack.redis.zrange(`${new Keyspace(stack.config.KEYFERRY_PREFIX).bullPrefix}:${UPLOAD_QUEUE}:prioritized`, 0, -1)).toEqual(
+      expect.arrayContaining([0, 1, 2].map((i) => `${retried.body.id}.${i}`)),
+    );
+  });
 });
 
 describe('intake: the record and the enqueue go out together', () => {
@@ -275,59 +309,134 @@ describe('intake: the record and the enqueue go out together', () => {
 });
 
 describe('intake: undoing a submission whose answer was lost', () => {
-  it('when a worker already holds the job and its record exists, then both stay with the claim; when the job only waits, all of it goes', async () => {
-    // A keyspace of its own: no other test's queued job is there for the worker below to take.
-    const config = { ...stack.config, KEYFERRY_PREFIX: `${stack.config.KEYFERRY_PREFIX}-undo` };
-    const { jobs, keys } = createStores(config, stack.redis);
-    const queue = createUploadQueue(stack.redis, keys);
-    const record = () => newJobRecord({ id: randomUUID(), account: 'acme', request: parseUploadKey(example), kmsId: 'kms', maxAttempts: 1 });
-    let releases = 0;
-    const releaseClaim = async () => void releases++;
+  // A keyspace of its own: no other test's queued job is there for the workers below to take.
+  const config = () => ({ ...stack.config, KEYFERRY_PREFIX: `${stack.config.KEYFERRY_PREFIX}-undo` });
+  const record = (batch?: { id: string; index: number }) =>
+    newJobRecord({ id: batch ? `${batch.id}.${batch.index}` : randomUUID(), account: 'acme', request: parseUploadKey(example), kmsId: 'kms', maxAttempts: 1, batch });
+  /** A worker that holds every job it takes until `letGo`. */
+  const holdingWorker = (bullPrefix: string) => {
     let letGo = () => undefined as void;
     const held = new Promise<void>((resolve) => (letGo = resolve));
     const taken: string[] = [];
-    const workerConnection = new Redis(stack.config.REDIS_URL, { maxRetriesPerRequest: null }); // BullMQ does not close it
+    const connection = new Redis(stack.config.REDIS_URL, { maxRetriesPerRequest: null }); // BullMQ does not close it
     const worker = new Worker(
       UPLOAD_QUEUE,
       async (job) => {
         taken.push(String(job.id));
         await held;
       },
-      { connection: workerConnection, prefix: keys.bullPrefix, autorun: false, concurrency: 2 },
+      { connection, prefix: bullPrefix, autorun: false, concurrency: 2 },
     );
+    return {
+      taken,
+      run: () => void worker.run(),
+      close: async () => {
+        letGo();
+        await worker.close();
+        connection.disconnect();
+      },
+    };
+  };
+
+  it('when a worker already holds the job and its record exists, then both stay with the claim; when the job only waits, all of it goes', async () => {
+    const { jobs, keys } = createStores(config(), stack.redis);
+    const queue = createUploadQueue(stack.redis, keys);
+    const idempotency = new Idempotency(stack.redis, keys);
+    const claimFor = async (id: string) => {
+      const key = `undo-${randomUUID()}`;
+      const { claim } = await idempotency.claim('acme', key, { id }, id, async () => undefined);
+      return { claim, stored: async () => stack.redis.get(keys.idempotency('acme', sha256Hex(key))) };
+    };
+    const worker = holdingWorker(keys.bullPrefix);
     try {
       const running = record();
+      const runningClaim = await claimFor(running.id);
       await jobs.create(running);
       await queue.add('upload-key', { jobId: running.id, account: 'acme' }, { jobId: running.id });
-      void worker.run();
-      await vi.waitFor(() => expect(taken).toEqual([running.id]), { timeout: 5000 });
-      await undoSubmission(queue, jobs, running.id, releaseClaim);
+      worker.run();
+      await vi.waitFor(() => expect(worker.taken).toEqual([running.id]), { timeout: 5000 });
+      await undoSubmission(queue, jobs, running.id, runningClaim.claim);
       expect(await jobs.get(running.id)).toMatchObject({ status: 'queued' });
       expect(await queue.getJobState(running.id)).toBe('active');
-      expect(releases).toBe(0);
+      const kept = JSON.parse((await runningClaim.stored()) as string) as { id: string; state?: string };
+      expect(kept.id).toBe(running.id);
+      expect(kept.state).toBeUndefined(); // undoing, then answering replays again
 
       // Held by a worker but without a record (the record's write was what failed): nothing was accepted.
       const unrecorded = record();
+      const unrecordedClaim = await claimFor(unrecorded.id);
       await queue.add('upload-key', { jobId: unrecorded.id, account: 'acme' }, { jobId: unrecorded.id });
-      await vi.waitFor(() => expect(taken).toContain(unrecorded.id), { timeout: 5000 });
-      await undoSubmission(queue, jobs, unrecorded.id, releaseClaim);
-      expect(releases).toBe(1);
-      letGo();
+      await vi.waitFor(() => expect(worker.taken).toContain(unrecorded.id), { timeout: 5000 });
+      await undoSubmission(queue, jobs, unrecorded.id, unrecordedClaim.claim);
+      expect(await unrecordedClaim.stored()).toBeNull();
       await worker.close();
 
+      // Started already (its record moved on) and no longer in the queue: accepted too.
+      const started = record();
+      const startedClaim = await claimFor(started.id);
+      await jobs.create({ ...started, status: 'running' });
+      await undoSubmission(queue, jobs, started.id, startedClaim.claim);
+      expect(await jobs.get(started.id)).toMatchObject({ status: 'running' });
+      expect(await startedClaim.stored()).not.toBeNull();
+
       const waiting = record();
+      const waitingClaim = await claimFor(waiting.id);
       await jobs.create(waiting);
       await queue.add('upload-key', { jobId: waiting.id, account: 'acme' }, { jobId: waiting.id });
-      await undoSubmission(queue, jobs, waiting.id, releaseClaim);
+      await undoSubmission(queue, jobs, waiting.id, waitingClaim.claim);
       expect(await jobs.get(waiting.id)).toBeUndefined();
       expect(await queue.getJobState(waiting.id)).toBe('unknown');
-      expect(releases).toBe(2);
+      expect(await waitingClaim.stored()).toBeNull();
     } finally {
-      letGo();
       await worker.close();
-      workerConnection.disconnect();
       await queue.close();
-      await deleteKeyspace(stack.redis, config.KEYFERRY_PREFIX);
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
+    }
+  });
+
+  it('when a worker holds one job of a batch whose addBulk answer was lost, then the batch stays and all its jobs are queued again; else all of it goes', async () => {
+    const { batches, keys } = createStores(config(), stack.redis);
+    const queue = createUploadQueue(stack.redis, keys);
+    const worker = holdingWorker(keys.bullPrefix);
+    const makeBatch = async (total: number) => {
+      const id = randomUUID();
+      const now = new Date().toISOString();
+      const batch = { id, account: 'acme', status: 'running' as const, total, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 0, completions: 0 };
+      await batches.create(batch, Array.from({ length: total }, (_, index) => record({ id, index })));
+      const add = () => queue.addBulk(Array.from({ length: total }, (_, i) => ({ name: 'upload-key', data: { jobId: `${id}.${i}`, account: 'acme' }, opts: { jobId: `${id}.${i}` } })));
+      const undo = () =>
+        undoBatch(batches, id, total, Claim.none, {
+          remove: (jobId) => queue.remove(jobId),
+          enqueue: async () => {
+            await add();
+            await batches.markEnqueued(id);
+          },
+        });
+      return { id, add, undo };
+    };
+    try {
+      const accepted = await makeBatch(3);
+      await queue.add('upload-key', { jobId: `${accepted.id}.1`, account: 'acme' }, { jobId: `${accepted.id}.1` });
+      worker.run();
+      await vi.waitFor(() => expect(worker.taken).toEqual([`${accepted.id}.1`]), { timeout: 5000 });
+      await accepted.add(); // the other two, as if the addBulk had run and only its answer were lost
+      await accepted.undo();
+      expect(await batches.get(accepted.id)).toMatchObject({ batch: { enqueued: 1 }, counts: { queued: 3 } });
+      const states = await Promise.all([0, 1, 2].map((i) => queue.getJobState(`${accepted.id}.${i}`)));
+      expect(states[1]).toBe('active');
+      for (const state of states) expect(['waiting', 'active']).toContain(state);
+      await worker.close();
+
+      const undone = await makeBatch(4);
+      await undone.add();
+      const before = await keysUnder(stack.redis, config().KEYFERRY_PREFIX);
+      expect(before.filter((k) => k.includes(undone.id)).length).toBeGreaterThan(4);
+      await undone.undo();
+      expect((await keysUnder(stack.redis, config().KEYFERRY_PREFIX)).filter((k) => k.includes(undone.id))).toEqual([]);
+    } finally {
+      await worker.close();
+      await queue.close();
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
     }
   });
 });

@@ -16,7 +16,8 @@ import { sha256Hex } from '../shared/crypto.js';
 import { createStores, type Stores } from '../shared/context.js';
 import { newJobRecord } from '../shared/jobs.js';
 import { createUploadQueue, type UploadQueue } from '../shared/queues.js';
-import { Intake } from '../api/intake.js';
+import { Idempotency } from '../api/idempotency.js';
+import { Intake, undoSubmission } from '../api/intake.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
@@ -363,5 +364,75 @@ describe('Idempotency-Key claims when Redis loses an answer', () => {
     expect(await queue!.getJobState(first.job.id)).toBe('unknown');
     expect(await intake.submitUpload('acme', body('enqueue-1'), key)).toMatchObject({ replayed: true, job: { id: first.job.id } });
     expect(await queue!.getJobState(first.job.id)).toBe('waiting');
+  });
+});
+
+describe("Idempotency-Key: a replay and the first request's undo", () => {
+  const STALE_CLAIM_MS = 500;
+  let apiStores: Stores;
+  let intake: Intake;
+  let idempotency: Idempotency;
+  const body = (alias: string) => ({ source_key_identifier: 'test-key', region: 'ap-south-1', kms: 'kms', aws_param: { Alias: alias } });
+  const storedClaim = async (key: string) => JSON.parse((await direct.get(apiStores.keys.idempotency('acme', sha256Hex(key)))) ?? 'null') as { id: string; state?: string } | null;
+
+  beforeAll(async () => {
+    apiStores = createStores(config, direct);
+    queue ??= createUploadQueue(direct, apiStores.keys);
+    intake = new Intake(config, direct, apiStores, queue, STALE_CLAIM_MS);
+    idempotency = new Idempotency(direct, apiStores.keys, STALE_CLAIM_MS);
+    if (!(await apiStores.kmsConnections.find('acme', 'kms'))) {
+      await apiStores.kmsConnections.create({ ...newResourceStamp('acme', randomUUID(), 'kms'), account_id: '123456789012', regions: ['ap-south-1'] } as unknown as KmsConnection);
+    }
+  });
+
+  /** What the first request with `key` leaves when its add failed: its claim and its record, no BullMQ job. */
+  const firstRequest = async (key: string, alias: string) => {
+    const req = parseUploadKey(body(alias));
+    const id = randomUUID();
+    const { claim } = await idempotency.claim('acme', key, req, id, async () => undefined);
+    await apiStores.jobs.create(newJobRecord({ id, account: 'acme', request: req, kmsId: 'kms', maxAttempts: 1 }));
+    return { id, claim };
+  };
+
+  it('when a replay re-enqueued the job before the first request undoes its failed add, then the undo leaves the record and the job', async () => {
+    const key = `idem-${randomUUID()}`;
+    const first = await firstRequest(key, 'adopted-1');
+    const replay = await intake.submitUpload('acme', body('adopted-1'), key);
+    expect(replay).toMatchObject({ replayed: true, job: { id: first.id } });
+    expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
+
+    await undoSubmission(queue!, apiStores.jobs, first.id, first.claim);
+    expect(await apiStores.jobs.get(first.id)).toMatchObject({ status: 'queued' });
+    expect(await queue!.getJobState(first.id)).toBe('waiting');
+    expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
+  });
+
+  it('when the first request began undoing before a replay came, then the replay waits for the undo and is accepted as a new upload', async () => {
+    const key = `idem-${randomUUID()}`;
+    const first = await firstRequest(key, 'undone-1');
+    expect(await first.claim.beginUndo()).toBe(true);
+    let settled = false;
+    const replay = intake.submitUpload('acme', body('undone-1'), key).finally(() => (settled = true));
+    await new Promise((r) => setTimeout(r, 200));
+    expect(settled).toBe(false); // it waits: no 202 for the job being undone
+
+    await undoSubmission(queue!, apiStores.jobs, first.id, first.claim);
+    const accepted = await replay;
+    expect(accepted.replayed).toBe(false);
+    expect(accepted.job.id).not.toBe(first.id);
+    expect(await apiStores.jobs.get(first.id)).toBeUndefined();
+    expect(await queue!.getJobState(accepted.job.id)).toBe('waiting');
+    expect(await storedClaim(key)).toMatchObject({ id: accepted.job.id });
+  });
+
+  it('when an undo never finished (its request died) and its record stays, then once the claim is stale a replay enqueues that record', async () => {
+    const key = `idem-${randomUUID()}`;
+    const first = await firstRequest(key, 'stale-undo-1');
+    await first.claim.beginUndo();
+    await new Promise((r) => setTimeout(r, STALE_CLAIM_MS + 100));
+    expect(await intake.submitUpload('acme', body('stale-undo-1'), key)).toMatchObject({ replayed: true, job: { id: first.id } });
+    expect(await queue!.getJobState(first.id)).toBe('waiting');
+    await first.claim.release(); // the late request can no longer free the claim
+    expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
   });
 });

@@ -1,5 +1,5 @@
 import { emptyCounts, isBatchId, type BatchCounts, type BatchRecord } from '../batches.js';
-import type { JobRecord, JobStatus } from '../jobs.js';
+import { JOB_STATUSES, type JobRecord, type JobStatus } from '../jobs.js';
 import type { RedisClient } from '../redis.js';
 import type { Keyspace } from './keyspace.js';
 
@@ -27,6 +27,19 @@ export class BatchStore {
     const results = await multi.exec();
     const failed = results?.find(([err]) => err);
     if (!results || failed) throw failed?.[0] ?? new Error('batch MULTI was discarded');
+  }
+
+  /**
+   * Deletes a batch and its jobs' records and event streams (undoBatch: a batch whose enqueue failed). All share
+   * the batch's hash tag, so each DEL names many keys, also on a Redis Cluster.
+   */
+  async delete(id: string, total: number): Promise<void> {
+    const keys = [this.keys.batch(id), this.keys.batchCounts(id), this.keys.batchEvents(id), ...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(id, s))];
+    for (let i = 0; i < total; i++) keys.push(this.keys.job(`${id}.${i}`), this.keys.jobEvents(`${id}.${i}`));
+    const multi = this.redis.multi();
+    for (let i = 0; i < keys.length; i += 1000) multi.del(...keys.slice(i, i + 1000));
+    const failed = (await multi.exec())?.find(([err]) => err);
+    if (failed) throw failed[0];
   }
 
   async markEnqueued(id: string): Promise<void> {

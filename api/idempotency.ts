@@ -1,0 +1,182 @@
+import { canonicalJson, sha256Hex } from '../shared/crypto.js';
+import { AppError, UnprocessableError } from '../shared/errors.js';
+import { defineScript, type RedisClient, type RedisScript } from '../shared/redis.js';
+import type { Keyspace } from '../shared/stores/keyspace.js';
+
+export const IDEMPOTENCY_TTL_SECONDS = 86_400;
+/** A claim older than this whose record does not exist was left by a request that failed (Idempotency.claim). */
+export const STALE_CLAIM_MS = 30_000;
+/** How long a request waits for the first request with its key to write its record, or to finish undoing. */
+const IN_FLIGHT_WAIT_MS = 2_000;
+/** Replaces the claim ARGV[1] by ARGV[2] (with a fresh TTL of ARGV[3] s) only if it is still ARGV[1]. */
+const SWAP_CLAIM = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1`;
+/** Deletes the claim only if it is still ARGV[1] (a request that failed late must not free a claim taken over). */
+const RELEASE_CLAIM = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])`;
+
+/**
+ * What an Idempotency-Key's Redis key holds: the request body's fingerprint, the id of the job or batch it
+ * made, when, and a state. `undoing`: the request failed and is taking back what it made (undoSubmission,
+ * undoBatch); a replay waits until it has finished. `adopted`: a replay found the record and enqueues it (again);
+ * the first request's undo then leaves everything alone.
+ */
+interface ClaimValue {
+  fingerprint: string;
+  id: string;
+  at: number;
+  state?: 'undoing' | 'adopted';
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * One request's hold on an Idempotency-Key (or on nothing, without a key): every change is a compare-and-set
+ * on the value this request last wrote, so a request never overwrites or frees a claim that a replay adopted
+ * or another request took over.
+ */
+export class Claim {
+  /** A request without an Idempotency-Key: nothing to release, and its undo always goes ahead. */
+  static readonly none = new Claim(undefined, undefined, '');
+  #value: string;
+
+  constructor(
+    private readonly scripts: { swap: RedisScript; release: RedisScript } | undefined,
+    private readonly redisKey: string | undefined,
+    value: string,
+  ) {
+    this.#value = value;
+  }
+
+  /** Deletes the claim, if it is still as this request last wrote it. */
+  async release(): Promise<void> {
+    if (this.scripts && this.redisKey) await this.scripts.release([this.redisKey], [this.#value]);
+  }
+
+  /**
+   * Marks the claim `undoing` before a failed request takes back its record and job. False if a replay adopted
+   * it (or another request took it over) meanwhile: the undo must then leave everything alone.
+   */
+  async beginUndo(): Promise<boolean> {
+    return this.#swap('undoing');
+  }
+
+  /** The undo found the job accepted after all (a worker holds it): the claim answers replays again. */
+  async endUndo(): Promise<boolean> {
+    return this.#swap(undefined);
+  }
+
+  /** Compare-and-set from this request's value to the same claim in `state`. */
+  async #swap(state: ClaimValue['state']): Promise<boolean> {
+    if (!this.scripts || !this.redisKey) return true;
+    const { state: _old, ...rest } = JSON.parse(this.#value) as ClaimValue;
+    const next = JSON.stringify(state ? { ...rest, state, at: Date.now() } : rest);
+    if (Number(await this.scripts.swap([this.redisKey], [this.#value, next, IDEMPOTENCY_TTL_SECONDS])) !== 1) return false;
+    this.#value = next;
+    return true;
+  }
+}
+
+/** A key used before with the same body: the id it made, and the claim as read (for `adopt`). */
+export interface PriorClaim {
+  id: string;
+  raw: string;
+}
+
+/**
+ * Idempotency-Key claims: the first request with a key claims it for the id it is about to make (SET NX); a
+ * request with the same key and body is answered with that id, one with another body gets 422.
+ */
+export class Idempotency {
+  readonly #swap: RedisScript;
+  readonly #release: RedisScript;
+
+  constructor(
+    private readonly redis: RedisClient,
+    private readonly keys: Keyspace,
+    /** How old a claim without a record must be before a retry takes it over (see claim). */
+    private readonly staleClaimMs = STALE_CLAIM_MS,
+  ) {
+    this.#swap = defineScript(redis, 'idempotency_swap', SWAP_CLAIM);
+    this.#release = defineScript(redis, 'idempotency_release', RELEASE_CLAIM);
+  }
+
+  /**
+   * Claims `key` for `newId`. If the key was used before with the same body, returns the earlier id as `prior`;
+   * with another body, throws 422.
+   *
+   * A claim can outlive its request without a record: Redis ran the SET NX but its answer was lost and the
+   * request failed (503) before it could release the claim. A claim older than `staleClaimMs` whose record
+   * `load` does not find is taken over (compare-and-set on the claim's value), so a retry is accepted instead
+   * of answering 409 `idempotency_key_in_flight` for the key's whole lifetime. A request writes its record
+   * right after claiming (one Redis command, or one MULTI for a batch, failing fast while Redis is away), far
+   * within that time. A claim being undone is waited for (up to 2 s, then 409) and taken over once its record
+   * is gone; one left `undoing` longer than `staleClaimMs` (its request died mid-undo) counts as a plain claim.
+   */
+  async claim(
+    account: string,
+    key: string | undefined,
+    body: unknown,
+    newId: string,
+    load: (priorId: string) => Promise<unknown>,
+    deadline = Date.now() + IN_FLIGHT_WAIT_MS,
+  ): Promise<{ prior?: PriorClaim; claim: Claim }> {
+    if (key === undefined) return { claim: Claim.none };
+    const redisKey = this.keys.idempotency(account, sha256Hex(key));
+    const fingerprint = sha256Hex(canonicalJson(body));
+    const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() } satisfies ClaimValue);
+    const claim = new Claim({ swap: this.#swap, release: this.#release }, redisKey, value);
+    const again = () => this.claim(account, key, body, newId, load, deadline);
+    if ((await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX')) !== null) return { claim };
+    const raw = await this.redis.get(redisKey);
+    if (!raw) return again(); // it expired or was released just now
+    const prior = JSON.parse(raw) as ClaimValue;
+    // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
+    if (prior.id === newId) return { claim };
+    if (prior.fingerprint !== fingerprint) {
+      throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
+    }
+    const stale = Date.now() - (prior.at ?? 0) > this.staleClaimMs;
+    const undoing = prior.state === 'undoing' && !stale;
+    if ((stale || prior.state === 'undoing') && (await load(prior.id)) === undefined) {
+      if (Number(await this.#swap([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS])) === 1) return { claim };
+      return again(); // another request changed it meanwhile
+    }
+    if (undoing) {
+      if (Date.now() > deadline) throw inFlight();
+      await sleep(50);
+      return again();
+    }
+    return { prior: { id: prior.id, raw }, claim };
+  }
+
+  /**
+   * Marks a prior claim `adopted` before a replay enqueues its record again (compare-and-set on the claim as
+   * read): from then on the first request's undo leaves the record and the job alone. False if the claim changed
+   * since it was read (its request began undoing, say): the replay must start over.
+   */
+  async adopt(prior: PriorClaim, account: string, key: string | undefined): Promise<boolean> {
+    if (key === undefined) return true;
+    const value = JSON.parse(prior.raw) as ClaimValue;
+    if (value.state === 'adopted') return true;
+    const next = JSON.stringify({ ...value, state: 'adopted' });
+    return Number(await this.#swap([this.keys.idempotency(account, sha256Hex(key))], [prior.raw, next, IDEMPOTENCY_TTL_SECONDS])) === 1;
+  }
+
+  /** The first request with an Idempotency-Key may still be writing its record: wait for it briefly. */
+  async waitForRecord<T>(load: () => Promise<T | undefined>): Promise<T> {
+    for (let waited = 0; waited < IN_FLIGHT_WAIT_MS; waited += 50) {
+      const found = await load();
+      if (found) return found;
+      await sleep(50);
+    }
+    throw inFlight();
+  }
+}
+
+function inFlight(): AppError {
+  return new AppError(409, 'idempotency_key_in_flight', 'A request with this Idempotency-Key is still being accepted; retry shortly.');
+}
