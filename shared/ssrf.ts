@@ -78,13 +78,50 @@ export function isForbiddenAddress(ip: string, allowCidrs: BlockList): boolean {
 /** At least one address: dns.lookup fails with ENOTFOUND rather than answer none. */
 export type ResolvedAddresses = [LookupAddress, ...LookupAddress[]];
 
+/** Every address of a host name (not bracketed). */
+export type HostResolver = (host: string) => Promise<LookupAddress[]>;
+
+/** The system's resolver (getaddrinfo: /etc/hosts, search domains), run on one of libuv's threads. */
+export const systemLookup: HostResolver = (host) => dns.lookup(host, { all: true });
+
+/**
+ * Resolves names over DNS with c-ares (`dns.Resolver`), on the event loop: a DNS server that answers slowly, or
+ * never, holds no libuv thread (getaddrinfo holds one of four, shared with file I/O, crypto and every other
+ * lookup of the process), and a lookup gives up after `timeoutMs` × `tries`. A and AAAA are asked together.
+ * IP literals are themselves; `localhost` and `*.localhost` are loopback (RFC 6761). Neither /etc/hosts nor
+ * the search domains of resolv.conf are used.
+ */
+export function dnsResolver(opts: { servers?: string[]; timeoutMs?: number; tries?: number } = {}): HostResolver {
+  const resolver = new dns.Resolver({ timeout: opts.timeoutMs ?? 3000, tries: opts.tries ?? 2 });
+  if (opts.servers) resolver.setServers(opts.servers);
+  return async (host) => {
+    const family = isIP(host);
+    if (family !== 0) return [{ address: host, family }];
+    const name = host.toLowerCase().replace(/\.$/, '');
+    if (name === 'localhost' || name.endsWith('.localhost')) {
+      return [
+        { address: '127.0.0.1', family: 4 },
+        { address: '::1', family: 6 },
+      ];
+    }
+    const [v4, v6] = await Promise.allSettled([resolver.resolve4(name), resolver.resolve6(name)]);
+    const found = [
+      ...(v4.status === 'fulfilled' ? v4.value.map((address) => ({ address, family: 4 })) : []),
+      ...(v6.status === 'fulfilled' ? v6.value.map((address) => ({ address, family: 6 })) : []),
+    ];
+    if (found.length > 0) return found;
+    const failed = [v4, v6].find((r): r is PromiseRejectedResult => r.status === 'rejected' && (r.reason as NodeJS.ErrnoException).code !== 'ENODATA');
+    throw failed?.reason ?? Object.assign(new Error(`${host} has no address`), { code: 'ENOTFOUND' });
+  };
+}
+
 /**
  * Resolves every A/AAAA address of `host` (an IP literal resolves to itself) and returns them only when
  * none is forbidden: one bad address refuses the host, so DNS answers cannot steer a delivery inside.
  */
-export async function resolveAllowed(host: string, allowCidrs: BlockList): Promise<ResolvedAddresses> {
+export async function resolveAllowed(host: string, allowCidrs: BlockList, resolve: HostResolver = systemLookup): Promise<ResolvedAddresses> {
   const bare = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host;
-  const [first, ...rest] = await dns.lookup(bare, { all: true });
+  const [first, ...rest] = await resolve(bare);
   if (!first) throw Object.assign(new Error(`${host} has no address`), { code: 'ENOTFOUND' });
   const bad = [first, ...rest].find((a) => isForbiddenAddress(a.address, allowCidrs));
   if (bad) throw new ForbiddenAddressError(host, bad.address);

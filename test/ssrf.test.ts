@@ -1,5 +1,7 @@
-import { describe, expect, it } from 'vitest';
-import { ForbiddenAddressError, checkWebhookUrl, isForbiddenAddress, parseCidrs, resolveAllowed } from '../shared/ssrf.js';
+import { pbkdf2 } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ForbiddenAddressError, checkWebhookUrl, dnsResolver, isForbiddenAddress, parseCidrs, resolveAllowed, type HostResolver } from '../shared/ssrf.js';
+import { TestDnsServer } from './helpers/dns-server.js';
 
 const none = parseCidrs('');
 
@@ -88,6 +90,63 @@ describe('resolveAllowed', () => {
     await expect(resolveAllowed('[::1]', none)).rejects.toBeInstanceOf(ForbiddenAddressError);
     await expect(resolveAllowed('[::ffff:7f00:1]', none)).rejects.toBeInstanceOf(ForbiddenAddressError);
     expect(await resolveAllowed('[::1]', parseCidrs('::1/128'))).toEqual([{ address: '::1', family: 6 }]);
+  });
+});
+
+describe('dnsResolver (callback hosts)', () => {
+  const dns = new TestDnsServer(
+    {
+      'hooks.example': { a: ['8.8.4.4'], aaaa: ['2001:4860:4860::8844'] },
+      'v6only.example': { aaaa: ['2001:4860:4860::8888'] },
+      'inside.example': { a: ['8.8.8.8', '10.0.0.5'] },
+    },
+    new Set(['slow.example']),
+  );
+  let resolve: HostResolver;
+  beforeAll(async () => {
+    resolve = dnsResolver({ servers: [await dns.listen()], timeoutMs: 1000, tries: 1 });
+  });
+  afterAll(() => dns.close());
+
+  it('when a name has A and AAAA records, then both kinds of address are returned and checked', async () => {
+    expect(await resolveAllowed('hooks.example', none, resolve)).toEqual([
+      { address: '8.8.4.4', family: 4 },
+      { address: '2001:4860:4860::8844', family: 6 },
+    ]);
+    expect(await resolveAllowed('V6ONLY.example.', none, resolve)).toEqual([{ address: '2001:4860:4860::8888', family: 6 }]);
+    await expect(resolveAllowed('inside.example', none, resolve)).rejects.toThrow(/10\.0\.0\.5/);
+  });
+
+  it('when a name does not exist, then it fails with ENOTFOUND', async () => {
+    await expect(resolve('nowhere.example')).rejects.toMatchObject({ code: 'ENOTFOUND' });
+  });
+
+  it('when the host is localhost or an IP literal, then no DNS server is asked', async () => {
+    const before = dns.asked.length;
+    expect(await resolve('localhost')).toEqual([
+      { address: '127.0.0.1', family: 4 },
+      { address: '::1', family: 6 },
+    ]);
+    expect(await resolve('api.localhost')).toHaveLength(2);
+    expect(await resolve('192.0.2.1')).toEqual([{ address: '192.0.2.1', family: 4 }]);
+    expect(dns.asked.length).toBe(before);
+  });
+
+  it("when the DNS server never answers, then lookups time out and, while they wait, libuv's threads stay free", async () => {
+    let settled = 0;
+    const hanging = Array.from({ length: 8 }, () =>
+      resolve('slow.example').then(
+        () => settled++,
+        (err: NodeJS.ErrnoException) => {
+          settled++;
+          return err.code;
+        },
+      ),
+    );
+    // Four tasks for libuv's four threads: with the lookups on those threads (getaddrinfo), they would wait.
+    await Promise.all(Array.from({ length: 4 }, () => new Promise((done, fail) => pbkdf2('pw', 'salt', 1, 32, 'sha256', (err) => (err ? fail(err) : done(undefined))))));
+    expect(settled).toBe(0);
+    expect(await Promise.all(hanging)).toEqual(Array(8).fill('ETIMEOUT'));
   });
 });
 

@@ -8,7 +8,7 @@ import { createStores } from '../shared/context.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { webhookDeliveries } from '../shared/metrics.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
-import { ForbiddenAddressError, parseCidrs, resolveAllowed, type ResolvedAddresses } from '../shared/ssrf.js';
+import { dnsResolver, ForbiddenAddressError, parseCidrs, resolveAllowed, type HostResolver, type ResolvedAddresses } from '../shared/ssrf.js';
 import { bullTelemetry } from '../shared/tracing.js';
 import type { Keyspace } from '../shared/stores/keyspace.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
@@ -44,6 +44,8 @@ export interface DeliveryDeps {
   deliveries: WebhookDeliveries;
   gone: GoneUrls;
   allowCidrs: BlockList;
+  /** Callback hosts' names, resolved over DNS without holding a libuv thread (dnsResolver). */
+  resolveHost: HostResolver;
   timeoutMs: number;
   /** Delay before each retry, ms (WEBHOOK_RETRY_SCHEDULE); when used up, a failed attempt is the last. */
   retryDelaysMs: number[];
@@ -133,7 +135,7 @@ async function attemptDelivery(msg: WebhookJobData, deps: DeliveryDeps): Promise
   const url = new URL(msg.url);
   let addresses: ResolvedAddresses;
   try {
-    addresses = await resolveAllowed(url.hostname, deps.allowCidrs);
+    addresses = await resolveAllowed(url.hostname, deps.allowCidrs, deps.resolveHost);
   } catch (err) {
     if (err instanceof ForbiddenAddressError) return { outcome: 'forbidden', status_code: null, error: 'forbidden_address' };
     return { outcome: 'failed', status_code: null, error: `dns_failed: ${errorCode(err)}` };
@@ -223,6 +225,7 @@ export async function startWebhookWorker(
     deliveries: new WebhookDeliveries(redis, stores.keys),
     gone: new GoneUrls(redis, stores.keys),
     allowCidrs: parseCidrs(config.WEBHOOK_ALLOW_CIDRS),
+    resolveHost: dnsResolver({ timeoutMs: 2000, tries: 2 }),
     timeoutMs: config.WEBHOOK_TIMEOUT_MS,
     retryDelaysMs: config.WEBHOOK_RETRY_SCHEDULE.split(',').map((s) => Number(s) * 1000),
     logger,
