@@ -58,11 +58,17 @@ interface HttpError {
   expose?: boolean;
 }
 
-/** True for ioredis failures: the store is away, the request may be retried. */
+/**
+ * True for failures of the store that pass, so the request may be retried: ioredis cannot reach Redis, or Redis
+ * answers that it cannot serve now: a Redis Cluster with a slot that has no node (`CLUSTERDOWN`, which ioredis
+ * retries until its redirections run out), a slot being moved (`TRYAGAIN`), a node loading its data
+ * (`LOADING`), a replica asked to write during a failover (`READONLY`) or without its master (`MASTERDOWN`).
+ */
 function isRedisUnavailable(err: Error): boolean {
   return (
     err.name === 'MaxRetriesPerRequestError' ||
-    /Connection is closed|ECONNREFUSED|Stream isn't writeable|enableOfflineQueue/.test(err.message)
+    /Connection is closed|ECONNREFUSED|Stream isn't writeable|enableOfflineQueue|Too many Cluster redirections/.test(err.message) ||
+    /^(CLUSTERDOWN|TRYAGAIN|LOADING|READONLY|MASTERDOWN) /.test(err.message)
   );
 }
 

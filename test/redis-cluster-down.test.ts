@@ -3,6 +3,7 @@
  * standalone Redis, instead of waiting in ioredis's Cluster offline queue for as long as the cluster is away.
  */
 import { randomUUID } from 'node:crypto';
+import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { signToken } from '../shared/auth.js';
 import { startApi, type ApiServer } from '../api/server.js';
@@ -29,19 +30,50 @@ afterAll(async () => {
   await cluster?.stop();
 });
 
-const getJob = async () => {
+const getJob = async (id: string = randomUUID()) => {
   const started = Date.now();
-  const res = await fetch(`${api.url}/api/v1/jobs/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(10_000) });
+  const res = await fetch(`${api.url}/api/v1/jobs/${id}`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(10_000) });
   return { status: res.status, retryAfter: res.headers.get('retry-after'), ms: Date.now() - started };
 };
 
+/** Polls until the API answers 404 for a job that does not exist: the cluster serves it. */
+const untilServed = async (id?: string) => {
+  for (let i = 0; (await getJob(id)).status !== 404; i++) {
+    if (i > 100) throw new Error('the API never answered 404 on the running cluster');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+};
+
 describe('the API on a Redis Cluster that goes away', () => {
-  it('when every node of the cluster is gone, then requests answer 503 with Retry-After at once, not when the cluster is back', async () => {
-    // Up: the cluster answers (no such job).
-    for (let i = 0; (await getJob()).status !== 404; i++) {
-      if (i > 50) throw new Error('the API never answered 404 on the running cluster');
-      await new Promise((r) => setTimeout(r, 100));
+  it('when the slot of the key asked for has no node (CLUSTERDOWN), then 503 with Retry-After, and the answer comes back with the slot', async () => {
+    await untilServed();
+    const id = randomUUID();
+    const prefix = config().KEYFERRY_PREFIX;
+    const node = new Redis(cluster.ports[0] as number, '127.0.0.1');
+    try {
+      const slot = Number(await node.call('CLUSTER', 'KEYSLOT', `${prefix}:job:{${id}}`));
+      const slots = (await node.call('CLUSTER', 'SLOTS')) as [number, number, [string, number]][];
+      const owner = slots.find(([from, to]) => slot >= from && slot <= to)?.[2][1] as number;
+      const ownerNode = new Redis(owner, '127.0.0.1');
+      try {
+        await ownerNode.call('CLUSTER', 'DELSLOTS', String(slot));
+        for (let i = 0; i < 2; i++) {
+          const down = await getJob(id);
+          expect(down).toMatchObject({ status: 503, retryAfter: expect.any(String) });
+          expect(down.ms).toBeLessThan(8000);
+        }
+      } finally {
+        await ownerNode.call('CLUSTER', 'ADDSLOTS', String(slot)).catch(() => undefined);
+        ownerNode.disconnect();
+      }
+      await untilServed(id);
+    } finally {
+      node.disconnect();
     }
+  }, 40_000);
+
+  it('when every node of the cluster is gone, then requests answer 503 with Retry-After at once, not when the cluster is back', async () => {
+    await untilServed(); // up: the cluster answers (no such job)
     await cluster.stop();
     for (let i = 0; i < 3; i++) {
       const down = await getJob();
