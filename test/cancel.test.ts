@@ -74,7 +74,7 @@ describe('a cancel that finds the job no longer queued', () => {
     try {
       const readByCancel = await stores.jobs.get(jobId);
       expect(readByCancel?.status).toBe('queued');
-      await stores.jobs.update(jobId, (j) => {
+      await stores.jobs.updateIf(jobId, undefined, (j) => {
         j.status = 'retrying';
         j.attempts = 1;
         j.step = 'resolve';

@@ -149,8 +149,8 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     const job = newJob();
     await stores.jobs.create(job);
     const held = await stores.jobs.getHeld(job.id);
-    const started = await withDroppedAnswer(job.id, () => stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued'));
-    expect(started?.job.status).toBe('running');
+    const started = await withDroppedAnswer(job.id, () => stores.jobs.updateFrom(held!, (j) => void (j.status = 'running')));
+    expect(started.job.status).toBe('running');
     expect((await stores.jobs.get(job.id))?.status).toBe('running');
     expect(await direct.xlen(stores.keys.jobEvents(job.id))).toBe(1);
   });
@@ -184,11 +184,12 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
     const batch: BatchRecord = { id: batchId, account: 'acme', status: 'running', total: 2, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 1, completions: 0 };
     const jobs = [0, 1].map((index) => newJobRecord({ id: `${batchId}.${index}`, account: 'acme', request, kmsId: 'kms-1', maxAttempts: 5, batch: { id: batchId, index } }));
     await stores.batches.create(batch, jobs);
-    const first = await withDroppedAnswer(`${batchId}.0`, () => stores.jobs.update(`${batchId}.0`, (j) => void (j.status = 'succeeded')));
+    const finish = async (id: string) => stores.jobs.updateFrom((await stores.jobs.getHeld(id))!, (j) => void (j.status = 'succeeded'));
+    const first = await withDroppedAnswer(`${batchId}.0`, () => finish(`${batchId}.0`));
     expect(first.batchCompletion).toBe(0);
     expect((await stores.batches.get(batchId))?.counts).toMatchObject({ queued: 1, succeeded: 1 });
 
-    const last = await withDroppedAnswer(`${batchId}.1`, () => stores.jobs.update(`${batchId}.1`, (j) => void (j.status = 'succeeded')));
+    const last = await withDroppedAnswer(`${batchId}.1`, () => finish(`${batchId}.1`));
     expect(last.batchCompletion).toBe(1);
     const found = await stores.batches.get(batchId);
     expect(found?.counts).toMatchObject({ queued: 0, succeeded: 2 });
@@ -214,26 +215,6 @@ describe('a call that Redis ran but whose answer was lost is sent again by iored
 });
 
 describe('two writers, one compare-and-set', () => {
-  it('when something else changed a held record meanwhile, then a write from it is refused', async () => {
-    const job = newJob();
-    await stores.jobs.create(job);
-    const held = await stores.jobs.getHeld(job.id);
-    await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
-    expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued')).toBeUndefined();
-    expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
-  });
-
-  it('when a write that carries a key to set alongside loses its compare-and-set, then neither the record nor that key is written', async () => {
-    const job = newJob();
-    await stores.jobs.create(job);
-    const held = await stores.jobs.getHeld(job.id);
-    await stores.jobs.update(job.id, (j) => void (j.status = 'canceled'));
-    const alongside = { key: stores.keys.uploadedKey(randomUUID()), value: '{"owner":"acme"}' };
-    expect(await stores.jobs.updateHeld(held!, (j) => void (j.status = 'succeeded'), 'queued', alongside)).toBeUndefined();
-    expect(await direct.exists(alongside.key)).toBe(0);
-    expect((await stores.jobs.get(job.id))?.status).toBe('canceled');
-  });
-
   it("when another worker started the job after a run last wrote it, then the run's next write throws JobTakenOver and writes neither the record nor the key alongside", async () => {
     const job = newJob();
     await stores.jobs.create(job);
@@ -273,36 +254,25 @@ describe('two writers, one compare-and-set', () => {
     await stores.jobs.create(job);
     const held = await stores.jobs.getHeld(job.id);
     const before = structuredClone(held!.job);
-    const done = await stores.jobs.updateHeld(held!, (j) => {
+    const done = await stores.jobs.updateFrom(held!, (j) => {
       j.status = 'running';
       j.progress.kms_key_id = 'key-1';
     });
-    expect(done?.job).toMatchObject({ status: 'running', progress: { kms_key_id: 'key-1' } });
-    expect(done?.job.progress).not.toBe(held!.job.progress);
+    expect(done.job).toMatchObject({ status: 'running', progress: { kms_key_id: 'key-1' } });
+    expect(done.job.progress).not.toBe(held!.job.progress);
     expect(held!.job).toEqual(before);
     expect(held!.job.status).toBe('queued');
     expect(held!.job.progress.kms_key_id).toBeUndefined();
   });
 
-  it("when the other writer's record quotes the held write_id in a field, then a write from the held record still falls back and keeps that write", async () => {
+  it("when the other writer's record quotes the held write_id in a field, then a write from the held record is still refused", async () => {
     const job = newJob();
     await stores.jobs.create(job);
     const held = await stores.jobs.getHeld(job.id);
     const quoted = JSON.stringify({ write_id: held!.job.write_id }).slice(1, -1);
-    await stores.jobs.update(job.id, (j) => void (j.error = { code: 'x', message: quoted, retryable: true }));
-    const done = await stores.jobs.updateHeld(held!, (j) => void (j.step = 'resolve'));
-    expect(done?.job).toMatchObject({ step: 'resolve', error: { message: quoted } });
-    expect(await stores.jobs.get(job.id)).toMatchObject({ step: 'resolve', error: { message: quoted } });
-  });
-
-  it('when a held record was stored before records had a write_id, then a write from it reads the record first and then writes', async () => {
-    const { write_id: _none, ...legacy } = newJob();
-    await direct.set(stores.keys.job(legacy.id), JSON.stringify(legacy));
-    const held = await stores.jobs.getHeld(legacy.id);
-    await stores.jobs.update(legacy.id, (j) => void (j.attempts = 2)); // another writer, after the hold
-    const done = await stores.jobs.updateHeld(held!, (j) => void (j.status = 'running'), 'queued');
-    expect(done?.job).toMatchObject({ status: 'running', attempts: 2, write_id: expect.any(String) });
-    expect(await stores.jobs.get(legacy.id)).toMatchObject({ status: 'running', attempts: 2 });
+    await stores.jobs.updateIf(job.id, undefined, (j) => void (j.error = { code: 'x', message: quoted, retryable: true }));
+    await expect(stores.jobs.updateFrom(held!, (j) => void (j.step = 'resolve'))).rejects.toBeInstanceOf(JobTakenOver);
+    expect(await stores.jobs.get(job.id)).toMatchObject({ step: null, error: { message: quoted } });
   });
 
   it('when two writers make the same change in the same millisecond, then only one of them wins', async () => {

@@ -27,7 +27,7 @@ const EVENTS_RETENTION_SECONDS = 3600;
  * final write completed the batch (the batch's finished_at is this write's time), else 0.
  *
  * ARGV[12], when not empty, is the `"write_id":"<id>"` member of the stored JSON the writer holds (a write
- * from a held record, JobStore.updateHeld): the write happens only if the stored JSON still holds it, that is,
+ * from a held record, JobStore.updateFrom): the write happens only if the stored JSON still holds it, that is,
  * if the record is still exactly that one (every write stores a new random id; inside a JSON string every
  * quote is escaped, so no field's value can hold the member), else -2 and nothing is written.
  * ARGV[13] is '1' when the job's keys may carry a TTL (the record was final, or is not known): only then does
@@ -123,7 +123,7 @@ export class JobTakenOver extends Error {
 }
 
 /**
- * A record as read or last written by its one writer: a later write from it (updateHeld) needs no read first.
+ * A record as read or last written by its one writer: a later write from it (updateFrom) needs no read first.
  * It is not changed afterwards.
  */
 export interface HeldJob {
@@ -165,7 +165,7 @@ export class JobStore {
     return (await this.getHeld(id))?.job;
   }
 
-  /** The record, for a writer that goes on to write it (updateHeld). */
+  /** The record, for a writer that goes on to write it (updateFrom). */
   async getHeld(id: string): Promise<HeldJob | undefined> {
     const raw = await this.redis.get(this.keys.job(id));
     return raw ? { job: JSON.parse(raw) as JobRecord } : undefined;
@@ -179,43 +179,15 @@ export class JobStore {
   }
 
   /**
-   * Applies a change to a record. A job has one writer at a time (the worker holding BullMQ's lock, or
-   * the API before the job is enqueued or after it was removed unstarted), so read-modify-write is safe.
-   */
-  async update(id: string, change: (job: JobRecord) => void): Promise<JobUpdate> {
-    const done = await this.updateIf(id, undefined, change);
-    if (!done) throw new Error(`job record ${id} is missing`);
-    return done;
-  }
-
-  /**
-   * Like update, but only if the stored status is still `expected` when the write happens (checked inside
-   * the write script): the guard for changes that race, such as cancel or retry-failed against a worker.
-   * Undefined when the record is missing or its status moved on.
+   * Applies a change to a record, only if the stored status is still `expected` (if given) when the write
+   * happens (checked inside the write script): the guard for changes that race, such as cancel or retry-failed
+   * against a worker. Undefined when the record is missing or its status moved on.
    */
   async updateIf(id: string, expected: JobStatus | undefined, change: (job: JobRecord) => void, alongside?: AlongsideSet): Promise<JobUpdate | undefined> {
     const held = await this.getHeld(id);
     if (!held || (expected !== undefined && held.job.status !== expected)) return undefined;
     const done = await this.#apply(held.job, change, { expected, alongside });
     return done === 'changed' ? undefined : done;
-  }
-
-  /**
-   * Like updateIf, from a record the caller holds (read or written by it): one round trip, no read first.
-   * The write script checks that the stored record is still exactly the held one (by its `write_id`); if
-   * anything else wrote it meanwhile, or the held record has no `write_id` (written before there were any),
-   * this falls back to updateIf (read, check `expected`, write), as if nothing had been held.
-   * The held record itself is left as it was.
-   */
-  async updateHeld(held: HeldJob, change: (job: JobRecord) => void, expected?: JobStatus, alongside?: AlongsideSet): Promise<JobUpdate | undefined> {
-    if (expected === undefined || held.job.status === expected) {
-      const job = copyForChange(held.job);
-      if (job.write_id !== undefined) {
-        const done = await this.#apply(job, change, { expected, version: job.write_id, alongside });
-        if (done !== 'changed') return done;
-      }
-    }
-    return this.updateIf(held.job.id, expected, change, alongside);
   }
 
   /**
