@@ -33,6 +33,12 @@ interface ClaimValue {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+interface ClaimScripts {
+  swap: RedisScript;
+  release: RedisScript;
+  get(key: string): Promise<string | null>;
+}
+
 /**
  * One request's hold on an Idempotency-Key (or on nothing, without a key): every change is a compare-and-set
  * on the value this request last wrote, so a request never overwrites or frees a claim that a replay adopted
@@ -42,9 +48,11 @@ export class Claim {
   /** A request without an Idempotency-Key: nothing to release, and its undo always goes ahead. */
   static readonly none = new Claim(undefined, undefined, '');
   #value: string;
+  /** Another request took the key over: this one's undo goes on without touching the claim. */
+  #detached = false;
 
   constructor(
-    private readonly scripts: { swap: RedisScript; release: RedisScript } | undefined,
+    private readonly scripts: ClaimScripts | undefined,
     private readonly redisKey: string | undefined,
     value: string,
   ) {
@@ -53,15 +61,27 @@ export class Claim {
 
   /** Deletes the claim, if it is still as this request last wrote it. */
   async release(): Promise<void> {
-    if (this.scripts && this.redisKey) await this.scripts.release([this.redisKey], [this.#value]);
+    if (this.scripts && this.redisKey && !this.#detached) await this.scripts.release([this.redisKey], [this.#value]);
   }
 
   /**
    * Marks the claim `undoing` before a failed request takes back its record and job. False if a replay adopted
-   * it (or another request took it over) meanwhile: the undo must then leave everything alone.
+   * it meanwhile (it still names this request's id): the undo must then leave everything alone. If another
+   * request took the key over (a stale claim: it names another id), this request's own record and job are
+   * still undone, and the claim is left to its new holder.
    */
   async beginUndo(): Promise<boolean> {
-    return this.#swap('undoing');
+    return this.#undoing();
+  }
+
+  /**
+   * Checks again, after the undo took the job out of the queue and just before it deletes the record, that the
+   * claim is still this request's `undoing` one, and restarts its clock, so that no replay takes it for stale
+   * while the undo ends. False if a replay adopted it meanwhile (the undo had stalled past the stale-claim
+   * age, and the replay enqueued the job again, perhaps before the undo's remove): the job must then be queued.
+   */
+  async renewUndo(): Promise<boolean> {
+    return this.#undoing();
   }
 
   /** The undo found the job accepted after all (a worker holds it): the claim answers replays again. */
@@ -69,9 +89,19 @@ export class Claim {
     return this.#swap(undefined);
   }
 
+  async #undoing(): Promise<boolean> {
+    if (!this.scripts || !this.redisKey || this.#detached) return true;
+    if (await this.#swap('undoing')) return true;
+    const current = await this.scripts.get(this.redisKey);
+    const holder = current ? (JSON.parse(current) as ClaimValue).id : undefined;
+    if (holder === (JSON.parse(this.#value) as ClaimValue).id) return false;
+    this.#detached = true;
+    return true;
+  }
+
   /** Compare-and-set from this request's value to the same claim in `state`. */
   async #swap(state: ClaimValue['state']): Promise<boolean> {
-    if (!this.scripts || !this.redisKey) return true;
+    if (!this.scripts || !this.redisKey || this.#detached) return true;
     const { state: _old, ...rest } = JSON.parse(this.#value) as ClaimValue;
     const next = JSON.stringify(state ? { ...rest, state, at: Date.now() } : rest);
     if (Number(await this.scripts.swap([this.redisKey], [this.#value, next, IDEMPOTENCY_TTL_SECONDS])) !== 1) return false;
@@ -92,7 +122,7 @@ export interface PriorClaim {
  */
 export class Idempotency {
   readonly #swap: RedisScript;
-  readonly #release: RedisScript;
+  readonly #scripts: ClaimScripts;
 
   constructor(
     private readonly redis: RedisClient,
@@ -101,7 +131,7 @@ export class Idempotency {
     private readonly staleClaimMs = STALE_CLAIM_MS,
   ) {
     this.#swap = defineScript(redis, 'idempotency_swap', SWAP_CLAIM);
-    this.#release = defineScript(redis, 'idempotency_release', RELEASE_CLAIM);
+    this.#scripts = { swap: this.#swap, release: defineScript(redis, 'idempotency_release', RELEASE_CLAIM), get: (key) => redis.get(key) };
   }
 
   /**
@@ -128,14 +158,14 @@ export class Idempotency {
     const redisKey = this.keys.idempotency(account, sha256Hex(key));
     const fingerprint = sha256Hex(canonicalJson(body));
     const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() } satisfies ClaimValue);
-    const claim = new Claim({ swap: this.#swap, release: this.#release }, redisKey, value);
+    const claim = new Claim(this.#scripts, redisKey, value);
     const again = () => this.claim(account, key, body, newId, load, deadline);
     if ((await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX')) !== null) return { claim };
     const raw = await this.redis.get(redisKey);
     if (!raw) return again(); // it expired or was released just now
     const prior = JSON.parse(raw) as ClaimValue;
     // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
-    if (prior.id === newId) return { claim };
+    if (prior.id === newId) return { claim: new Claim(this.#scripts, redisKey, raw) };
     if (prior.fingerprint !== fingerprint) {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
     }

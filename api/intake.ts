@@ -5,7 +5,7 @@ import { BATCH_PRIORITY, batchBodySchema, type BatchRecord } from '../shared/bat
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
 import { UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
-import { newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
+import { FINAL_STATUSES, newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
@@ -78,7 +78,8 @@ export class Intake {
         jobsAccepted.inc({ kind: 'single' });
         return { job, bullJob, replayed: false };
       } catch (err) {
-        await undoSubmission(this.queue, this.stores.jobs, id, claim).catch(() => undefined);
+        const enqueue = async () => void (await this.queue.add('upload-key', { jobId: id, account }, { ...uploadJobOptions(this.config), jobId: id }));
+        await undoSubmission({ remove: (jobId) => this.queue.remove(jobId), enqueue }, this.stores.jobs, id, claim).catch(() => undefined);
         throw err;
       }
     }
@@ -158,12 +159,8 @@ export class Intake {
         newJobRecord({ id: `${batchId}.${index}`, account, request, kmsId: kmsIds[index] as string, maxAttempts: this.config.JOB_ATTEMPTS, batch: { id: batchId, index } }),
       );
       try {
+        // A MULTI whose answer was lost may have run: undone like a failed enqueue.
         await this.stores.batches.create(batch, jobs);
-      } catch (err) {
-        await claim.release();
-        throw err;
-      }
-      try {
         await this.enqueueBatch(batchId, account, items.length);
       } catch (err) {
         await undoBatch(this.stores.batches, batchId, items.length, claim, {
@@ -259,20 +256,29 @@ function duplicateAliases(items: UploadKeyRequest[], kmsIds: string[]): FieldErr
   return errors;
 }
 
+/** What an undo needs of the queue: to take a job out, and to put it (or a batch's jobs) back. */
+export interface UndoQueue {
+  remove(id: string): Promise<number>;
+  enqueue(): Promise<void>;
+}
+
 /**
  * Undoes an upload whose record or enqueue failed, so that nothing half-made stays behind and the client may
  * simply retry: the BullMQ job is removed, the record deleted, the Idempotency-Key claim released, each as far
  * as Redis allows. Unless the job was accepted after all: Redis ran both and only their answers were lost (a
  * dropped connection), and a worker already holds the job (BullMQ's remove answers 0) or has started it (its
- * record is no longer queued). It then runs, its record and claim stay, and a retry with the same
+ * record is no longer queued; a job it then put back into BullMQ's delayed set, or left by dying, is enqueued
+ * again if the remove took it). It then runs, its record and claim stay, and a retry with the same
  * Idempotency-Key is answered with it. The claim is marked `undoing` first: a replay with the same key waits
- * for the undo; and if a replay marked it `adopted` before (it enqueues the job again), nothing is undone.
+ * for the undo; if a replay marked it `adopted` before (it enqueues the job again), nothing is undone, and if
+ * one did so while the undo stalled (past the stale-claim age), the undo puts the job back instead of deleting.
  */
-export async function undoSubmission(queue: UploadQueue, jobs: JobStore, id: string, claim: Claim): Promise<void> {
+export async function undoSubmission(queue: UndoQueue, jobs: JobStore, id: string, claim: Claim): Promise<void> {
   if (!(await claim.beginUndo())) return;
   const removed = await queue.remove(id).catch(() => undefined);
   const record = await jobs.get(id);
-  if (record && (removed === 0 || record.status !== 'queued')) {
+  if (record && (removed === 0 || record.status !== 'queued' || !(await claim.renewUndo()))) {
+    if (removed !== 0 && !FINAL_STATUSES.includes(record.status)) await queue.enqueue();
     await claim.endUndo();
     return;
   }
@@ -292,7 +298,7 @@ export async function undoBatch(
   batchId: string,
   total: number,
   claim: Claim,
-  queue: { remove(id: string): Promise<number>; enqueue(): Promise<void> },
+  queue: UndoQueue,
 ): Promise<void> {
   if (!(await claim.beginUndo())) return;
   let held = false;
@@ -302,7 +308,7 @@ export async function undoBatch(
     if (removed.includes(0)) held = true;
   }
   const found = await batches.get(batchId);
-  if (found && (held || found.counts.queued < total)) {
+  if (found && (held || found.counts.queued < total || !(await claim.renewUndo()))) {
     await queue.enqueue();
     await claim.endUndo();
     return;

@@ -58,18 +58,20 @@ interface HttpError {
   expose?: boolean;
 }
 
+/** True when ioredis cannot reach Redis: the store is away, the request may be retried. */
+function isRedisAway(err: Error): boolean {
+  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|ECONNREFUSED|Stream isn't writeable|enableOfflineQueue/.test(err.message);
+}
+
 /**
- * True for failures of the store that pass, so the request may be retried: ioredis cannot reach Redis, or Redis
- * answers that it cannot serve now: a Redis Cluster with a slot that has no node (`CLUSTERDOWN`, which ioredis
- * retries until its redirections run out), a slot being moved (`TRYAGAIN`), a node loading its data
- * (`LOADING`), a replica asked to write during a failover (`READONLY`) or without its master (`MASTERDOWN`).
+ * True when Redis answers that it cannot serve now: a Redis Cluster with a slot that has no node (`CLUSTERDOWN`,
+ * which ioredis retries until its redirections run out), a slot being moved (`TRYAGAIN`), a node loading its
+ * data (`LOADING`), a replica asked to write during a failover (`READONLY`) or without its master
+ * (`MASTERDOWN`). These pass, but the same answers also come from a setup that is wrong for good (`REDIS_URL`
+ * naming a replica, say), so each one is logged.
  */
-function isRedisUnavailable(err: Error): boolean {
-  return (
-    err.name === 'MaxRetriesPerRequestError' ||
-    /Connection is closed|ECONNREFUSED|Stream isn't writeable|enableOfflineQueue|Too many Cluster redirections/.test(err.message) ||
-    /^(CLUSTERDOWN|TRYAGAIN|LOADING|READONLY|MASTERDOWN) /.test(err.message)
-  );
+function isRedisRefusing(err: Error): boolean {
+  return /Too many Cluster redirections/.test(err.message) || /^(CLUSTERDOWN|TRYAGAIN|LOADING|READONLY|MASTERDOWN) /.test(err.message);
 }
 
 /** The one mapping from thrown errors to problem+json. A client's mistake is never a 500. */
@@ -94,7 +96,8 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
       sendProblem(res, problem(413, 'body_too_large', 'The body exceeds the size limit.', { instance }));
     } else if (status && status >= 400 && status < 500 && e.expose !== false) {
       sendProblem(res, problem(status, 'bad_request', e.message, { instance }));
-    } else if (err instanceof UnavailableError || (err instanceof Error && isRedisUnavailable(err))) {
+    } else if (err instanceof UnavailableError || (err instanceof Error && (isRedisAway(err) || isRedisRefusing(err)))) {
+      if (err instanceof Error && isRedisRefusing(err)) requestLogger(req, logger).warn({ err: err.message, path: req.path }, 'redis refused the request for now');
       const u = new UnavailableError();
       sendProblem(res, problem(u.status, u.code, u.message, { instance }));
     } else {

@@ -347,6 +347,11 @@ describe('intake: undoing a submission whose answer was lost', () => {
       const { claim } = await idempotency.claim('acme', key, { id }, id, async () => undefined);
       return { claim, stored: async () => stack.redis.get(keys.idempotency('acme', sha256Hex(key))) };
     };
+    /** The queue as the intake hands it to the undo: `enqueue` adds the job again. */
+    const undoQueue = (id: string) => ({
+      remove: (jobId: string) => queue.remove(jobId),
+      enqueue: async () => void (await queue.add('upload-key', { jobId: id, account: 'acme' }, { jobId: id })),
+    });
     const worker = holdingWorker(keys.bullPrefix);
     try {
       const running = record();
@@ -355,7 +360,7 @@ describe('intake: undoing a submission whose answer was lost', () => {
       await queue.add('upload-key', { jobId: running.id, account: 'acme' }, { jobId: running.id });
       worker.run();
       await vi.waitFor(() => expect(worker.taken).toEqual([running.id]), { timeout: 5000 });
-      await undoSubmission(queue, jobs, running.id, runningClaim.claim);
+      await undoSubmission(undoQueue(running.id), jobs, running.id, runningClaim.claim);
       expect(await jobs.get(running.id)).toMatchObject({ status: 'queued' });
       expect(await queue.getJobState(running.id)).toBe('active');
       const kept = JSON.parse((await runningClaim.stored()) as string) as { id: string; state?: string };
@@ -367,23 +372,28 @@ describe('intake: undoing a submission whose answer was lost', () => {
       const unrecordedClaim = await claimFor(unrecorded.id);
       await queue.add('upload-key', { jobId: unrecorded.id, account: 'acme' }, { jobId: unrecorded.id });
       await vi.waitFor(() => expect(worker.taken).toContain(unrecorded.id), { timeout: 5000 });
-      await undoSubmission(queue, jobs, unrecorded.id, unrecordedClaim.claim);
+      await undoSubmission(undoQueue(unrecorded.id), jobs, unrecorded.id, unrecordedClaim.claim);
       expect(await unrecordedClaim.stored()).toBeNull();
       await worker.close();
 
-      // Started already (its record moved on) and no longer in the queue: accepted too.
-      const started = record();
-      const startedClaim = await claimFor(started.id);
-      await jobs.create({ ...started, status: 'running' });
-      await undoSubmission(queue, jobs, started.id, startedClaim.claim);
-      expect(await jobs.get(started.id)).toMatchObject({ status: 'running' });
-      expect(await startedClaim.stored()).not.toBeNull();
+      // Started already and put back for its retry (its record retrying, its job in BullMQ's delayed set, which
+      // remove takes): accepted too, and its job is queued again, not lost.
+      const retrying = record();
+      const retryingClaim = await claimFor(retrying.id);
+      await jobs.create({ ...retrying, status: 'retrying', attempts: 1 });
+      await queue.add('upload-key', { jobId: retrying.id, account: 'acme' }, { jobId: retrying.id, delay: 60_000 });
+      expect(await queue.getJobState(retrying.id)).toBe('delayed');
+      await undoSubmission(undoQueue(retrying.id), jobs, retrying.id, retryingClaim.claim);
+      expect(await jobs.get(retrying.id)).toMatchObject({ status: 'retrying' });
+      expect(await queue.getJobState(retrying.id)).toBe('waiting');
+      expect(JSON.parse((await retryingClaim.stored()) as string)).toMatchObject({ id: retrying.id });
+      expect((JSON.parse((await retryingClaim.stored()) as string) as { state?: string }).state).toBeUndefined();
 
       const waiting = record();
       const waitingClaim = await claimFor(waiting.id);
       await jobs.create(waiting);
       await queue.add('upload-key', { jobId: waiting.id, account: 'acme' }, { jobId: waiting.id });
-      await undoSubmission(queue, jobs, waiting.id, waitingClaim.claim);
+      await undoSubmission(undoQueue(waiting.id), jobs, waiting.id, waitingClaim.claim);
       expect(await jobs.get(waiting.id)).toBeUndefined();
       expect(await queue.getJobState(waiting.id)).toBe('unknown');
       expect(await waitingClaim.stored()).toBeNull();

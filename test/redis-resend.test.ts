@@ -17,7 +17,7 @@ import { createStores, type Stores } from '../shared/context.js';
 import { newJobRecord } from '../shared/jobs.js';
 import { createUploadQueue, type UploadQueue } from '../shared/queues.js';
 import { Idempotency } from '../api/idempotency.js';
-import { Intake, undoSubmission } from '../api/intake.js';
+import { Intake, undoBatch, undoSubmission } from '../api/intake.js';
 import { createRedis, type RedisClient } from '../shared/redis.js';
 import type { KmsConnection } from '../shared/resources.js';
 import { parseUploadKey } from '../shared/schemas/upload-key.js';
@@ -355,6 +355,10 @@ describe("Idempotency-Key: a replay and the first request's undo", () => {
     }
   });
 
+  const add = async (id: string) => void (await queue!.add('upload-key', { jobId: id, account: 'acme' }, { jobId: id }));
+  /** The queue as the intake hands it to the undo. */
+  const undoQueue = (id: string) => ({ remove: (jobId: string) => queue!.remove(jobId), enqueue: () => add(id) });
+
   /** What the first request with `key` leaves when its add failed: its claim and its record, no BullMQ job. */
   const firstRequest = async (key: string, alias: string) => {
     const req = parseUploadKey(body(alias));
@@ -371,7 +375,7 @@ describe("Idempotency-Key: a replay and the first request's undo", () => {
     expect(replay).toMatchObject({ replayed: true, job: { id: first.id } });
     expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
 
-    await undoSubmission(queue!, apiStores.jobs, first.id, first.claim);
+    await undoSubmission(undoQueue(first.id), apiStores.jobs, first.id, first.claim);
     expect(await apiStores.jobs.get(first.id)).toMatchObject({ status: 'queued' });
     expect(await queue!.getJobState(first.id)).toBe('waiting');
     expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
@@ -386,13 +390,69 @@ describe("Idempotency-Key: a replay and the first request's undo", () => {
     await new Promise((r) => setTimeout(r, 200));
     expect(settled).toBe(false); // it waits: no 202 for the job being undone
 
-    await undoSubmission(queue!, apiStores.jobs, first.id, first.claim);
+    await undoSubmission(undoQueue(first.id), apiStores.jobs, first.id, first.claim);
     const accepted = await replay;
     expect(accepted.replayed).toBe(false);
     expect(accepted.job.id).not.toBe(first.id);
     expect(await apiStores.jobs.get(first.id)).toBeUndefined();
     expect(await queue!.getJobState(accepted.job.id)).toBe('waiting');
     expect(await storedClaim(key)).toMatchObject({ id: accepted.job.id });
+  });
+
+  it('when the undo stalls past the stale-claim age and a replay adopts the job meanwhile, then the undo puts the job back instead of deleting it', async () => {
+    const key = `idem-${randomUUID()}`;
+    const first = await firstRequest(key, 'stalled-1');
+    let replay: Awaited<ReturnType<Intake['submitUpload']>> | undefined;
+    const stalling = {
+      // The undo's process stops before its remove; a replay comes once the claim is stale, then the remove runs.
+      remove: async (id: string) => {
+        await new Promise((r) => setTimeout(r, STALE_CLAIM_MS + 100));
+        replay = await intake.submitUpload('acme', body('stalled-1'), key);
+        return queue!.remove(id);
+      },
+      enqueue: () => add(first.id),
+    };
+    await undoSubmission(stalling, apiStores.jobs, first.id, first.claim);
+    expect(replay).toMatchObject({ replayed: true, job: { id: first.id } });
+    expect(await apiStores.jobs.get(first.id)).toMatchObject({ status: 'queued' });
+    expect(await queue!.getJobState(first.id)).toBe('waiting');
+    expect(await storedClaim(key)).toMatchObject({ id: first.id, state: 'adopted' });
+  });
+
+  it('when another request took the stale key over before the first request undoes its job, then the undo takes back its own job and leaves the claim', async () => {
+    const key = `idem-${randomUUID()}`;
+    const req = parseUploadKey(body('taken-1'));
+    const firstId = randomUUID();
+    const { claim } = await idempotency.claim('acme', key, req, firstId, async () => undefined);
+    await new Promise((r) => setTimeout(r, STALE_CLAIM_MS + 100));
+    const second = await intake.submitUpload('acme', body('taken-1'), key); // the claim is stale and has no record
+    expect(second.job.id).not.toBe(firstId);
+    // The first request's record and add land late, and their answers are lost.
+    await apiStores.jobs.create(newJobRecord({ id: firstId, account: 'acme', request: req, kmsId: 'kms', maxAttempts: 1 }));
+    await add(firstId);
+    await undoSubmission(undoQueue(firstId), apiStores.jobs, firstId, claim);
+    expect(await apiStores.jobs.get(firstId)).toBeUndefined();
+    expect(await queue!.getJobState(firstId)).toBe('unknown');
+    expect(await storedClaim(key)).toMatchObject({ id: second.job.id });
+    expect((await storedClaim(key))?.state).toBeUndefined();
+    expect(await queue!.getJobState(second.job.id)).toBe('waiting');
+  });
+
+  it('when a replay re-enqueued a batch before the first request undoes its failed addBulk, then the undo leaves the batch', async () => {
+    const key = `idem-${randomUUID()}`;
+    const items = [body('batch-adopted-1'), body('batch-adopted-2')];
+    const batchId = randomUUID();
+    const { claim } = await idempotency.claim('acme', key, { items: items.map((i) => parseUploadKey(i)), callback_url: undefined }, batchId, async () => undefined);
+    const now = new Date().toISOString();
+    const batch: BatchRecord = { id: batchId, account: 'acme', status: 'running', total: 2, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 0, completions: 0 };
+    await apiStores.batches.create(batch, items.map((i, index) => newJobRecord({ id: `${batchId}.${index}`, account: 'acme', request: parseUploadKey(i), kmsId: 'kms', maxAttempts: 1, batch: { id: batchId, index } })));
+    expect(await intake.submitBatch('acme', { items }, key)).toEqual({ batchId, replayed: true });
+    expect(await storedClaim(key)).toMatchObject({ id: batchId, state: 'adopted' });
+
+    await undoBatch(apiStores.batches, batchId, 2, claim, { remove: (id) => queue!.remove(id), enqueue: async () => undefined });
+    expect(await apiStores.batches.get(batchId)).toMatchObject({ batch: { enqueued: 1 }, counts: { queued: 2 } });
+    expect(await queue!.getJobState(`${batchId}.0`)).toBe('prioritized');
+    expect(await queue!.getJobState(`${batchId}.1`)).toBe('prioritized');
   });
 
   it('when an undo never finished (its request died) and its record stays, then once the claim is stale a replay enqueues that record', async () => {
