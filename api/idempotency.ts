@@ -27,6 +27,7 @@ return redis.call('DEL', KEYS[1])`;
 interface ClaimValue {
   fingerprint: string;
   id: string;
+  /** When the request wrote it, by its own clock: for people reading Redis; staleness goes by the key's TTL. */
   at: number;
   state?: 'undoing' | 'adopted';
 }
@@ -161,7 +162,9 @@ export class Idempotency {
     const claim = new Claim(this.#scripts, redisKey, value);
     const again = () => this.claim(account, key, body, newId, load, deadline);
     if ((await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX')) !== null) return { claim };
-    const raw = await this.redis.get(redisKey);
+    // The claim and how long ago it was last written, by Redis's clock (every write sets the same TTL): the API
+    // processes' clocks may disagree.
+    const [[, raw], [, pttl]] = (await this.redis.multi().get(redisKey).pttl(redisKey).exec()) as [[unknown, string | null], [unknown, number]];
     if (!raw) return again(); // it expired or was released just now
     const prior = JSON.parse(raw) as ClaimValue;
     // Our own claim: Redis ran the SET NX, its answer was lost, and ioredis sent it again after reconnecting.
@@ -169,7 +172,7 @@ export class Idempotency {
     if (prior.fingerprint !== fingerprint) {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
     }
-    const stale = Date.now() - (prior.at ?? 0) > this.staleClaimMs;
+    const stale = IDEMPOTENCY_TTL_SECONDS * 1000 - pttl > this.staleClaimMs;
     const undoing = prior.state === 'undoing' && !stale;
     if ((stale || prior.state === 'undoing') && (await load(prior.id)) === undefined) {
       if (Number(await this.#swap([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS])) === 1) return { claim };

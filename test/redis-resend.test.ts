@@ -12,7 +12,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { BatchRecord } from '../shared/batches.js';
 import { loadConfig } from '../shared/config.js';
-import { sha256Hex } from '../shared/crypto.js';
+import { canonicalJson, sha256Hex } from '../shared/crypto.js';
 import { createStores, type Stores } from '../shared/context.js';
 import { newJobRecord } from '../shared/jobs.js';
 import { createUploadQueue, type UploadQueue } from '../shared/queues.js';
@@ -325,6 +325,17 @@ describe('Idempotency-Key claims when Redis loses an answer', () => {
     expect(retried.job.id).not.toBe(left.id);
     expect(await queue!.getJobState(retried.job.id)).toBe('waiting');
     expect(await intake.submitUpload('acme', body('outage-1'), key)).toMatchObject({ replayed: true, job: { id: retried.job.id } });
+  });
+
+  it("when a claim without a record was written by an API process whose clock runs an hour ahead, then it still goes stale by Redis's clock", async () => {
+    const key = `idem-${randomUUID()}`;
+    const req = parseUploadKey(body('skew-1'));
+    const left = { fingerprint: sha256Hex(canonicalJson(req)), id: randomUUID(), at: Date.now() + 3_600_000 };
+    await direct.set(claimKey(key), JSON.stringify(left), 'EX', 86_400);
+    await new Promise((r) => setTimeout(r, STALE_CLAIM_MS + 100));
+    const retried = await intake.submitUpload('acme', body('skew-1'), key);
+    expect(retried.replayed).toBe(false);
+    expect(retried.job.id).not.toBe(left.id);
   });
 
   it('when a replayed upload is recorded but was never enqueued, then the replay enqueues it', async () => {
