@@ -111,10 +111,11 @@ export class Claim {
   }
 }
 
-/** A key used before with the same body: the id it made, and the claim as read (for `adopt`). */
+/** A key used before with the same body: the id it made, and the claim as read, with its Redis key (for `adopt`). */
 export interface PriorClaim {
   id: string;
   raw: string;
+  redisKey: string;
 }
 
 /**
@@ -122,7 +123,6 @@ export interface PriorClaim {
  * request with the same key and body is answered with that id, one with another body gets 422.
  */
 export class Idempotency {
-  readonly #swap: RedisScript;
   readonly #scripts: ClaimScripts;
 
   constructor(
@@ -131,8 +131,7 @@ export class Idempotency {
     /** How old a claim without a record must be before a retry takes it over (see claim). */
     private readonly staleClaimMs = STALE_CLAIM_MS,
   ) {
-    this.#swap = defineScript(redis, 'idempotency_swap', SWAP_CLAIM);
-    this.#scripts = { swap: this.#swap, release: defineScript(redis, 'idempotency_release', RELEASE_CLAIM), get: (key) => redis.get(key) };
+    this.#scripts = { swap: defineScript(redis, 'idempotency_swap', SWAP_CLAIM), release: defineScript(redis, 'idempotency_release', RELEASE_CLAIM), get: (key) => redis.get(key) };
   }
 
   /**
@@ -173,17 +172,17 @@ export class Idempotency {
       throw new UnprocessableError('idempotency_key_reused', 'This Idempotency-Key was used with a different request body.');
     }
     const stale = IDEMPOTENCY_TTL_SECONDS * 1000 - pttl > this.staleClaimMs;
-    const undoing = prior.state === 'undoing' && !stale;
-    if ((stale || prior.state === 'undoing') && (await load(prior.id)) === undefined) {
-      if (Number(await this.#swap([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS])) === 1) return { claim };
+    const undoing = prior.state === 'undoing';
+    if ((stale || undoing) && (await load(prior.id)) === undefined) {
+      if (Number(await this.#scripts.swap([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS])) === 1) return { claim };
       return again(); // another request changed it meanwhile
     }
-    if (undoing) {
+    if (undoing && !stale) {
       if (Date.now() > deadline) throw inFlight();
       await sleep(50);
       return again();
     }
-    return { prior: { id: prior.id, raw }, claim };
+    return { prior: { id: prior.id, raw, redisKey }, claim };
   }
 
   /**
@@ -191,12 +190,11 @@ export class Idempotency {
    * read): from then on the first request's undo leaves the record and the job alone. False if the claim changed
    * since it was read (its request began undoing, say): the replay must start over.
    */
-  async adopt(prior: PriorClaim, account: string, key: string | undefined): Promise<boolean> {
-    if (key === undefined) return true;
+  async adopt(prior: PriorClaim): Promise<boolean> {
     const value = JSON.parse(prior.raw) as ClaimValue;
     if (value.state === 'adopted') return true;
     const next = JSON.stringify({ ...value, state: 'adopted' });
-    return Number(await this.#swap([this.keys.idempotency(account, sha256Hex(key))], [prior.raw, next, IDEMPOTENCY_TTL_SECONDS])) === 1;
+    return Number(await this.#scripts.swap([prior.redisKey], [prior.raw, next, IDEMPOTENCY_TTL_SECONDS])) === 1;
   }
 
   /** The first request with an Idempotency-Key may still be writing its record: wait for it briefly. */

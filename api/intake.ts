@@ -67,8 +67,8 @@ export class Intake {
         // away): a replay enqueues a still-queued job again (BullMQ ignores a job id it already has), once it has
         // marked the claim adopted, so that the first request's undo, if it is still to come, leaves it alone.
         if (job.status === 'queued') {
-          if (!(await this.#idempotency.adopt(prior, account, idempotencyKey))) continue; // it is being undone
-          await this.queue.add('upload-key', { jobId: job.id, account }, { ...uploadJobOptions(this.config), jobId: job.id });
+          if (!(await this.#idempotency.adopt(prior))) continue; // it is being undone
+          await this.enqueue(job.id, account);
         }
         return { job, bullJob: undefined, replayed: true };
       }
@@ -78,8 +78,8 @@ export class Intake {
         jobsAccepted.inc({ kind: 'single' });
         return { job, bullJob, replayed: false };
       } catch (err) {
-        const enqueue = async () => void (await this.queue.add('upload-key', { jobId: id, account }, { ...uploadJobOptions(this.config), jobId: id }));
-        await undoSubmission({ remove: (jobId) => this.queue.remove(jobId), enqueue }, this.stores.jobs, id, claim).catch(() => undefined);
+        const undoQueue = { remove: (jobId: string) => this.queue.remove(jobId), enqueue: async () => void (await this.enqueue(id, account)) };
+        await undoSubmission(undoQueue, this.stores.jobs, id, claim).catch(() => undefined);
         throw err;
       }
     }
@@ -93,7 +93,7 @@ export class Intake {
    * the add then waits for the record. Throws if either failed (the record's failure first); the caller undoes both.
    */
   private async recordAndEnqueue(job: JobRecord): Promise<Job<UploadJobData>> {
-    const add = () => this.queue.add('upload-key', { jobId: job.id, account: job.account }, { ...uploadJobOptions(this.config), jobId: job.id });
+    const add = () => this.enqueue(job.id, job.account);
     if (!this.#recordWithAdd) {
       await this.stores.jobs.create(job);
       return add();
@@ -136,7 +136,7 @@ export class Intake {
       if (prior) {
         const { batch } = await this.#idempotency.waitForRecord(() => load(prior.id));
         if (!batch.enqueued) {
-          if (!(await this.#idempotency.adopt(prior, account, idempotencyKey))) continue; // it is being undone
+          if (!(await this.#idempotency.adopt(prior))) continue; // it is being undone
           await this.enqueueBatch(batch.id, account, batch.total);
         }
         return { batchId: batch.id, replayed: true };
@@ -172,6 +172,11 @@ export class Intake {
       jobsAccepted.inc({ kind: 'batch' }, items.length);
       return { batchId, replayed: false };
     }
+  }
+
+  /** Adds a single upload's BullMQ job, under the job's id (BullMQ ignores an id it already has). */
+  private enqueue(jobId: string, account: string): Promise<Job<UploadJobData>> {
+    return this.queue.add('upload-key', { jobId, account }, { ...uploadJobOptions(this.config), jobId });
   }
 
   /** Callback URLs must be https (http only with WEBHOOK_ALLOW_HTTP) and carry no credentials. */

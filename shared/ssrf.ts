@@ -88,8 +88,8 @@ export const systemLookup: HostResolver = (host) => dns.lookup(host, { all: true
  * Resolves names over DNS with c-ares (`dns.Resolver`), on the event loop: a DNS server that answers slowly, or
  * never, holds no libuv thread (getaddrinfo holds one of four, shared with file I/O, crypto and every other
  * lookup of the process), and a lookup gives up after `tries` tries of at least `timeoutMs` each (c-ares may
- * lengthen later tries). A and AAAA are asked together. IP literals are themselves; `localhost` and `*.localhost` are loopback (RFC 6761). Neither /etc/hosts nor
- * the search domains of resolv.conf are used.
+ * lengthen later tries). A and AAAA are asked together. IP literals are themselves; `localhost` and
+ * `*.localhost` are loopback (RFC 6761). Neither /etc/hosts nor the search domains of resolv.conf are used.
  */
 export function dnsResolver(opts: { servers?: string[]; timeoutMs?: number; tries?: number } = {}): HostResolver {
   const resolver = new dns.Resolver({ timeout: opts.timeoutMs ?? 3000, tries: opts.tries ?? 2 });
