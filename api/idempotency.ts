@@ -145,6 +145,8 @@ export class Idempotency {
    * right after claiming (one Redis command, or one MULTI for a batch, failing fast while Redis is away), far
    * within that time. A claim being undone is waited for (up to 2 s, then 409) and taken over once its record
    * is gone; one left `undoing` longer than `staleClaimMs` (its request died mid-undo) counts as a plain claim.
+   * A claim that keeps changing under the request for as long (other requests with the key taking turns) also
+   * answers 409.
    */
   async claim(
     account: string,
@@ -159,7 +161,13 @@ export class Idempotency {
     const fingerprint = sha256Hex(canonicalJson(body));
     const value = JSON.stringify({ fingerprint, id: newId, at: Date.now() } satisfies ClaimValue);
     const claim = new Claim(this.#scripts, redisKey, value);
-    const again = () => this.claim(account, key, body, newId, load, deadline);
+    // Every way round again is bounded by the deadline: a claim that keeps changing under this request (other
+    // requests with the same key taking turns at it) answers 409 like one that stays in flight.
+    const again = async (pauseMs = 0) => {
+      if (Date.now() > deadline) throw inFlight();
+      if (pauseMs > 0) await sleep(pauseMs);
+      return this.claim(account, key, body, newId, load, deadline);
+    };
     if ((await this.redis.set(redisKey, value, 'EX', IDEMPOTENCY_TTL_SECONDS, 'NX')) !== null) return { claim };
     // The claim and how long ago it was last written, by Redis's clock (every write sets the same TTL): the API
     // processes' clocks may disagree.
@@ -175,13 +183,9 @@ export class Idempotency {
     const undoing = prior.state === 'undoing';
     if ((stale || undoing) && (await load(prior.id)) === undefined) {
       if (Number(await this.#scripts.swap([redisKey], [raw, value, IDEMPOTENCY_TTL_SECONDS])) === 1) return { claim };
-      return again(); // another request changed it meanwhile
+      return again(10); // another request changed it meanwhile
     }
-    if (undoing && !stale) {
-      if (Date.now() > deadline) throw inFlight();
-      await sleep(50);
-      return again();
-    }
+    if (undoing && !stale) return again(50);
     return { prior: { id: prior.id, raw, redisKey }, claim };
   }
 

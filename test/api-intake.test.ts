@@ -404,6 +404,30 @@ describe('intake: undoing a submission whose answer was lost', () => {
     }
   });
 
+  it('when the claim keeps changing under a request, then 409 idempotency_key_in_flight once the wait is over, not a loop without end', async () => {
+    const { keys } = createStores(config(), stack.redis);
+    const idempotency = new Idempotency(stack.redis, keys, 0); // every claim is stale at once
+    const key = `churn-${randomUUID()}`;
+    const redisKey = keys.idempotency('acme', sha256Hex(key));
+    const body = { churn: true };
+    try {
+      await idempotency.claim('acme', key, body, 'first', async () => undefined);
+      let loads = 0;
+      // Another request takes the stale claim over between this request's read and its compare-and-set, every time.
+      const load = async () => {
+        loads++;
+        const raw = (await stack.redis.get(redisKey)) as string;
+        await stack.redis.set(redisKey, JSON.stringify({ ...(JSON.parse(raw) as object), id: `other-${loads}` }), 'EX', 60);
+        return undefined;
+      };
+      await expect(idempotency.claim('acme', key, body, 'second', load, Date.now() + 300)).rejects.toMatchObject({ status: 409, code: 'idempotency_key_in_flight' });
+      expect(loads).toBeGreaterThan(1);
+      expect(JSON.parse((await stack.redis.get(redisKey)) as string)).toMatchObject({ id: `other-${loads}` });
+    } finally {
+      await stack.redis.del(redisKey);
+    }
+  });
+
   it('when a worker holds one job of a batch whose addBulk answer was lost, then the batch stays and all its jobs are queued again; else all of it goes', async () => {
     const { batches, keys } = createStores(config(), stack.redis);
     const queue = createUploadQueue(stack.redis, keys);
