@@ -54,7 +54,8 @@ export class Claim {
 
   constructor(
     private readonly scripts: ClaimScripts | undefined,
-    private readonly redisKey: string | undefined,
+    /** The claim's Redis key (undefined without an Idempotency-Key). */
+    readonly redisKey: string | undefined,
     value: string,
   ) {
     this.#value = value;
@@ -199,6 +200,12 @@ export class Idempotency {
     if (value.state === 'adopted') return true;
     const next = JSON.stringify({ ...value, state: 'adopted' });
     return Number(await this.#scripts.swap([prior.redisKey], [prior.raw, next, IDEMPOTENCY_TTL_SECONDS])) === 1;
+  }
+
+  /** Whether the claim at `redisKey` (a batch record's `claim`) still names the id `id`. */
+  async names(redisKey: string, id: string): Promise<boolean> {
+    const raw = await this.redis.get(redisKey);
+    return raw !== null && (JSON.parse(raw) as ClaimValue).id === id;
   }
 
   /** The first request with an Idempotency-Key may still be writing its record: wait for it briefly. */

@@ -6,15 +6,15 @@ import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
 import { UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
 import { FINAL_STATUSES, newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
-import { jobsAccepted } from '../shared/metrics.js';
+import { batchesRecovered, jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
 import { checkWebhookUrl } from '../shared/ssrf.js';
-import type { BatchStore } from '../shared/stores/batch-store.js';
+import type { BatchOwner, BatchStore } from '../shared/stores/batch-store.js';
 import type { JobStore } from '../shared/stores/job-store.js';
 import { parseOrThrow } from '../shared/validation.js';
-import { Idempotency, STALE_CLAIM_MS, type Claim } from './idempotency.js';
+import { Claim, Idempotency, STALE_CLAIM_MS } from './idempotency.js';
 
 /** How many BullMQ jobs undoBatch removes per round trip. */
 const UNDO_CHUNK = 500;
@@ -27,6 +27,9 @@ export interface Submission {
   bullJob: Job<UploadJobData> | undefined;
   replayed: boolean;
 }
+
+/** What Intake.recoverStrandedBatches did with a batch. */
+export type RecoveryOutcome = 'undone' | 'enqueued' | 'left_to_retry' | 'nothing' | 'failed';
 
 export interface BatchSubmission {
   batchId: string;
@@ -108,7 +111,8 @@ export class Intake {
    * Validates every item first (errors named `items[i].path`), then records the batch and all its job
    * records in one MULTI, then enqueues all jobs with one addBulk. If the addBulk fails, the batch is taken
    * back (undoBatch). A crash between the two, or an undo that fails too (Redis away), leaves a recorded batch
-   * with `enqueued=0`; a retry with the same Idempotency-Key enqueues it (BullMQ ignores job ids it already has).
+   * with `enqueued=0`; a retry with the same Idempotency-Key enqueues it (BullMQ ignores job ids it already has),
+   * and recoverStrandedBatches takes back one that no retry can come for.
    */
   async submitBatch(account: string, body: unknown, idempotencyKey: string | undefined): Promise<BatchSubmission> {
     checkIdempotencyKey(idempotencyKey);
@@ -154,6 +158,7 @@ export class Intake {
         callback_url: callback_url ?? null,
         enqueued: 0,
         completions: 0,
+        ...(claim.redisKey ? { claim: claim.redisKey } : {}),
       };
       const jobs = items.map((request, index) =>
         newJobRecord({ id: `${batchId}.${index}`, account, request, kmsId: kmsIds[index] as string, maxAttempts: this.config.JOB_ATTEMPTS, batch: { id: batchId, index } }),
@@ -174,6 +179,54 @@ export class Intake {
     }
   }
 
+  /**
+   * Takes up to `limit` batches recorded and not enqueued for at least `ageMs` (BatchStore.takeStranded; no
+   * other API process takes them for as long): their request died between its MULTI and its addBulk, or its
+   * addBulk and then its undo both failed. The client got no 202 for them. One whose Idempotency-Key claim
+   * still names it is left to a retry with that key, which enqueues it (looked at again after `ageMs`, until the
+   * claim expires or a retry takes the key over). Any other is taken back as its request would have done
+   * (undoBatch): deleted with its jobs, or, if a worker holds or started one of them, enqueued in full.
+   */
+  async recoverStrandedBatches(ageMs: number, onError?: (batchId: string, err: Error) => void, limit = 100): Promise<Record<RecoveryOutcome, number>> {
+    const done: Record<RecoveryOutcome, number> = { undone: 0, enqueued: 0, left_to_retry: 0, nothing: 0, failed: 0 };
+    for (const id of await this.stores.batches.takeStranded(ageMs, limit)) {
+      try {
+        done[await this.recoverBatch(id)]++;
+      } catch (err) {
+        done.failed++; // still listed: looked at again after ageMs
+        onError?.(id, err as Error);
+      }
+    }
+    return done;
+  }
+
+  /**
+   * Takes the batch over (BatchStore.beginRecovery) before it undoes it, so that its request, should it only have
+   * been slow, can neither mark it enqueued nor undo it any more.
+   */
+  private async recoverBatch(id: string): Promise<Exclude<RecoveryOutcome, 'failed'>> {
+    const { batches } = this.stores;
+    await batches.relist(id); // not taken by another API process while this one handles it
+    const found = await batches.get(id);
+    if (found?.batch.claim && (await this.#idempotency.names(found.batch.claim, id))) return 'left_to_retry';
+    if (!found || (await batches.beginRecovery(id)) !== 'ok') {
+      await batches.unlist(id);
+      return 'nothing';
+    }
+    const { account, total } = found.batch;
+    let outcome: 'undone' | 'enqueued' = 'undone';
+    const queue = {
+      remove: (jobId: string) => this.queue.remove(jobId),
+      enqueue: async () => {
+        outcome = 'enqueued';
+        await this.enqueueBatch(id, account, total, 'recovery');
+      },
+    };
+    await undoBatch(batches, id, total, Claim.none, queue, 'recovery');
+    batchesRecovered.inc({ outcome });
+    return outcome;
+  }
+
   /** Adds a single upload's BullMQ job, under the job's id (BullMQ ignores an id it already has). */
   private enqueue(jobId: string, account: string): Promise<Job<UploadJobData>> {
     return this.queue.add('upload-key', { jobId, account }, { ...uploadJobOptions(this.config), jobId });
@@ -185,7 +238,7 @@ export class Intake {
     if (errors.length > 0) throw batchValidationError(errors);
   }
 
-  private async enqueueBatch(batchId: string, account: string, total: number): Promise<void> {
+  private async enqueueBatch(batchId: string, account: string, total: number, by: BatchOwner = 'request'): Promise<void> {
     const opts = { ...uploadJobOptions(this.config), priority: BATCH_PRIORITY };
     const entries = Array.from({ length: total }, (_, i) => ({
       name: 'upload-key',
@@ -193,7 +246,7 @@ export class Intake {
       opts: { ...opts, jobId: `${batchId}.${i}` },
     }));
     await this.queue.addBulk(entries);
-    await this.stores.batches.markEnqueued(batchId);
+    await this.stores.batches.markEnqueued(batchId, by);
   }
 
   /** Each item's KMS connection must exist and serve its region; named templates and source connections must exist. Returns connection ids. */
@@ -296,7 +349,9 @@ export async function undoSubmission(queue: UndoQueue, jobs: JobStore, id: strin
  * its claim are deleted. Unless a worker holds one of its jobs or has started one: the batch was accepted after
  * all, and its jobs are enqueued again (`enqueue`; BullMQ ignores a job id it already has). If Redis fails
  * here too, the batch stays as it is, recorded and not marked enqueued; its claim, left `undoing`, lets a retry
- * with the same key enqueue it once the claim is stale.
+ * with the same key enqueue it once the claim is stale, and Intake.recoverStrandedBatches undoes it once no
+ * claim names it. The delete refuses a batch marked enqueued meanwhile (its request got that far after all):
+ * its jobs are then put back.
  */
 export async function undoBatch(
   batches: BatchStore,
@@ -304,8 +359,13 @@ export async function undoBatch(
   total: number,
   claim: Claim,
   queue: UndoQueue,
+  by: BatchOwner = 'request',
 ): Promise<void> {
   if (!(await claim.beginUndo())) return;
+  // A recovery took the batch over (its request stalled past BATCH_RECOVERY_AFTER_MS): it decides. (One that
+  // takes it over while this undo's removes run is seen by the delete below; jobs it enqueued that these removes
+  // took are then missing from the queue.)
+  if (by === 'request' && (await batches.get(batchId))?.batch.recovering) return;
   let held = false;
   const ids = Array.from({ length: total }, (_, i) => `${batchId}.${i}`);
   for (let i = 0; i < ids.length; i += UNDO_CHUNK) {
@@ -313,11 +373,15 @@ export async function undoBatch(
     if (removed.includes(0)) held = true;
   }
   const found = await batches.get(batchId);
-  if (found && (held || found.counts.queued < total || !(await claim.renewUndo()))) {
+  const keep = found && (held || found.counts.queued < total || !(await claim.renewUndo()));
+  // The delete keeps a batch one of whose jobs a worker started since the counts were read (or, for a recovery,
+  // that was enqueued): the jobs the removes above took are put back.
+  const outcome = keep ? 'kept' : await batches.delete(batchId, total, by);
+  if (outcome === 'recovering') return;
+  if (outcome === 'kept') {
     await queue.enqueue();
     await claim.endUndo();
     return;
   }
-  await batches.delete(batchId, total);
   await claim.release();
 }

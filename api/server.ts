@@ -62,12 +62,14 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   const url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
   logger.info({ url }, 'api listening');
+  const recovery = recoverStrandedBatches(intake, config.BATCH_RECOVERY_AFTER_MS, logger);
 
   return {
     url,
     server,
     async close() {
       for (const uncount of uncountQueues) uncount();
+      await recovery.stop();
       // Stop accepting, let in-flight requests finish (idle keep-alive sockets close now), end event streams.
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
@@ -78,6 +80,34 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
       await queue.close();
       await webhookQueue.close();
       redis.disconnect();
+    },
+  };
+}
+
+/**
+ * Looks for batches left recorded and not enqueued (Intake.recoverStrandedBatches) every quarter of `ageMs`
+ * (1 s to 1 min); a tick that comes while a look is under way is skipped. `stop` ends the looks and waits for one
+ * under way.
+ */
+function recoverStrandedBatches(intake: Intake, ageMs: number, logger: Logger): { stop(): Promise<void> } {
+  let look: Promise<void> | undefined;
+  const onError = (batch_id: string, err: Error) => logger.warn({ batch_id, err: err.message }, 'taking back a batch never enqueued failed; it is looked at again later');
+  const timer = setInterval(
+    () => {
+      look ??= intake
+        .recoverStrandedBatches(ageMs, onError)
+        .then(({ undone, enqueued, left_to_retry, failed }) => {
+          if (undone + enqueued > 0) logger.warn({ undone, enqueued, left_to_retry, failed }, 'batches recorded but never enqueued were taken back or enqueued');
+        })
+        .catch((err: Error) => logger.warn({ err: err.message }, 'looking for batches never enqueued failed'))
+        .finally(() => (look = undefined));
+    },
+    Math.min(60_000, Math.max(1000, Math.floor(ageMs / 4))),
+  ).unref();
+  return {
+    async stop() {
+      clearInterval(timer);
+      await look;
     },
   };
 }

@@ -30,6 +30,10 @@ export interface BatchRecord {
   /** 1 once every job is in BullMQ; a crash between recording and enqueueing leaves 0 (see Intake). */
   enqueued: number;
   completions: number;
+  /** The Redis key of the Idempotency-Key claim it was posted with, if any (a recovery leaves it to a retry). */
+  claim?: string;
+  /** A recovery took it over (BatchStore.beginRecovery): its request no longer undoes or enqueues it. */
+  recovering?: boolean;
 }
 
 export type BatchCounts = Record<JobStatus, number>;

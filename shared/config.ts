@@ -39,6 +39,12 @@ export const configSchema = z.object({
   INTAKE_RATE_PER_SECOND: z.coerce.number().positive().max(1_000_000).default(50),
   /** Size of that bucket: the requests an account may send at once after a quiet spell. */
   INTAKE_BURST: z.coerce.number().int().min(1).max(1_000_000).default(100),
+  /**
+   * How long a batch may stay recorded and not enqueued (its request died between the two, or its enqueue and
+   * then its undo failed) before an API process takes it back (Intake.recoverStrandedBatches); API processes
+   * look for such batches every quarter of this, at least every minute.
+   */
+  BATCH_RECOVERY_AFTER_MS: z.coerce.number().int().min(1000).max(86_400_000).default(300_000),
   /** API listen port and host. */
   PORT: z.coerce.number().int().min(0).max(65535).default(8080),
   HOST: z.string().default('0.0.0.0'),

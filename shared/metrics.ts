@@ -21,6 +21,13 @@ export const jobsAccepted = new Counter({
   registers: [registry],
 });
 
+export const batchesRecovered = new Counter({
+  name: 'keyferry_batches_recovered_total',
+  help: 'Batches found recorded and never enqueued, taken back (undone) or enqueued after all (a worker held one of their jobs).',
+  labelNames: ['outcome'] as const,
+  registers: [registry],
+});
+
 export const jobsFinished = new Counter({
   name: 'keyferry_jobs_finished_total',
   help: 'Upload jobs that reached a final status (succeeded and failed in workers, canceled in the API); code is the error code or "".',

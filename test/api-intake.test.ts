@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { connect } from 'node:net';
-import { Worker } from 'bullmq';
+import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { SignJWT } from 'jose';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -10,7 +11,7 @@ import { Intake, undoBatch, undoSubmission } from '../api/intake.js';
 import { startApi } from '../api/server.js';
 import { createStores } from '../shared/context.js';
 import { sha256Hex } from '../shared/crypto.js';
-import { newJobRecord, UPLOAD_QUEUE } from '../shared/jobs.js';
+import { newJobRecord, UPLOAD_QUEUE, type UploadJobData } from '../shared/jobs.js';
 import { createLogger } from '../shared/logger.js';
 import { createUploadQueue } from '../shared/queues.js';
 import { createRedis } from '../shared/redis.js';
@@ -469,6 +470,209 @@ describe('intake: undoing a submission whose answer was lost', () => {
       expect((await keysUnder(stack.redis, config().KEYFERRY_PREFIX)).filter((k) => k.includes(undone.id))).toEqual([]);
     } finally {
       await worker.close();
+      await queue.close();
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
+    }
+  });
+});
+
+describe('intake: batches recorded and never enqueued', () => {
+  const config = () => ({ ...stack.config, KEYFERRY_PREFIX: `${stack.config.KEYFERRY_PREFIX}-stranded` });
+  /** A batch recorded as its request does before its addBulk, with the jobs in `added` enqueued as an addBulk cut short would have. */
+  const strand = async (stores: ReturnType<typeof createStores>, queue: ReturnType<typeof createUploadQueue>, total: number, o: { added?: number[]; claim?: string; id?: string } = {}) => {
+    const id = o.id ?? randomUUID();
+    const now = new Date().toISOString();
+    const batch = { id, account: 'acme', status: 'running' as const, total, created_at: now, updated_at: now, finished_at: null, callback_url: null, enqueued: 0, completions: 0 };
+    const jobs = Array.from({ length: total }, (_, index) =>
+      newJobRecord({ id: `${id}.${index}`, account: 'acme', request: parseUploadKey(example), kmsId: 'kms', maxAttempts: 1, batch: { id, index } }),
+    );
+    await stores.batches.create({ ...batch, ...(o.claim ? { claim: o.claim } : {}) }, jobs);
+    for (const i of o.added ?? []) await queue.add('upload-key', { jobId: `${id}.${i}`, account: 'acme' }, { jobId: `${id}.${i}` });
+    return id;
+  };
+  const keysOf = async (id: string) => (await keysUnder(stack.redis, config().KEYFERRY_PREFIX)).filter((k) => k.includes(id));
+  const listed = (stores: ReturnType<typeof createStores>, id: string) => stack.redis.zscore(stores.keys.strandedBatches(), id);
+
+  it('when batches stay recorded and not enqueued, then a recovery takes each back once (or enqueues one a worker holds a job of), and leaves one whose Idempotency-Key still names it to a retry', async () => {
+    const stores = createStores(config(), stack.redis);
+    const queue = createUploadQueue(stack.redis, stores.keys);
+    const intake = new Intake(config(), stack.redis, stores, queue);
+    const idempotency = new Idempotency(stack.redis, stores.keys);
+    const connection = new Redis(stack.config.REDIS_URL, { maxRetriesPerRequest: null });
+    let letGo = () => undefined as void;
+    const held = new Promise<void>((resolve) => (letGo = resolve));
+    const taken: string[] = [];
+    const worker = new Worker(UPLOAD_QUEUE, async (job) => {
+        taken.push(String(job.id));
+        await held;
+      }, { connection, prefix: stores.keys.bullPrefix, concurrency: 1 });
+    try {
+      // A worker holds one job of the batch: it was accepted after all, and all its jobs are queued again.
+      const holding = await strand(stores, queue, 3, { added: [1] });
+      await vi.waitFor(() => expect(taken).toEqual([`${holding}.1`]), { timeout: 5000 });
+      expect(await listed(stores, holding)).not.toBeNull();
+      expect(await intake.recoverStrandedBatches(0)).toEqual({ undone: 0, enqueued: 1, left_to_retry: 0, nothing: 0, failed: 0 });
+      expect(await stores.batches.get(holding)).toMatchObject({ batch: { enqueued: 1 }, counts: { queued: 3 } });
+      expect(await Promise.all([0, 1, 2].map((i) => queue.getJobState(`${holding}.${i}`)))).toEqual(['prioritized', 'active', 'prioritized']);
+      expect(await listed(stores, holding)).toBeNull();
+      letGo();
+      await worker.close();
+
+      const plain = await strand(stores, queue, 2); // the API process died between the MULTI and the addBulk
+      const halfAdded = await strand(stores, queue, 3, { added: [0, 2] }); // ... during the addBulk
+      const keyed = `stranded-${randomUUID()}`;
+      const keyedClaim = stores.keys.idempotency('acme', sha256Hex(keyed));
+      const awaiting = randomUUID(); // its claim still names it: a retry with the key would enqueue it
+      await idempotency.claim('acme', keyed, { keyed }, awaiting, async () => undefined);
+      await strand(stores, queue, 2, { id: awaiting, claim: keyedClaim });
+      const otherKey = `stranded-${randomUUID()}`;
+      const otherClaim = stores.keys.idempotency('acme', sha256Hex(otherKey));
+      await idempotency.claim('acme', otherKey, { otherKey }, randomUUID(), async () => undefined); // a retry took this key over
+      const takenOver = await strand(stores, queue, 1, { claim: otherClaim });
+
+      // Not stranded for long enough yet: left alone.
+      expect(await intake.recoverStrandedBatches(60_000)).toEqual({ undone: 0, enqueued: 0, left_to_retry: 0, nothing: 0, failed: 0 });
+      for (const id of [plain, halfAdded, awaiting, takenOver]) expect(await stores.batches.get(id)).toBeDefined();
+
+      // Two API processes looking at once: each batch is taken by one of them (and not again for 200 ms).
+      await sleep(300);
+      const [a, b] = await Promise.all([intake.recoverStrandedBatches(200), intake.recoverStrandedBatches(200)]);
+      expect({ undone: a.undone + b.undone, left_to_retry: a.left_to_retry + b.left_to_retry, enqueued: a.enqueued + b.enqueued }).toEqual({ undone: 3, left_to_retry: 1, enqueued: 0 });
+      for (const id of [plain, halfAdded, takenOver]) {
+        expect(await keysOf(id)).toEqual([]);
+        expect(await listed(stores, id)).toBeNull();
+      }
+      expect(await Promise.all([0, 1, 2].map((i) => queue.getJobState(`${halfAdded}.${i}`)))).toEqual(['unknown', 'unknown', 'unknown']);
+      expect(await stores.batches.get(awaiting)).toMatchObject({ batch: { enqueued: 0, claim: keyedClaim } });
+      expect(await listed(stores, awaiting)).not.toBeNull();
+
+      // Once its claim is gone (expired), no retry can enqueue it: it is taken back too.
+      await stack.redis.del(keyedClaim);
+      expect(await intake.recoverStrandedBatches(0)).toMatchObject({ undone: 1 });
+      expect(await keysOf(awaiting)).toEqual([]);
+      expect(await keysUnder(stack.redis, config().KEYFERRY_PREFIX)).not.toContain(stores.keys.strandedBatches());
+    } finally {
+      letGo();
+      await worker.close();
+      connection.disconnect();
+      await queue.close();
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
+    }
+  });
+
+  it("when a recovery and the batch's own request cross, then one of them decides: a batch taken over is never marked enqueued nor deleted by its request, one enqueued is never taken over, one whose job started is never deleted", async () => {
+    const stores = createStores(config(), stack.redis);
+    const queue = createUploadQueue(stack.redis, stores.keys);
+    try {
+      // Taken over by a recovery: its request can neither mark it enqueued nor delete it; the recovery deletes it.
+      const takenOver = await strand(stores, queue, 2);
+      expect(await stores.batches.beginRecovery(takenOver)).toBe('ok');
+      await expect(stores.batches.markEnqueued(takenOver)).rejects.toThrow(/taken over/);
+      expect(await stores.batches.delete(takenOver, 2)).toBe('recovering');
+      expect(await stores.batches.get(takenOver)).toMatchObject({ batch: { enqueued: 0, recovering: true } });
+      expect(await stores.batches.delete(takenOver, 2, 'recovery')).toBe('deleted');
+      await expect(stores.batches.markEnqueued(takenOver)).rejects.toThrow(/deleted/);
+      expect(await keysOf(takenOver)).toEqual([]); // the refused markEnqueued wrote nothing
+      expect(await listed(stores, takenOver)).toBeNull();
+
+      // A request's undo leaves a batch taken over to the recovery: its jobs stay in the queue, its records stay.
+      const undoneLate = await strand(stores, queue, 2, { added: [0, 1] });
+      expect(await stores.batches.beginRecovery(undoneLate)).toBe('ok');
+      const noEnqueue = { remove: (id: string) => queue.remove(id), enqueue: () => Promise.reject(new Error('not expected')) };
+      await undoBatch(stores.batches, undoneLate, 2, Claim.none, noEnqueue);
+      expect(await Promise.all([0, 1].map((i) => queue.getJobState(`${undoneLate}.${i}`)))).toEqual(['waiting', 'waiting']);
+      expect(await stores.batches.get(undoneLate)).toMatchObject({ counts: { queued: 2 } });
+
+      // Marked enqueued by its request first: no recovery takes it over, and a recovery's delete refuses it.
+      const marked = await strand(stores, queue, 2);
+      await stores.batches.markEnqueued(marked);
+      expect(await listed(stores, marked)).toBeNull();
+      expect(await stores.batches.beginRecovery(marked)).toBe('enqueued');
+      expect(await stores.batches.delete(marked, 2, 'recovery')).toBe('kept');
+      // Its request's own undo (the mark ran, its answer was lost) still deletes it: the 500 it answers is true.
+      expect(await stores.batches.delete(marked, 2)).toBe('deleted');
+      expect(await keysOf(marked)).toEqual([]);
+
+      // A worker started one of its jobs after the undo read the counts: the delete refuses, the undo puts the jobs back.
+      const started = await strand(stores, queue, 2, { added: [0, 1] });
+      expect(await stores.batches.get(started)).toMatchObject({ counts: { queued: 2 } });
+      await stores.jobs.updateFrom((await stores.jobs.getHeld(`${started}.1`))!, (j) => void (j.status = 'running'));
+      expect(await stores.batches.delete(started, 2)).toBe('kept');
+      expect(await stores.batches.beginRecovery(started)).toBe('ok');
+      expect(await stores.batches.delete(started, 2, 'recovery')).toBe('kept');
+      expect(await stores.jobs.get(`${started}.1`)).toMatchObject({ status: 'running' });
+
+      // While one API process handles a batch, another does not take it: each batch's listing is renewed (relist).
+      const slow = await strand(stores, queue, 1);
+      await sleep(300);
+      expect(await stores.batches.takeStranded(200, 100)).toContain(slow);
+      await sleep(300);
+      await stores.batches.relist(slow);
+      expect(await stores.batches.takeStranded(200, 100)).not.toContain(slow);
+      await stores.batches.unlist(slow);
+      await stores.batches.relist(slow); // never lists again a batch taken off the list
+      expect(await listed(stores, slow)).toBeNull();
+    } finally {
+      await queue.close();
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
+    }
+  });
+
+  it('when a batch request stalls past the recovery age between its MULTI and its addBulk, then the recovery takes the batch back and the request answers 500, leaving nothing behind', async () => {
+    // The stack's own keyspace: its KMS connection is there. Nothing else of this file is listed as not enqueued.
+    const stores = createStores(stack.config, stack.redis);
+    let stalled = () => undefined as void;
+    const stall = new Promise<void>((resolve) => (stalled = resolve));
+    let arrived = () => undefined as void;
+    const atAddBulk = new Promise<void>((resolve) => (arrived = resolve));
+    /** The real queue, whose addBulk waits until the test lets it go on. */
+    class StallingQueue extends Queue<UploadJobData> {
+      override async addBulk(...args: Parameters<Queue<UploadJobData>['addBulk']>) {
+        arrived();
+        await stall;
+        return super.addBulk(...args);
+      }
+    }
+    const queue = new StallingQueue(UPLOAD_QUEUE, { connection: stack.redis, prefix: stores.keys.bullPrefix });
+    const intake = new Intake(stack.config, stack.redis, stores, queue);
+    let batchId = '';
+    try {
+      const items = [1, 2].map((i) => ({ ...example, aws_param: { ...(example.aws_param as object), Alias: `alias/stalled-${i}` } }));
+      const submitted = intake.submitBatch('acme', { items }, undefined).then(
+        () => 'accepted',
+        (err: Error) => err.message,
+      );
+      await atAddBulk;
+      const listedNow = await stack.redis.zrange(stores.keys.strandedBatches(), 0, -1);
+      expect(listedNow).toHaveLength(1);
+      batchId = listedNow[0] as string;
+      expect(await intake.recoverStrandedBatches(0)).toMatchObject({ undone: 1 });
+      stalled();
+      expect(await submitted).toMatch(/taken over by a recovery, or deleted/);
+      expect((await keysUnder(stack.redis, stack.config.KEYFERRY_PREFIX)).filter((k) => k.includes(batchId))).toEqual([]);
+      // The stalled addBulk added the jobs after the recovery's removes; the request's own undo, finding the batch
+      // gone, removed them again.
+      expect(await Promise.all([0, 1].map((i) => queue.getJobState(`${batchId}.${i}`)))).toEqual(['unknown', 'unknown']);
+    } finally {
+      stalled();
+      await Promise.all([0, 1].map((i) => queue.remove(`${batchId}.${i}`)));
+      await queue.close();
+    }
+  });
+
+  it('when an API process runs with BATCH_RECOVERY_AFTER_MS, then it takes back a stranded batch by itself and counts it in /metrics', async () => {
+    const stores = createStores(config(), stack.redis);
+    const queue = createUploadQueue(stack.redis, stores.keys);
+    const api = await startApi({ ...config(), PORT: 0, BATCH_RECOVERY_AFTER_MS: 1000 }, createLogger('silent'));
+    try {
+      const undoneSoFar = async () => Number(/^keyferry_batches_recovered_total\{outcome="undone"\} (\d+)/m.exec(await (await fetch(`${api.url}/metrics`)).text())?.[1] ?? 0);
+      const before = await undoneSoFar();
+      const id = await strand(stores, queue, 2, { added: [1] });
+      await vi.waitFor(async () => expect(await keysOf(id)).toEqual([]), { timeout: 10_000, interval: 200 });
+      expect(await queue.getJobState(`${id}.1`)).toBe('unknown');
+      expect(await undoneSoFar()).toBe(before + 1);
+    } finally {
+      await api.close();
       await queue.close();
       await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
     }

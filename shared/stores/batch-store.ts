@@ -1,20 +1,41 @@
 import { emptyCounts, isBatchId, type BatchCounts, type BatchRecord } from '../batches.js';
 import { JOB_STATUSES, type JobRecord, type JobStatus } from '../jobs.js';
-import type { RedisClient } from '../redis.js';
+import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import type { Keyspace } from './keyspace.js';
 
 /**
  * Batches: the batch hash, its counts hash and per-status indexes, and its jobs' records all share the
  * batch id's hash tag, so a batch and all its job records are written in one MULTI.
  */
+/** Who undoes or enqueues a batch: the request that made it, or a recovery that took it over (BatchStore.beginRecovery). */
+export type BatchOwner = 'request' | 'recovery';
+
 export class BatchStore {
+  readonly #list: RedisScript;
+  readonly #markEnqueued: RedisScript;
+  readonly #delete: RedisScript;
+  readonly #takeStranded: RedisScript;
+  readonly #beginRecovery: RedisScript;
+
   constructor(
     private readonly redis: RedisClient,
     private readonly keys: Keyspace,
-  ) {}
+  ) {
+    this.#list = defineScript(redis, 'batch_list_unenqueued', LIST_UNENQUEUED);
+    this.#markEnqueued = defineScript(redis, 'batch_mark_enqueued', MARK_ENQUEUED);
+    this.#delete = defineScript(redis, 'batch_delete', DELETE_BATCH);
+    this.#takeStranded = defineScript(redis, 'batch_take_stranded', TAKE_STRANDED);
+    this.#beginRecovery = defineScript(redis, 'batch_begin_recovery', BEGIN_RECOVERY);
+  }
 
-  /** Records a batch and every job record at once: all or nothing. */
+  /**
+   * Records a batch and every job record at once: all or nothing. The batch is listed as not yet enqueued
+   * first (keys.strandedBatches, in another slot on a Redis Cluster), until markEnqueued or delete. (A request
+   * that stalls longer than the recovery age between the two can be unlisted by a recovery that finds no record
+   * yet: it is then not recovered, should it strand.)
+   */
   async create(batch: BatchRecord, jobs: JobRecord[]): Promise<void> {
+    await this.#list([this.keys.strandedBatches()], [batch.id, 0]);
     const multi = this.redis.multi();
     multi.hset(this.keys.batch(batch.id), toHash(batch));
     multi.hset(this.keys.batchCounts(batch.id), { ...emptyCounts(), queued: jobs.length });
@@ -30,20 +51,59 @@ export class BatchStore {
   }
 
   /**
-   * Deletes a batch and its jobs' records and event streams (undoBatch: a batch whose enqueue failed). All share
-   * the batch's hash tag, so each DEL names many keys, also on a Redis Cluster.
+   * Deletes a batch and its jobs' records and event streams (undoBatch), in one script, only while none of its
+   * jobs has left `queued` (a worker's start write moves the counts in the same slot) and, for `by` the request
+   * that made it, while no recovery has taken it over (beginRecovery); for `by` a recovery, only one it took over
+   * and not marked enqueued. All its keys share the batch's hash tag, also on a Redis Cluster. Answers
+   * `deleted` (or already gone), `kept` (a job started, or the batch was enqueued), or `recovering` (the request
+   * must leave the batch to the recovery).
    */
-  async delete(id: string, total: number): Promise<void> {
+  async delete(id: string, total: number, by: BatchOwner = 'request'): Promise<'deleted' | 'kept' | 'recovering'> {
     const keys = [this.keys.batch(id), this.keys.batchCounts(id), this.keys.batchEvents(id), ...JOB_STATUSES.map((s) => this.keys.batchStatusIndex(id, s))];
     for (let i = 0; i < total; i++) keys.push(this.keys.job(`${id}.${i}`), this.keys.jobEvents(`${id}.${i}`));
-    const multi = this.redis.multi();
-    for (let i = 0; i < keys.length; i += 1000) multi.del(...keys.slice(i, i + 1000));
-    const failed = (await multi.exec())?.find(([err]) => err);
-    if (failed) throw failed[0];
+    const answer = Number(await this.#delete(keys, [total, by === 'recovery' ? 1 : 0]));
+    if (answer === -1) return 'recovering';
+    if (answer !== 1) return 'kept';
+    await this.unlist(id).catch(() => undefined); // a later recovery unlists a batch it finds gone
+    return 'deleted';
   }
 
-  async markEnqueued(id: string): Promise<void> {
-    await this.redis.hset(this.keys.batch(id), 'enqueued', 1);
+  /**
+   * Marks a batch enqueued (all its jobs are in BullMQ), atomically only if its record still exists and, unless
+   * `by` the recovery, no recovery has taken it over: otherwise it throws, and the request answers 500.
+   */
+  async markEnqueued(id: string, by: BatchOwner = 'request'): Promise<void> {
+    if (Number(await this.#markEnqueued([this.keys.batch(id)], [by === 'recovery' ? 1 : 0])) !== 1) {
+      throw new Error(`batch ${id} was taken over by a recovery, or deleted, before it was marked enqueued`);
+    }
+    await this.unlist(id).catch(() => undefined); // a later recovery unlists a batch it finds enqueued
+  }
+
+  /**
+   * Up to `limit` batches listed as not enqueued for at least `ageMs` (by Redis's clock), each listed again as of
+   * now in the same script, so that concurrent callers do not take the same batch within `ageMs` (relist renews
+   * that for each batch as it comes to be handled).
+   */
+  async takeStranded(ageMs: number, limit: number): Promise<string[]> {
+    return (await this.#takeStranded([this.keys.strandedBatches()], [ageMs, limit])) as string[];
+  }
+
+  /** Lists a batch taken by takeStranded again as of now, if it is still listed. */
+  async relist(id: string): Promise<void> {
+    await this.#list([this.keys.strandedBatches()], [id, 1]);
+  }
+
+  /**
+   * A recovery takes a stranded batch over, unless it is gone or enqueued: from then on its request can no longer
+   * mark it enqueued or delete it (markEnqueued, delete), so the two never both decide.
+   */
+  async beginRecovery(id: string): Promise<'ok' | 'gone' | 'enqueued'> {
+    return (await this.#beginRecovery([this.keys.batch(id)], [])) as 'ok' | 'gone' | 'enqueued';
+  }
+
+  /** Takes a batch off the list of those not enqueued (its record is gone, or it was enqueued). */
+  async unlist(id: string): Promise<void> {
+    await this.redis.zrem(this.keys.strandedBatches(), id);
   }
 
   async get(id: string): Promise<{ batch: BatchRecord; counts: BatchCounts } | undefined> {
@@ -98,8 +158,8 @@ export class BatchStore {
   }
 }
 
-function toHash(b: BatchRecord): Record<string, string | number> {
-  return { ...b, finished_at: b.finished_at ?? '', callback_url: b.callback_url ?? '' };
+function toHash({ recovering: _, ...b }: BatchRecord): Record<string, string | number> {
+  return { ...b, finished_at: b.finished_at ?? '', callback_url: b.callback_url ?? '', claim: b.claim ?? '' };
 }
 
 function fromHash(h: Record<string, string>): BatchRecord {
@@ -114,5 +174,50 @@ function fromHash(h: Record<string, string>): BatchRecord {
     callback_url: h.callback_url || null,
     enqueued: Number(h.enqueued ?? 0),
     completions: Number(h.completions ?? 0),
+    ...(h.claim ? { claim: h.claim } : {}),
+    ...(h.recovering ? { recovering: true } : {}),
   };
 }
+
+/** The time by Redis's clock, in ms (TIME: seconds, microseconds). */
+const NOW_MS = `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`;
+/** Lists batch ARGV[1] in the sorted set KEYS[1] as not enqueued, as of now (ARGV[2] = 1: only if listed). */
+const LIST_UNENQUEUED = `${NOW_MS}
+if ARGV[2] == '1' then return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1]) end
+return redis.call('ZADD', KEYS[1], now, ARGV[1])`;
+/** Sets `enqueued` on the batch hash KEYS[1] if it exists and, unless ARGV[1] = 1 (by the recovery), no recovery took it over. */
+const MARK_ENQUEUED = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '1' and redis.call('HEXISTS', KEYS[1], 'recovering') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'enqueued', 1)
+redis.call('HDEL', KEYS[1], 'recovering')
+return 1`;
+/** Marks the batch hash KEYS[1] as taken over by a recovery, unless it is gone or enqueued. */
+const BEGIN_RECOVERY = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if redis.call('HGET', KEYS[1], 'enqueued') == '1' then return 'enqueued' end
+redis.call('HSET', KEYS[1], 'recovering', 1)
+return 'ok'`;
+/**
+ * Deletes KEYS (KEYS[1]: the batch hash, KEYS[2]: its counts) while all ARGV[1] jobs are queued; ARGV[2] = 1 (a
+ * recovery): only a batch taken over and not enqueued (0 otherwise); else -1 if a recovery took it over. DEL by
+ * 1000 keys (Lua's stack). 1 if deleted, or gone already.
+ */
+const DELETE_BATCH = `
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local recovering = redis.call('HEXISTS', KEYS[1], 'recovering') == 1
+  if ARGV[2] == '1' then
+    if not recovering or redis.call('HGET', KEYS[1], 'enqueued') == '1' then return 0 end
+  elseif recovering then
+    return -1
+  end
+  if tonumber(redis.call('HGET', KEYS[2], 'queued') or '0') ~= tonumber(ARGV[1]) then return 0 end
+end
+for i = 1, #KEYS, 1000 do redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS))) end
+return 1`;
+/** Up to ARGV[2] members of KEYS[1] scored at least ARGV[1] ms ago, each scored now. */
+const TAKE_STRANDED = `${NOW_MS}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now, id) end
+return ids`;

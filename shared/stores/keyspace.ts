@@ -60,6 +60,14 @@ export class Keyspace {
     return `${this.prefix}:job:{${id}}:batch:events`;
   }
 
+  /**
+   * Sorted set of batches recorded and not yet enqueued (score: when, in ms by Redis's clock, or when a
+   * recovery last looked at one): what Intake.recoverStrandedBatches goes through.
+   */
+  strandedBatches(): string {
+    return `${this.prefix}:batches:unenqueued`;
+  }
+
   /** Hash holding an account's sealed webhook secrets (current, previous + when it stops signing). */
   webhookSecret(account: string): string {
     return `${this.prefix}:acct:{${account}}:webhook-secret`;
