@@ -67,10 +67,12 @@ function isRedisAway(err: Error): boolean {
  * True when Redis answers that it cannot serve now: a Redis Cluster with a slot that has no node (`CLUSTERDOWN`,
  * which ioredis retries until its redirections run out), a slot being moved (`TRYAGAIN`), a node loading its
  * data (`LOADING`), a replica asked to write during a failover (`READONLY`) or without its master
- * (`MASTERDOWN`). These pass, but the same answers also come from a setup that is wrong for good (`REDIS_URL`
- * naming a replica, say), so each one is logged.
+ * (`MASTERDOWN`), also when Redis refused the commands of a MULTI for these reasons and then its EXEC
+ * (`EXECABORT`, with the refusals as ioredis's `previousErrors`). These pass, but the same answers also come from
+ * a setup that is wrong for good (`REDIS_URL` naming a replica, say), so each one is logged.
  */
-function isRedisRefusing(err: Error): boolean {
+function isRedisRefusing(err: Error & { previousErrors?: Error[] }): boolean {
+  if (err.message.startsWith('EXECABORT ')) return (err.previousErrors ?? []).length > 0 && (err.previousErrors ?? []).every(isRedisRefusing);
   return /Too many Cluster redirections/.test(err.message) || /^(CLUSTERDOWN|TRYAGAIN|LOADING|READONLY|MASTERDOWN) /.test(err.message);
 }
 
@@ -97,7 +99,10 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
     } else if (status && status >= 400 && status < 500 && e.expose !== false) {
       sendProblem(res, problem(status, 'bad_request', e.message, { instance }));
     } else if (err instanceof UnavailableError || (err instanceof Error && (isRedisAway(err) || isRedisRefusing(err)))) {
-      if (err instanceof Error && isRedisRefusing(err)) requestLogger(req, logger).warn({ err: err.message, path: req.path }, 'redis refused the request for now');
+      if (err instanceof Error && isRedisRefusing(err)) {
+        const previous = (err as { previousErrors?: Error[] }).previousErrors?.map((p) => p.message);
+        requestLogger(req, logger).warn({ err: err.message, ...(previous ? { previous } : {}), path: req.path }, 'redis refused the request for now');
+      }
       const u = new UnavailableError();
       sendProblem(res, problem(u.status, u.code, u.message, { instance }));
     } else {

@@ -47,7 +47,7 @@ export class OwnRedis {
   /** SIGKILL: a crash, not a clean shutdown; AOF with fsync always keeps every acknowledged write. */
   async kill(): Promise<void> {
     const proc = this.#proc;
-    if (!proc || proc.exitCode !== null) return;
+    if (!proc || proc.exitCode !== null || proc.signalCode !== null) return; // not running (killed: signalCode)
     await new Promise<void>((resolve) => {
       proc.once('exit', () => resolve());
       proc.kill('SIGKILL');
