@@ -28,8 +28,11 @@ export interface Submission {
   replayed: boolean;
 }
 
-/** What Intake.recoverStrandedBatches did with a batch. */
-export type RecoveryOutcome = 'undone' | 'enqueued' | 'left_to_retry' | 'nothing' | 'failed';
+/**
+ * What Intake.recoverStrandedBatches did with a batch: `left` to a retry with its Idempotency-Key or to its
+ * request's undo under way; `nothing` to do (gone, or enqueued meanwhile).
+ */
+export type RecoveryOutcome = 'undone' | 'enqueued' | 'left' | 'nothing' | 'failed';
 
 export interface BatchSubmission {
   batchId: string;
@@ -184,17 +187,25 @@ export class Intake {
    * other API process takes them for as long): their request died between its MULTI and its addBulk, or its
    * addBulk and then its undo both failed. The client got no 202 for them. One whose Idempotency-Key claim
    * still names it is left to a retry with that key, which enqueues it (looked at again after `ageMs`, until the
-   * claim expires or a retry takes the key over). Any other is taken back as its request would have done
-   * (undoBatch): deleted with its jobs, or, if a worker holds or started one of them, enqueued in full.
+   * claim expires), and so is one whose request began undoing it less than `ageMs` ago. Any other is taken
+   * over and then taken back as its request would have done (undoBatch): deleted with its jobs, or, if a worker
+   * holds one of its jobs, enqueued in full; one whose jobs already ran in part is enqueued without removing
+   * any (BullMQ keeps the ids of jobs it ran or holds for a retry, and ignores them). Stops between two batches
+   * once `signal` is aborted.
    */
-  async recoverStrandedBatches(ageMs: number, onError?: (batchId: string, err: Error) => void, limit = 100): Promise<Record<RecoveryOutcome, number>> {
-    const done: Record<RecoveryOutcome, number> = { undone: 0, enqueued: 0, left_to_retry: 0, nothing: 0, failed: 0 };
-    for (const id of await this.stores.batches.takeStranded(ageMs, limit)) {
+  async recoverStrandedBatches(
+    ageMs: number,
+    o: { onError?: (batchId: string, err: Error) => void; signal?: AbortSignal; limit?: number } = {},
+  ): Promise<Record<RecoveryOutcome, number>> {
+    const done: Record<RecoveryOutcome, number> = { undone: 0, enqueued: 0, left: 0, nothing: 0, failed: 0 };
+    for (const id of await this.stores.batches.takeStranded(ageMs, o.limit ?? 100)) {
+      if (o.signal?.aborted) break; // the rest is taken again after ageMs
       try {
-        done[await this.recoverBatch(id)]++;
+        done[await this.recoverBatch(id, ageMs)]++;
       } catch (err) {
         done.failed++; // still listed: looked at again after ageMs
-        onError?.(id, err as Error);
+        batchesRecovered.inc({ outcome: 'failed' });
+        o.onError?.(id, err as Error);
       }
     }
     return done;
@@ -204,25 +215,33 @@ export class Intake {
    * Takes the batch over (BatchStore.beginRecovery) before it undoes it, so that its request, should it only have
    * been slow, can neither mark it enqueued nor undo it any more.
    */
-  private async recoverBatch(id: string): Promise<Exclude<RecoveryOutcome, 'failed'>> {
+  private async recoverBatch(id: string, ageMs: number): Promise<Exclude<RecoveryOutcome, 'failed'>> {
     const { batches } = this.stores;
     await batches.relist(id); // not taken by another API process while this one handles it
     const found = await batches.get(id);
-    if (found?.batch.claim && (await this.#idempotency.names(found.batch.claim, id))) return 'left_to_retry';
-    if (!found || (await batches.beginRecovery(id)) !== 'ok') {
+    if (found?.batch.claim && (await this.#idempotency.names(found.batch.claim, id))) return 'left';
+    const begun = found ? await batches.beginRecovery(id, ageMs) : 'gone';
+    if (begun === 'busy') return 'left';
+    if (!found || begun !== 'ok') {
       await batches.unlist(id);
       return 'nothing';
     }
     const { account, total } = found.batch;
-    let outcome: 'undone' | 'enqueued' = 'undone';
-    const queue = {
-      remove: (jobId: string) => this.queue.remove(jobId),
-      enqueue: async () => {
-        outcome = 'enqueued';
-        await this.enqueueBatch(id, account, total, 'recovery');
-      },
-    };
-    await undoBatch(batches, id, total, Claim.none, queue, 'recovery');
+    const enqueue = () => this.enqueueBatch(id, account, total, 'recovery');
+    let outcome: 'undone' | 'enqueued' = 'enqueued';
+    if (found.counts.queued < total) {
+      await enqueue();
+    } else {
+      outcome = 'undone';
+      const queue = {
+        remove: (jobId: string) => this.queue.remove(jobId),
+        enqueue: async () => {
+          outcome = 'enqueued';
+          await enqueue();
+        },
+      };
+      await undoBatch(batches, id, total, Claim.none, queue, 'recovery');
+    }
     batchesRecovered.inc({ outcome });
     return outcome;
   }
@@ -362,10 +381,9 @@ export async function undoBatch(
   by: BatchOwner = 'request',
 ): Promise<void> {
   if (!(await claim.beginUndo())) return;
-  // A recovery took the batch over (its request stalled past BATCH_RECOVERY_AFTER_MS): it decides. (One that
-  // takes it over while this undo's removes run is seen by the delete below; jobs it enqueued that these removes
-  // took are then missing from the queue.)
-  if (by === 'request' && (await batches.get(batchId))?.batch.recovering) return;
+  // The request takes the batch first (no recovery takes it over for BATCH_RECOVERY_AFTER_MS from then on),
+  // unless a recovery already did (the request stalled that long): the recovery then decides.
+  if (by === 'request' && (await batches.beginUndo(batchId)) === 'recovering') return;
   let held = false;
   const ids = Array.from({ length: total }, (_, i) => `${batchId}.${i}`);
   for (let i = 0; i < ids.length; i += UNDO_CHUNK) {
@@ -377,11 +395,10 @@ export async function undoBatch(
   // The delete keeps a batch one of whose jobs a worker started since the counts were read (or, for a recovery,
   // that was enqueued): the jobs the removes above took are put back.
   const outcome = keep ? 'kept' : await batches.delete(batchId, total, by);
-  if (outcome === 'recovering') return;
   if (outcome === 'kept') {
     await queue.enqueue();
     await claim.endUndo();
-    return;
-  }
-  await claim.release();
+  } else if (outcome === 'deleted') {
+    await claim.release();
+  } // 'recovering': a recovery took the batch over meanwhile (this undo stalled that long); it decides.
 }

@@ -86,26 +86,28 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
 
 /**
  * Looks for batches left recorded and not enqueued (Intake.recoverStrandedBatches) every quarter of `ageMs`
- * (1 s to 1 min); a tick that comes while a look is under way is skipped. `stop` ends the looks and waits for one
- * under way.
+ * (at most every minute); a tick that comes while a look is under way is skipped. `stop` ends the looks and
+ * waits for the batch under way.
  */
 function recoverStrandedBatches(intake: Intake, ageMs: number, logger: Logger): { stop(): Promise<void> } {
+  const stopped = new AbortController();
   let look: Promise<void> | undefined;
   const onError = (batch_id: string, err: Error) => logger.warn({ batch_id, err: err.message }, 'taking back a batch never enqueued failed; it is looked at again later');
   const timer = setInterval(
     () => {
       look ??= intake
-        .recoverStrandedBatches(ageMs, onError)
-        .then(({ undone, enqueued, left_to_retry, failed }) => {
-          if (undone + enqueued > 0) logger.warn({ undone, enqueued, left_to_retry, failed }, 'batches recorded but never enqueued were taken back or enqueued');
+        .recoverStrandedBatches(ageMs, { onError, signal: stopped.signal })
+        .then(({ undone, enqueued, left, failed }) => {
+          if (undone + enqueued > 0) logger.warn({ undone, enqueued, left, failed }, 'batches recorded but never enqueued were taken back or enqueued');
         })
         .catch((err: Error) => logger.warn({ err: err.message }, 'looking for batches never enqueued failed'))
         .finally(() => (look = undefined));
     },
-    Math.min(60_000, Math.max(1000, Math.floor(ageMs / 4))),
+    Math.min(60_000, Math.floor(ageMs / 4)),
   ).unref();
   return {
     async stop() {
+      stopped.abort();
       clearInterval(timer);
       await look;
     },

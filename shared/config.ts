@@ -42,9 +42,10 @@ export const configSchema = z.object({
   /**
    * How long a batch may stay recorded and not enqueued (its request died between the two, or its enqueue and
    * then its undo failed) before an API process takes it back (Intake.recoverStrandedBatches); API processes
-   * look for such batches every quarter of this, at least every minute.
+   * look for such batches every quarter of this, at least every minute. It must exceed by far the longest a
+   * batch request takes (a 10,000-item batch: about a second here): a recovery takes over a request still under way.
    */
-  BATCH_RECOVERY_AFTER_MS: z.coerce.number().int().min(1000).max(86_400_000).default(300_000),
+  BATCH_RECOVERY_AFTER_MS: z.coerce.number().int().min(10_000).max(86_400_000).default(300_000),
   /** API listen port and host. */
   PORT: z.coerce.number().int().min(0).max(65535).default(8080),
   HOST: z.string().default('0.0.0.0'),

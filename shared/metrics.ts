@@ -23,10 +23,12 @@ export const jobsAccepted = new Counter({
 
 export const batchesRecovered = new Counter({
   name: 'keyferry_batches_recovered_total',
-  help: 'Batches found recorded and never enqueued, taken back (undone) or enqueued after all (a worker held one of their jobs).',
+  help: 'Batches found recorded and never enqueued: taken back (undone), enqueued after all (a worker held or ran one of their jobs), or failed (looked at again later).',
   labelNames: ['outcome'] as const,
   registers: [registry],
 });
+// Each outcome's series exists from the start (at 0), so that increase() sees a process's first one.
+for (const outcome of ['undone', 'enqueued', 'failed']) batchesRecovered.inc({ outcome }, 0);
 
 export const jobsFinished = new Counter({
   name: 'keyferry_jobs_finished_total',

@@ -16,6 +16,7 @@ export class BatchStore {
   readonly #delete: RedisScript;
   readonly #takeStranded: RedisScript;
   readonly #beginRecovery: RedisScript;
+  readonly #beginUndo: RedisScript;
 
   constructor(
     private readonly redis: RedisClient,
@@ -26,6 +27,7 @@ export class BatchStore {
     this.#delete = defineScript(redis, 'batch_delete', DELETE_BATCH);
     this.#takeStranded = defineScript(redis, 'batch_take_stranded', TAKE_STRANDED);
     this.#beginRecovery = defineScript(redis, 'batch_begin_recovery', BEGIN_RECOVERY);
+    this.#beginUndo = defineScript(redis, 'batch_begin_undo', BEGIN_UNDO);
   }
 
   /**
@@ -94,11 +96,20 @@ export class BatchStore {
   }
 
   /**
-   * A recovery takes a stranded batch over, unless it is gone or enqueued: from then on its request can no longer
-   * mark it enqueued or delete it (markEnqueued, delete), so the two never both decide.
+   * A recovery takes a stranded batch over, unless it is gone or enqueued, or its request began undoing it less
+   * than `ageMs` ago (beginUndo; `busy`): from then on its request can no longer mark it enqueued, begin undoing
+   * it or delete it (markEnqueued, beginUndo, delete), so the two never both decide.
    */
-  async beginRecovery(id: string): Promise<'ok' | 'gone' | 'enqueued'> {
-    return (await this.#beginRecovery([this.keys.batch(id)], [])) as 'ok' | 'gone' | 'enqueued';
+  async beginRecovery(id: string, ageMs: number): Promise<'ok' | 'gone' | 'enqueued' | 'busy'> {
+    return (await this.#beginRecovery([this.keys.batch(id)], [ageMs])) as 'ok' | 'gone' | 'enqueued' | 'busy';
+  }
+
+  /**
+   * The batch's request takes it back (undoBatch), unless a recovery took it over (`recovering`: the request then
+   * leaves it alone); no recovery takes it over for its recovery age from then on. `gone`: nothing recorded.
+   */
+  async beginUndo(id: string): Promise<'ok' | 'gone' | 'recovering'> {
+    return (await this.#beginUndo([this.keys.batch(id)], [])) as 'ok' | 'gone' | 'recovering';
   }
 
   /** Takes a batch off the list of those not enqueued (its record is gone, or it was enqueued). */
@@ -191,13 +202,24 @@ const MARK_ENQUEUED = `
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '1' and redis.call('HEXISTS', KEYS[1], 'recovering') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'enqueued', 1)
-redis.call('HDEL', KEYS[1], 'recovering')
+redis.call('HDEL', KEYS[1], 'recovering', 'undoing')
 return 1`;
-/** Marks the batch hash KEYS[1] as taken over by a recovery, unless it is gone or enqueued. */
-const BEGIN_RECOVERY = `
+/**
+ * Marks the batch hash KEYS[1] as taken over by a recovery, unless it is gone or enqueued, or its request began
+ * undoing it (`undoing`: when, by Redis's clock) less than ARGV[1] ms ago.
+ */
+const BEGIN_RECOVERY = `${NOW_MS}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
 if redis.call('HGET', KEYS[1], 'enqueued') == '1' then return 'enqueued' end
+local undoing = tonumber(redis.call('HGET', KEYS[1], 'undoing'))
+if undoing and now - undoing < tonumber(ARGV[1]) then return 'busy' end
 redis.call('HSET', KEYS[1], 'recovering', 1)
+return 'ok'`;
+/** Marks the batch hash KEYS[1] as being undone by its request (as of now), unless a recovery took it over. */
+const BEGIN_UNDO = `${NOW_MS}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if redis.call('HEXISTS', KEYS[1], 'recovering') == 1 then return 'recovering' end
+redis.call('HSET', KEYS[1], 'undoing', now)
 return 'ok'`;
 /**
  * Deletes KEYS (KEYS[1]: the batch hash, KEYS[2]: its counts) while all ARGV[1] jobs are queued; ARGV[2] = 1 (a
