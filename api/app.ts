@@ -111,7 +111,7 @@ export function createApp(deps: AppDeps): Express {
     }),
   );
   app.use(keyRoutes({ stores: deps.stores }));
-  app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT }));
+  app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT, endpointHosts: deps.config.KMS_ENDPOINT_HOSTS }));
   app.use(
     sourceConnectionRoutes({
       stores: deps.stores,

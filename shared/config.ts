@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { AWS_KMS_ENDPOINT_HOSTS, HOST_PATTERN_RE } from './kms-endpoints.js';
 import { kmsQuotaListSchema } from './kms-quotas.js';
 import { hsmTokenListSchema } from './source-connections.js';
 import { parseCidrs } from './ssrf.js';
@@ -100,6 +101,16 @@ export const configSchema = z.object({
   DEFAULT_WRAPPING_KEY_SPEC: z.enum(['RSA_2048', 'RSA_3072', 'RSA_4096']).default('RSA_4096'),
   /** Allow KMS connection endpoints on http:// (emulators); production endpoints are https. */
   ALLOW_HTTP_KMS_ENDPOINT: boolFromEnv.default(false),
+  /**
+   * Hosts a KMS connection's `endpoint` may name (comma-separated patterns; `*` in a pattern is one DNS label,
+   * `*` alone any host). Default: AWS KMS's own endpoints (shared/kms-endpoints.ts). The API refuses another
+   * endpoint, and workers refuse a connection whose endpoint is no longer allowed before any KMS request.
+   */
+  KMS_ENDPOINT_HOSTS: z
+    .string()
+    .default(AWS_KMS_ENDPOINT_HOSTS.join(','))
+    .transform((v) => v.split(',').map((p) => p.trim().toLowerCase()))
+    .refine((ps) => ps.every((p) => HOST_PATTERN_RE.test(p)), 'comma-separated host patterns (labels or *, e.g. kms.*.amazonaws.com)'),
   /** Webhooks: allow http:// callback URLs (https only by default). */
   WEBHOOK_ALLOW_HTTP: boolFromEnv.default(false),
   /** Webhooks: comma-separated CIDRs that may be called although private/loopback/special (e.g. 127.0.0.1/32). */

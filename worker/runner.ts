@@ -40,7 +40,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   const redis = createRedis(config);
   redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const stores = createStores(config, redis);
-  const clients = new KmsClients(stores.box, config.KMS_TIMEOUT_MS);
+  const clients = new KmsClients(stores.box, config.KMS_TIMEOUT_MS, config.KMS_ENDPOINT_HOSTS);
   const sources = new Sources({ stores, config, logger });
   const pipeline = new UploadPipeline({
     stores,

@@ -16,12 +16,13 @@ import {
   type PolicyTemplate,
 } from '../../shared/resources.js';
 import { ValidationError } from '../../shared/errors.js';
+import { kmsEndpointAllowed } from '../../shared/kms-endpoints.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
 import { newResourceStamp } from '../../shared/stores/resource-store.js';
 
 /** KMS connections, policy templates and the local key store: create, list, get. */
-export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolean }): Router {
+export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolean; endpointHosts: readonly string[] }): Router {
   const { stores } = deps;
   const router = Router();
 
@@ -30,6 +31,9 @@ export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolea
     const body = parseOrThrow(kmsConnectionSchema, req.body);
     if (body.endpoint?.startsWith('http:') && !deps.allowHttpEndpoint) {
       throw new ValidationError([{ path: 'endpoint', message: 'Must be https (set ALLOW_HTTP_KMS_ENDPOINT=true for an emulator).' }]);
+    }
+    if (body.endpoint && !kmsEndpointAllowed(body.endpoint, deps.endpointHosts)) {
+      throw new ValidationError([{ path: 'endpoint', message: "Not one of AWS KMS's endpoints, nor a host the operator allows (KMS_ENDPOINT_HOSTS)." }]);
     }
     const id = randomUUID();
     const record: KmsConnection = {
