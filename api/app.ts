@@ -5,6 +5,7 @@ import type { Logger } from '../shared/logger.js';
 import type { UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { authOptions } from '../shared/auth.js';
+import { kmsEndpointPolicy } from '../shared/kms-endpoints.js';
 import { metricsText } from '../shared/metrics.js';
 import { adminRoutes } from './admin.js';
 import { requireAuth } from './auth.js';
@@ -111,7 +112,7 @@ export function createApp(deps: AppDeps): Express {
     }),
   );
   app.use(keyRoutes({ stores: deps.stores }));
-  app.use(resourceRoutes({ stores: deps.stores, allowHttpEndpoint: deps.config.ALLOW_HTTP_KMS_ENDPOINT, endpointHosts: deps.config.KMS_ENDPOINT_HOSTS }));
+  app.use(resourceRoutes({ stores: deps.stores, endpoints: kmsEndpointPolicy(deps.config) }));
   app.use(
     sourceConnectionRoutes({
       stores: deps.stores,

@@ -5,6 +5,7 @@ import { BATCH_PRIORITY, batchBodySchema, type BatchRecord } from '../shared/bat
 import type { Config } from '../shared/config.js';
 import type { Stores } from '../shared/context.js';
 import { UnprocessableError, ValidationError, type FieldError } from '../shared/errors.js';
+import { kmsEndpointPolicy, kmsEndpointProblem, type KmsEndpointPolicy } from '../shared/kms-endpoints.js';
 import { FINAL_STATUSES, newJobRecord, type JobRecord, type UploadJobData } from '../shared/jobs.js';
 import { batchesRecovered, jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
@@ -44,6 +45,7 @@ export class Intake {
   readonly #idempotency: Idempotency;
   /** Whether a new job's record and its add go out together (recordAndEnqueue): one Redis, one client for both. */
   readonly #recordWithAdd: boolean;
+  readonly #endpoints: KmsEndpointPolicy;
 
   constructor(
     private readonly config: Config,
@@ -55,6 +57,7 @@ export class Intake {
   ) {
     this.#idempotency = new Idempotency(redis, stores.keys, staleClaimMs);
     this.#recordWithAdd = !(redis instanceof Cluster) && queue.opts.connection === redis;
+    this.#endpoints = kmsEndpointPolicy(config);
   }
 
   async submitUpload(account: string, body: unknown, idempotencyKey: string | undefined): Promise<Submission> {
@@ -291,6 +294,8 @@ export class Intake {
       if (!conn) errors.push({ path: at(i, 'kms'), message: `No KMS connection named or with id "${req.kms}".` });
       else if (!conn.regions.includes(req.region)) {
         errors.push({ path: at(i, 'region'), message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
+      } else if (conn.endpoint && kmsEndpointProblem(conn.endpoint, this.#endpoints)) {
+        errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service no longer allows (KMS_ENDPOINT_HOSTS).` });
       }
       if (req.policytemplate && !templates.get(req.policytemplate)) {
         errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });

@@ -71,7 +71,7 @@ function isRedisAway(err: Error): boolean {
  * (`EXECABORT`, with the refusals as ioredis's `previousErrors`). These pass, but the same answers also come from
  * a setup that is wrong for good (`REDIS_URL` naming a replica, say), so each one is logged.
  */
-function isRedisRefusing(err: Error & { previousErrors?: Error[] }): boolean {
+export function isRedisRefusing(err: Error & { previousErrors?: Error[] }): boolean {
   if (err.message.startsWith('EXECABORT ')) return (err.previousErrors ?? []).length > 0 && (err.previousErrors ?? []).every(isRedisRefusing);
   return /Too many Cluster redirections/.test(err.message) || /^(CLUSTERDOWN|TRYAGAIN|LOADING|READONLY|MASTERDOWN) /.test(err.message);
 }

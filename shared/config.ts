@@ -102,15 +102,15 @@ export const configSchema = z.object({
   /** Allow KMS connection endpoints on http:// (emulators); production endpoints are https. */
   ALLOW_HTTP_KMS_ENDPOINT: boolFromEnv.default(false),
   /**
-   * Hosts a KMS connection's `endpoint` may name (comma-separated patterns; `*` in a pattern is one DNS label,
-   * `*` alone any host). Default: AWS KMS's own endpoints (shared/kms-endpoints.ts). The API refuses another
-   * endpoint, and workers refuse a connection whose endpoint is no longer allowed before any KMS request.
+   * Hosts (and ports) a KMS connection's `endpoint` may name: comma-separated patterns (HOST_PATTERN_RE in
+   * shared/kms-endpoints.ts). Default: AWS KMS's own endpoints. The API refuses another endpoint, and workers
+   * refuse a connection whose endpoint is no longer allowed before any KMS request.
    */
   KMS_ENDPOINT_HOSTS: z
     .string()
     .default(AWS_KMS_ENDPOINT_HOSTS.join(','))
     .transform((v) => v.split(',').map((p) => p.trim().toLowerCase()))
-    .refine((ps) => ps.every((p) => HOST_PATTERN_RE.test(p)), 'comma-separated host patterns (labels or *, e.g. kms.*.amazonaws.com)'),
+    .refine((ps) => ps.every((p) => HOST_PATTERN_RE.test(p)), 'comma-separated host patterns (labels, * or <region>, then optionally :PORT or :*; e.g. kms.<region>.amazonaws.com)'),
   /** Webhooks: allow http:// callback URLs (https only by default). */
   WEBHOOK_ALLOW_HTTP: boolFromEnv.default(false),
   /** Webhooks: comma-separated CIDRs that may be called although private/loopback/special (e.g. 127.0.0.1/32). */

@@ -1,39 +1,78 @@
 /**
- * Which hosts a KMS connection's `endpoint` may name (KMS_ENDPOINT_HOSTS). Whoever sets a connection's endpoint
- * chooses the wrapping public key that GetParametersForImport returns, and so who can unwrap the key material
- * keyferry sends: only AWS KMS's own hosts are allowed unless the operator lists others.
+ * Which KMS connection endpoints keyferry may send requests to (KMS_ENDPOINT_HOSTS, ALLOW_HTTP_KMS_ENDPOINT).
+ * Whoever sets a connection's endpoint chooses the wrapping public key that GetParametersForImport returns,
+ * and so who can unwrap the key material keyferry sends: only AWS KMS's own hosts are allowed unless the
+ * operator lists others.
  */
 
 /**
  * AWS KMS's own endpoints: regional and FIPS, in the commercial and China partitions, dual-stack (`api.aws`),
- * and VPC interface endpoints (`vpce-….kms.<region>.vpce.amazonaws.com`). Not `*.amazonaws.com`: anyone can
- * serve an API under `execute-api.<region>.amazonaws.com` (API Gateway), and under `*.on.aws` (Lambda URLs).
+ * and VPC interface endpoints (`vpce-….kms.<region>.vpce.amazonaws.com`), each on https's port only. Not
+ * `*.amazonaws.com`: anyone can serve an API under `execute-api.<region>.amazonaws.com` (API Gateway), and
+ * S3 bucket names make hosts such as `kms.s3.amazonaws.com`.
  */
 export const AWS_KMS_ENDPOINT_HOSTS = [
-  'kms.*.amazonaws.com',
-  'kms-fips.*.amazonaws.com',
-  'kms.*.amazonaws.com.cn',
-  'kms.*.api.aws',
-  'kms-fips.*.api.aws',
-  '*.kms.*.vpce.amazonaws.com',
+  'kms.<region>.amazonaws.com',
+  'kms-fips.<region>.amazonaws.com',
+  'kms.<region>.amazonaws.com.cn',
+  'kms.<region>.api.aws',
+  'kms-fips.<region>.api.aws',
+  '*.kms.<region>.vpce.amazonaws.com',
 ] as const;
 
-/** A host pattern: `*` alone (any host), or dot-separated labels, each a DNS label or `*` (exactly one label). */
-export const HOST_PATTERN_RE = /^(\*|(\*|[a-z0-9-]+)(\.(\*|[a-z0-9-]+))*)$/;
+/**
+ * A host pattern: `*` alone (any host, any port), or dot-separated labels, each a DNS label, `*` (exactly one
+ * label) or `<region>` (one label shaped like an AWS region: `us-east-1`, `us-gov-west-1`), then optionally
+ * `:PORT` or `:*`. Without a port, only the scheme's own port is allowed (443 for https).
+ */
+export const HOST_PATTERN_RE = /^(\*|(\*|<region>|[a-z0-9-]+)(\.(\*|<region>|[a-z0-9-]+))*(:(\*|\d{1,5}))?)$/;
 
-/** Whether `endpoint` (a URL) names a host that one of `patterns` matches (case-insensitive). */
-export function kmsEndpointAllowed(endpoint: string, patterns: readonly string[]): boolean {
-  let host: string;
-  try {
-    host = new URL(endpoint).hostname.toLowerCase();
-  } catch {
-    return false;
-  }
-  return patterns.some((p) => p === '*' || hostMatches(host, p));
+const LABEL_RE = /^[a-z0-9-]+$/;
+const REGION_RE = /^[a-z]{2}(-[a-z]+)+-\d{1,2}$/;
+
+/** KMS_ENDPOINT_HOSTS and ALLOW_HTTP_KMS_ENDPOINT. */
+export interface KmsEndpointPolicy {
+  hosts: readonly string[];
+  allowHttp: boolean;
 }
 
-function hostMatches(host: string, pattern: string): boolean {
-  const labels = host.split('.');
-  const wanted = pattern.toLowerCase().split('.');
-  return labels.length === wanted.length && wanted.every((w, i) => (w === '*' ? /^[a-z0-9-]+$/.test(labels[i] as string) : w === labels[i]));
+export function kmsEndpointPolicy(config: { KMS_ENDPOINT_HOSTS: readonly string[]; ALLOW_HTTP_KMS_ENDPOINT: boolean }): KmsEndpointPolicy {
+  return { hosts: config.KMS_ENDPOINT_HOSTS, allowHttp: config.ALLOW_HTTP_KMS_ENDPOINT };
+}
+
+/**
+ * Why `endpoint` (a URL) may not be used, or undefined if it may: http unless `allowHttp`, or a host and port
+ * that no pattern in `hosts` matches (case-insensitive; the host as the AWS SDK will connect to it, from the
+ * same URL parser).
+ */
+export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy): string | undefined {
+  let url: URL;
+  try {
+    url = new URL(endpoint);
+  } catch {
+    return 'Not a URL.';
+  }
+  if (url.protocol === 'http:' && !policy.allowHttp) return 'Must be https (set ALLOW_HTTP_KMS_ENDPOINT=true for an emulator).';
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') return 'Must be https.';
+  if (url.username || url.password) return 'Must not carry credentials.';
+  if (!policy.hosts.some((p) => p === '*' || matches(url, p))) {
+    return "Not one of AWS KMS's endpoints, nor a host and port the operator allows (KMS_ENDPOINT_HOSTS).";
+  }
+  return undefined;
+}
+
+function matches(url: URL, pattern: string): boolean {
+  const [hostPattern = '', portPattern] = pattern.toLowerCase().split(':');
+  if (portPattern === undefined ? url.port !== '' : portPattern !== '*' && portPattern !== (url.port || (url.protocol === 'https:' ? '443' : '80'))) return false;
+  const labels = url.hostname.toLowerCase().split('.');
+  const wanted = hostPattern.split('.');
+  return (
+    labels.length === wanted.length &&
+    wanted.every((w, i) => {
+      const label = labels[i] as string;
+      if (w === '*') return LABEL_RE.test(label);
+      if (w === '<region>') return REGION_RE.test(label);
+      return w === label;
+    })
+  );
 }

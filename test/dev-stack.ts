@@ -25,7 +25,7 @@ const env = {
   KEYFERRY_MASTER_KEY: process.env.KEYFERRY_MASTER_KEY ?? randomBytes(32).toString('hex'),
   JWT_SECRET: process.env.JWT_SECRET ?? randomBytes(32).toString('hex'),
   ALLOW_HTTP_KMS_ENDPOINT: process.env.ALLOW_HTTP_KMS_ENDPOINT ?? 'true',
-  KMS_ENDPOINT_HOSTS: process.env.KMS_ENDPOINT_HOSTS ?? '127.0.0.1', // the emulator's
+  KMS_ENDPOINT_HOSTS: process.env.KMS_ENDPOINT_HOSTS ?? '127.0.0.1:*', // the emulator's
 };
 const config = loadConfigOrExit(env);
 const logger = createLogger(config.LOG_LEVEL, 'keyferry-dev');

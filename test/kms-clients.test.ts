@@ -65,7 +65,7 @@ describe('KMS clients: the deadline of each call, with the middleware resolved o
   ];
   it.each(stalls)('when KMS %s, then the call fails with TimeoutError once KMS_TIMEOUT_MS passes with no byte from KMS', async (_what, respond) => {
     const stalling = await server(respond);
-    const clients = new KmsClients(box, 300, ["127.0.0.1"]);
+    const clients = new KmsClients(box, 300, { hosts: ['127.0.0.1:*'], allowHttp: true });
     cleanups.push(() => clients.destroy(), () => {
       stalling.server.closeAllConnections();
       stalling.server.close();
@@ -80,7 +80,7 @@ describe('KMS clients: the deadline of each call, with the middleware resolved o
   it('when calls of several commands run at once on one client, then each gets the answer to its own input', async () => {
     const emulator = new KmsEmulator({ accounts: { [EMULATOR_ACCESS_KEY]: '123456789012' }, latencyMs: 5 });
     await emulator.start();
-    const clients = new KmsClients(box, 5000, ["127.0.0.1"]);
+    const clients = new KmsClients(box, 5000, { hosts: ['127.0.0.1:*'], allowHttp: true });
     cleanups.push(() => clients.destroy(), () => emulator.close());
     const kms = clients.get(connection(emulator.url), REGION);
     const names = Array.from({ length: 12 }, (_, i) => `key-${i}-${randomBytes(4).toString('hex')}`);

@@ -3,42 +3,58 @@
  * since whoever answers GetParametersForImport chooses the key the material is wrapped under.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startApi } from '../api/server.js';
 import { loadConfig } from '../shared/config.js';
-import { AWS_KMS_ENDPOINT_HOSTS, kmsEndpointAllowed } from '../shared/kms-endpoints.js';
+import { AWS_KMS_ENDPOINT_HOSTS, kmsEndpointProblem } from '../shared/kms-endpoints.js';
+import { createLogger } from '../shared/logger.js';
 import { seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
 
-describe('kmsEndpointAllowed', () => {
-  it("when the default list is asked, then AWS KMS's regional, FIPS, China, dual-stack and VPC endpoints pass and hosts others can serve under AWS's domains do not", () => {
+const aws = { hosts: AWS_KMS_ENDPOINT_HOSTS, allowHttp: false };
+
+describe('kmsEndpointProblem', () => {
+  it("when the default list is asked, then AWS KMS's regional, FIPS, China, dual-stack and VPC endpoints pass, and hosts others can serve under AWS's domains, other ports and http do not", () => {
     const ok = [
       'https://kms.us-east-1.amazonaws.com',
       'https://KMS.eu-west-1.amazonaws.com/',
+      'https://kms.us-east-1.amazonaws.com:443',
       'https://kms-fips.us-gov-west-1.amazonaws.com',
       'https://kms.cn-north-1.amazonaws.com.cn',
       'https://kms.ap-south-1.api.aws',
-      'https://vpce-0a1b2c3d4e5f-abcdefgh.kms.us-east-1.vpce.amazonaws.com:443',
+      'https://vpce-0a1b2c3d4e5f-abcdefgh.kms.us-east-1.vpce.amazonaws.com',
     ];
     const refused = [
       'https://abc123.execute-api.us-east-1.amazonaws.com', // API Gateway: anyone's
       'https://x.lambda-url.us-east-1.on.aws',
+      'https://kms.s3.amazonaws.com', // an S3 bucket named kms
+      'https://kms-fips.s3-website-us-east-1.amazonaws.com',
       'https://kms.us-east-1.amazonaws.com.evil.example',
+      'https://kms.us-east-1.amazonaws.com.', // a trailing dot: one label more
       'https://evil-kms.us-east-1.amazonaws.com',
       'https://kms.us-east-1.evil.amazonaws.com',
       'https://vpce-1.vpce-svc-0123.us-east-1.vpce.amazonaws.com', // someone's PrivateLink service
+      'https://vpce-1.kms.us-east-1.vpce.amazonaws.com:6379', // another port
+      'https://kms.us-east-1.amazonaws.com@evil.example',
+      'https://user@kms.us-east-1.amazonaws.com', // no credentials in the URL at all
+      'HTTP://kms.us-east-1.amazonaws.com', // http, in any case
+      'http://kms.us-east-1.amazonaws.com',
+      'ftp://kms.us-east-1.amazonaws.com',
       'https://127.0.0.1:4599',
       'not a url',
     ];
-    for (const url of ok) expect(kmsEndpointAllowed(url, AWS_KMS_ENDPOINT_HOSTS), url).toBe(true);
-    for (const url of refused) expect(kmsEndpointAllowed(url, AWS_KMS_ENDPOINT_HOSTS), url).toBe(false);
-    expect(kmsEndpointAllowed('http://127.0.0.1:4599', ['127.0.0.1'])).toBe(true);
-    expect(kmsEndpointAllowed('https://anything.example', ['*'])).toBe(true);
+    for (const url of ok) expect(kmsEndpointProblem(url, aws), url).toBeUndefined();
+    for (const url of refused) expect(kmsEndpointProblem(url, aws), url).toEqual(expect.any(String));
+    expect(kmsEndpointProblem('HTTP://kms.us-east-1.amazonaws.com', aws)).toMatch(/https/);
+    expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1:*'], allowHttp: true })).toBeUndefined();
+    expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1:4599'], allowHttp: true })).toBeUndefined();
+    expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1'], allowHttp: true })).toEqual(expect.any(String));
+    expect(kmsEndpointProblem('https://anything.example:8443', { hosts: ['*'], allowHttp: false })).toBeUndefined();
   });
 
   it('when KMS_ENDPOINT_HOSTS is unset, then it is the AWS list; a bad pattern stops the start', () => {
     const { KMS_ENDPOINT_HOSTS: _, ...env } = testEnv('kms-endpoints');
     expect(loadConfig(env).KMS_ENDPOINT_HOSTS).toEqual([...AWS_KMS_ENDPOINT_HOSTS]);
-    expect(loadConfig({ ...env, KMS_ENDPOINT_HOSTS: 'kms.*.amazonaws.com, Emulator' }).KMS_ENDPOINT_HOSTS).toEqual(['kms.*.amazonaws.com', 'emulator']);
-    expect(() => loadConfig({ ...env, KMS_ENDPOINT_HOSTS: 'https://kms.example' })).toThrow(/KMS_ENDPOINT_HOSTS/);
-    expect(() => loadConfig({ ...env, KMS_ENDPOINT_HOSTS: 'kms.*.amazon*.com' })).toThrow(/KMS_ENDPOINT_HOSTS/);
+    expect(loadConfig({ ...env, KMS_ENDPOINT_HOSTS: 'kms.<region>.amazonaws.com, Emulator:4599' }).KMS_ENDPOINT_HOSTS).toEqual(['kms.<region>.amazonaws.com', 'emulator:4599']);
+    for (const bad of ['https://kms.example', 'kms.*.amazon*.com', 'kms.example:port']) expect(() => loadConfig({ ...env, KMS_ENDPOINT_HOSTS: bad }), bad).toThrow(/KMS_ENDPOINT_HOSTS/);
   });
 });
 
@@ -75,5 +91,21 @@ describe('KMS connection endpoints', () => {
     expect(job).toMatchObject({ status: 'failed', error: { code: 'kms_endpoint_not_allowed' } });
     expect(job.attempts).toBe(1);
     expect(stack.emulator.callCount()).toBe(0);
+  });
+
+  it('when an API runs with a list that no longer allows a connection, then an upload naming it answers 422 at `kms`', async () => {
+    const { KMS_ENDPOINT_HOSTS: _, ...narrowed } = stack.config;
+    const api = await startApi({ ...narrowed, KMS_ENDPOINT_HOSTS: [...AWS_KMS_ENDPOINT_HOSTS] }, createLogger('silent'));
+    try {
+      const res = await fetch(`${api.url}/api/v1/cckm/aws/upload-key`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ source_key_identifier: 'test-key', region: 'us-east-1', kms: 'kms' }),
+      });
+      expect(res.status).toBe(422);
+      expect(((await res.json()) as { errors: unknown }).errors).toEqual([{ path: 'kms', message: expect.stringContaining('KMS_ENDPOINT_HOSTS') }]);
+    } finally {
+      await api.close();
+    }
   });
 });

@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { isRedisRefusing } from '../api/problem.js';
 import { startApi, type ApiServer } from '../api/server.js';
 import { signToken } from '../shared/auth.js';
 import { loadConfig } from '../shared/config.js';
@@ -48,6 +49,18 @@ const call = async (method: string, path: string, body?: unknown) => {
   });
   return { status: res.status, retryAfter: res.headers.get('retry-after'), type: res.headers.get('content-type'), body: (await res.json()) as { code?: string } };
 };
+
+describe('isRedisRefusing', () => {
+  const execAbort = (...causes: string[]) =>
+    Object.assign(new Error('EXECABORT Transaction discarded because of previous errors.'), { previousErrors: causes.map((c) => new Error(c)) });
+  it("when a MULTI was refused, then it passes only if Redis refused each command for now (a command's own error stays a 500)", () => {
+    expect(isRedisRefusing(execAbort("READONLY You can't write against a read only replica.", 'MASTERDOWN Link with MASTER is down'))).toBe(true);
+    expect(isRedisRefusing(execAbort("READONLY You can't write against a read only replica.", "ERR wrong number of arguments for 'set' command"))).toBe(false);
+    expect(isRedisRefusing(execAbort())).toBe(false);
+    expect(isRedisRefusing(new Error('OOM command not allowed when used memory > maxmemory.'))).toBe(false);
+    expect(isRedisRefusing(new Error('LOADING Redis is loading the dataset in memory'))).toBe(true);
+  });
+});
 
 describe('the API on a Redis replica', () => {
   it('when it writes (READONLY), then 503 problem with Retry-After, logged; its reads still answer', async () => {

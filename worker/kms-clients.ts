@@ -1,7 +1,7 @@
 import { KMSClient } from '@aws-sdk/client-kms';
 import type { SecretBox } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
-import { kmsEndpointAllowed } from '../shared/kms-endpoints.js';
+import { kmsEndpointProblem, type KmsEndpointPolicy } from '../shared/kms-endpoints.js';
 import { kmsSecretContext, type KmsConnection } from '../shared/resources.js';
 
 /** The HTTP settings of keyferry's KMS clients for a deadline of `timeoutMs` per call (see KmsClients). */
@@ -24,18 +24,17 @@ export class KmsClients {
   constructor(
     private readonly box: SecretBox,
     private readonly timeoutMs: number,
-    /** KMS_ENDPOINT_HOSTS: a connection whose endpoint names another host gets no client. */
-    private readonly endpointHosts: readonly string[],
+    /** KMS_ENDPOINT_HOSTS and ALLOW_HTTP_KMS_ENDPOINT: a connection whose endpoint they refuse gets no client. */
+    private readonly endpoints: KmsEndpointPolicy,
   ) {}
 
   /**
    * The connection's client for `region`. Throws (a permanent `kms_endpoint_not_allowed`) for a connection whose
-   * endpoint KMS_ENDPOINT_HOSTS does not allow (made before the operator narrowed it), before any request.
+   * endpoint the operator's settings refuse (made before they were narrowed), before any request.
    */
   get(conn: KmsConnection, region: string): KMSClient {
-    if (conn.endpoint && !kmsEndpointAllowed(conn.endpoint, this.endpointHosts)) {
-      throw new PipelineError('kms_endpoint_not_allowed', `The KMS connection "${conn.name}" names an endpoint that KMS_ENDPOINT_HOSTS does not allow.`, false);
-    }
+    const problem = conn.endpoint ? kmsEndpointProblem(conn.endpoint, this.endpoints) : undefined;
+    if (problem) throw new PipelineError('kms_endpoint_not_allowed', `The KMS connection "${conn.name}": its endpoint is refused. ${problem}`, false);
     const cacheKey = `${conn.id}|${region}|${conn.updated_at}`;
     let client = this.#clients.get(cacheKey);
     if (!client) {

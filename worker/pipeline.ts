@@ -588,7 +588,7 @@ export class UploadPipeline {
     return lookups;
   }
 
-  /** The resolve step; its failures are reported in this order: connection, region, template, source. */
+  /** The resolve step; its failures are reported in this order: connection, region, endpoint, template, source. */
   private async resolve(job: JobRecord, lookups: Lookups): Promise<Resolved> {
     const { conn: connFound, template: templateFound, localSource } = lookups;
     const conn = await connFound;
@@ -596,6 +596,7 @@ export class UploadPipeline {
     if (!conn.regions.includes(job.request.region)) {
       throw new PipelineError('region_not_allowed', `The KMS connection "${conn.name}" does not serve ${job.request.region}.`, false);
     }
+    const client = this.deps.clients.get(conn, job.request.region); // kms_endpoint_not_allowed before the source is asked
     let templatePolicy: string | undefined;
     if (templateFound) {
       const t = await templateFound;
@@ -603,7 +604,7 @@ export class UploadPipeline {
       templatePolicy = t.policy;
     }
     const source = await (localSource ?? this.deps.sources.resolve(job.account, job.request));
-    const kms = this.deps.quota.forJob(job, conn, this.deps.clients.get(conn, job.request.region), { mayDelay: true });
+    const kms = this.deps.quota.forJob(job, conn, client, { mayDelay: true });
     return { conn, kms, source, policy: buildKeyPolicy(job.request, conn.account_id, templatePolicy) };
   }
 

@@ -13,6 +13,7 @@ import { uploadBackoffDelay } from '../shared/queues.js';
 import { bullTelemetry } from '../shared/tracing.js';
 import { createRedis } from '../shared/redis.js';
 import { classify, classifyAttempt } from './classify.js';
+import { kmsEndpointPolicy } from '../shared/kms-endpoints.js';
 import { KmsClients } from './kms-clients.js';
 import { KmsQuota, KmsQuotaWait } from './kms-quota.js';
 import { AttemptFailure, UploadPipeline, type RunState } from './pipeline.js';
@@ -40,7 +41,7 @@ export async function startWorker(config: Config, logger: Logger = createLogger(
   const redis = createRedis(config);
   redis.on('error', (err: Error) => logger.warn({ err: err.message }, 'redis connection error'));
   const stores = createStores(config, redis);
-  const clients = new KmsClients(stores.box, config.KMS_TIMEOUT_MS, config.KMS_ENDPOINT_HOSTS);
+  const clients = new KmsClients(stores.box, config.KMS_TIMEOUT_MS, kmsEndpointPolicy(config));
   const sources = new Sources({ stores, config, logger });
   const pipeline = new UploadPipeline({
     stores,

@@ -16,25 +16,21 @@ import {
   type PolicyTemplate,
 } from '../../shared/resources.js';
 import { ValidationError } from '../../shared/errors.js';
-import { kmsEndpointAllowed } from '../../shared/kms-endpoints.js';
+import { kmsEndpointProblem, type KmsEndpointPolicy } from '../../shared/kms-endpoints.js';
 import { parseOrThrow } from '../../shared/validation.js';
 import { accountOf } from '../auth.js';
 import { newResourceStamp } from '../../shared/stores/resource-store.js';
 
 /** KMS connections, policy templates and the local key store: create, list, get. */
-export function resourceRoutes(deps: { stores: Stores; allowHttpEndpoint: boolean; endpointHosts: readonly string[] }): Router {
+export function resourceRoutes(deps: { stores: Stores; endpoints: KmsEndpointPolicy }): Router {
   const { stores } = deps;
   const router = Router();
 
   router.post('/api/v1/cckm/aws/kms', async (req, res) => {
     const account = accountOf(req);
     const body = parseOrThrow(kmsConnectionSchema, req.body);
-    if (body.endpoint?.startsWith('http:') && !deps.allowHttpEndpoint) {
-      throw new ValidationError([{ path: 'endpoint', message: 'Must be https (set ALLOW_HTTP_KMS_ENDPOINT=true for an emulator).' }]);
-    }
-    if (body.endpoint && !kmsEndpointAllowed(body.endpoint, deps.endpointHosts)) {
-      throw new ValidationError([{ path: 'endpoint', message: "Not one of AWS KMS's endpoints, nor a host the operator allows (KMS_ENDPOINT_HOSTS)." }]);
-    }
+    const endpointProblem = body.endpoint === undefined ? undefined : kmsEndpointProblem(body.endpoint, deps.endpoints);
+    if (endpointProblem) throw new ValidationError([{ path: 'endpoint', message: endpointProblem }]);
     const id = randomUUID();
     const record: KmsConnection = {
       ...newResourceStamp(account, id, body.name),

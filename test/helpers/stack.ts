@@ -66,7 +66,7 @@ export function testEnv(name: string, env: Record<string, string> = {}): Record<
     WORKER_METRICS_PORT: '0',
     HOST: '127.0.0.1',
     ALLOW_HTTP_KMS_ENDPOINT: 'true',
-    KMS_ENDPOINT_HOSTS: '127.0.0.1', // the emulator's
+    KMS_ENDPOINT_HOSTS: '127.0.0.1:*', // the emulator's
     DEFAULT_WRAPPING_KEY_SPEC: 'RSA_2048',
     JOB_BACKOFF_MS: '50',
     JOB_ATTEMPTS: '5',
