@@ -374,8 +374,9 @@ export async function undoSubmission(queue: UndoQueue, jobs: JobStore, id: strin
  * all, and its jobs are enqueued again (`enqueue`; BullMQ ignores a job id it already has). If Redis fails
  * here too, the batch stays as it is, recorded and not marked enqueued; its claim, left `undoing`, lets a retry
  * with the same key enqueue it once the claim is stale, and Intake.recoverStrandedBatches undoes it once no
- * claim names it. The delete refuses a batch marked enqueued meanwhile (its request got that far after all):
- * its jobs are then put back.
+ * claim names it. The delete refuses a batch one of whose jobs a worker started since the counts were read (and,
+ * for a recovery, one marked enqueued): its jobs are then put back. A request's undo leaves a batch that a
+ * recovery took over (its request stalled past the recovery age) to the recovery.
  */
 export async function undoBatch(
   batches: BatchStore,
