@@ -649,6 +649,44 @@ describe('intake: batches recorded and never enqueued', () => {
     }
   });
 
+  it('when a batch request stalls past the recovery age before its MULTI and a recovery unlists the batch it cannot find yet, then the batch is listed again once recorded', async () => {
+    // A client of the store's own, whose MULTIs wait until the test lets them go on.
+    const client = new Redis(stack.config.REDIS_URL);
+    let goOn = () => undefined as void;
+    const stall = new Promise<void>((resolve) => (goOn = resolve));
+    const multi = client.multi.bind(client);
+    client.multi = ((...args: Parameters<typeof client.multi>) => {
+      const m = multi(...args);
+      const exec = m.exec.bind(m);
+      m.exec = (async () => {
+        await stall;
+        return exec();
+      }) as typeof m.exec;
+      return m;
+    }) as typeof client.multi;
+    const stores = createStores(config(), client);
+    const queue = createUploadQueue(stack.redis, stores.keys);
+    const intake = new Intake(config(), stack.redis, createStores(config(), stack.redis), queue);
+    try {
+      const id = randomUUID();
+      const creating = strand(stores, queue, 2, { id });
+      await vi.waitFor(async () => expect(await listed(stores, id)).not.toBeNull());
+      expect(await intake.recoverStrandedBatches(0)).toEqual({ ...none, nothing: 1 }); // no record yet: unlisted
+      expect(await listed(stores, id)).toBeNull();
+      goOn();
+      await creating;
+      expect(await listed(stores, id)).not.toBeNull();
+      await backdate(stores, id);
+      expect(await intake.recoverStrandedBatches(30_000)).toEqual({ ...none, undone: 1 });
+      expect(await keysOf(config().KEYFERRY_PREFIX, id)).toEqual([]);
+    } finally {
+      goOn();
+      client.disconnect();
+      await queue.close();
+      await deleteKeyspace(stack.redis, config().KEYFERRY_PREFIX);
+    }
+  });
+
   it('when a batch request stalls past the recovery age between its MULTI and its addBulk, then the recovery takes the batch back and the request answers 500, leaving nothing behind', async () => {
     // The stack's own keyspace: its KMS connection is there. Nothing else of this file is listed as not enqueued.
     const stores = createStores(stack.config, stack.redis);

@@ -32,9 +32,9 @@ export class BatchStore {
 
   /**
    * Records a batch and every job record at once: all or nothing. The batch is listed as not yet enqueued
-   * first (keys.strandedBatches, in another slot on a Redis Cluster), until markEnqueued or delete. (A request
-   * that stalls longer than the recovery age between the two can be unlisted by a recovery that finds no record
-   * yet: it is then not recovered, should it strand.)
+   * (keys.strandedBatches, in another slot on a Redis Cluster) until markEnqueued or delete: before the MULTI,
+   * so that a crash right after it leaves the batch listed, and again after it, in case a recovery that found
+   * no record yet unlisted it meanwhile (a request stalled past the recovery age in between).
    */
   async create(batch: BatchRecord, jobs: JobRecord[]): Promise<void> {
     await this.#list([this.keys.strandedBatches()], [batch.id, 0]);
@@ -50,6 +50,7 @@ export class BatchStore {
     const results = await multi.exec();
     const failed = results?.find(([err]) => err);
     if (!results || failed) throw failed?.[0] ?? new Error('batch MULTI was discarded');
+    await this.#list([this.keys.strandedBatches()], [batch.id, 0]);
   }
 
   /**
