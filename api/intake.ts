@@ -276,6 +276,8 @@ export class Intake {
     const conns = new Map(
       await Promise.all([...new Set(reqs.map((r) => r.kms))].map(async (k) => [k, await this.stores.kmsConnections.find(account, k)] as const)),
     );
+    // Once per connection, not per item: a connection made before KMS_ENDPOINT_HOSTS was narrowed.
+    const refusedEndpoint = new Set([...conns.values()].filter((c) => c?.endpoint && kmsEndpointProblem(c.endpoint, this.#endpoints)).map((c) => c?.id));
     const templateNames = [...new Set(reqs.map((r) => r.policytemplate).filter((t): t is string => t !== undefined))];
     const templates = new Map(await Promise.all(templateNames.map(async (t) => [t, await this.stores.templates.find(account, t)] as const)));
     const sourceRef = (r: UploadKeyRequest) => JSON.stringify([r.source_key_tier, r.source_connection]);
@@ -294,7 +296,7 @@ export class Intake {
       if (!conn) errors.push({ path: at(i, 'kms'), message: `No KMS connection named or with id "${req.kms}".` });
       else if (!conn.regions.includes(req.region)) {
         errors.push({ path: at(i, 'region'), message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
-      } else if (conn.endpoint && kmsEndpointProblem(conn.endpoint, this.#endpoints)) {
+      } else if (refusedEndpoint.has(conn.id)) {
         errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service no longer allows (KMS_ENDPOINT_HOSTS).` });
       }
       if (req.policytemplate && !templates.get(req.policytemplate)) {

@@ -90,7 +90,7 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
       sendProblem(res, problem(err.status, err.code, err.message, { instance, ...(err.errors ? { errors: err.errors } : {}) }));
       return;
     }
-    const e = err as Error & HttpError;
+    const e = err as Error & HttpError & { previousErrors?: Error[] };
     const status = e.status ?? e.statusCode;
     if (e.type === 'entity.parse.failed') {
       sendProblem(res, problem(400, 'malformed_json', 'The body is not valid JSON.', { instance, errors: [{ path: '(body)', message: 'Malformed JSON.' }] }));
@@ -99,9 +99,9 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
     } else if (status && status >= 400 && status < 500 && e.expose !== false) {
       sendProblem(res, problem(status, 'bad_request', e.message, { instance }));
     } else if (err instanceof UnavailableError || (err instanceof Error && (isRedisAway(err) || isRedisRefusing(err)))) {
-      if (err instanceof Error && isRedisRefusing(err)) {
-        const previous = (err as { previousErrors?: Error[] }).previousErrors?.map((p) => p.message);
-        requestLogger(req, logger).warn({ err: err.message, ...(previous ? { previous } : {}), path: req.path }, 'redis refused the request for now');
+      if (!(err instanceof UnavailableError) && isRedisRefusing(e)) {
+        const previous = e.previousErrors?.map((p) => p.message);
+        requestLogger(req, logger).warn({ err: e.message, ...(previous ? { previous } : {}), path: req.path }, 'redis refused the request for now');
       }
       const u = new UnavailableError();
       sendProblem(res, problem(u.status, u.code, u.message, { instance }));

@@ -5,6 +5,8 @@
  * operator lists others.
  */
 
+import { REGION_RE } from './schemas/upload-key.js';
+
 /**
  * AWS KMS's own endpoints: regional and FIPS, in the commercial and China partitions, dual-stack (`api.aws`),
  * and VPC interface endpoints (`vpce-….kms.<region>.vpce.amazonaws.com`), each on https's port only. Not
@@ -28,7 +30,6 @@ export const AWS_KMS_ENDPOINT_HOSTS = [
 export const HOST_PATTERN_RE = /^(\*|(\*|<region>|[a-z0-9-]+)(\.(\*|<region>|[a-z0-9-]+))*(:(\*|\d{1,5}))?)$/;
 
 const LABEL_RE = /^[a-z0-9-]+$/;
-const REGION_RE = /^[a-z]{2}(-[a-z]+)+-\d{1,2}$/;
 
 /** KMS_ENDPOINT_HOSTS and ALLOW_HTTP_KMS_ENDPOINT. */
 export interface KmsEndpointPolicy {
@@ -63,7 +64,10 @@ export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy):
 
 function matches(url: URL, pattern: string): boolean {
   const [hostPattern = '', portPattern] = pattern.toLowerCase().split(':');
-  if (portPattern === undefined ? url.port !== '' : portPattern !== '*' && portPattern !== (url.port || (url.protocol === 'https:' ? '443' : '80'))) return false;
+  // URL leaves `port` empty for the scheme's own port.
+  const port = url.port || (url.protocol === 'https:' ? '443' : '80');
+  const portOk = portPattern === undefined ? url.port === '' : portPattern === '*' || portPattern === port;
+  if (!portOk) return false;
   const labels = url.hostname.toLowerCase().split('.');
   const wanted = hostPattern.split('.');
   return (

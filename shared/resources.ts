@@ -1,9 +1,10 @@
 import { z } from 'zod';
 import { kmsQuotaOverridesSchema, type KmsQuotaOverrides } from './kms-quotas.js';
+import { REGION_RE } from './schemas/upload-key.js';
 import type { AccountResource } from './stores/resource-store.js';
 
 const name = z.string().min(1).max(128).regex(/^[A-Za-z0-9_.@-]+$/, 'Names allow letters, digits and _ . @ -.');
-const region = z.string().regex(/^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$/, 'Must be an AWS region name such as ap-south-1.');
+const region = z.string().regex(REGION_RE, 'Must be an AWS region name such as ap-south-1.');
 export const WRAPPING_KEY_SPECS = ['RSA_2048', 'RSA_3072', 'RSA_4096'] as const;
 export type WrappingKeySpec = (typeof WRAPPING_KEY_SPECS)[number];
 

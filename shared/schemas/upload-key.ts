@@ -15,7 +15,8 @@ const ALIAS_RE = /^[A-Za-z0-9/_-]+$/;
 export const RESERVED_TAG_PREFIX = 'keyferry:';
 /** AWS allows 50 tags on a KMS key; keyferry adds its one, so a request may name 49. */
 export const MAX_REQUEST_TAGS = 49;
-const REGION_RE = /^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$/;
+/** An AWS region name (`ap-south-1`, `us-gov-west-1`, `cn-north-1`). */
+export const REGION_RE = /^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$/;
 const ACCOUNT_RE = /^\d{12}$/;
 const IAM_NAME_RE = /^[\w+=,.@-]{1,128}$/;
 const IAM_ARN_RE = /^arn:aws[a-z-]*:iam::\d{12}:(user|role|root)(\/[\w+=,.@/-]*)?$/;
