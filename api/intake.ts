@@ -11,6 +11,7 @@ import { batchesRecovered, jobsAccepted } from '../shared/metrics.js';
 import { uploadJobOptions, type UploadQueue } from '../shared/queues.js';
 import type { RedisClient } from '../shared/redis.js';
 import { parseUploadKey, type UploadKeyRequest } from '../shared/schemas/upload-key.js';
+import type { KmsConnection } from '../shared/resources.js';
 import { checkWebhookUrl } from '../shared/ssrf.js';
 import type { BatchOwner, BatchStore } from '../shared/stores/batch-store.js';
 import type { JobStore } from '../shared/stores/job-store.js';
@@ -276,8 +277,15 @@ export class Intake {
     const conns = new Map(
       await Promise.all([...new Set(reqs.map((r) => r.kms))].map(async (k) => [k, await this.stores.kmsConnections.find(account, k)] as const)),
     );
-    // Once per connection, not per item: a connection made before KMS_ENDPOINT_HOSTS was narrowed.
-    const refusedEndpoint = new Set([...conns.values()].filter((c) => c?.endpoint && kmsEndpointProblem(c.endpoint, this.#endpoints)).map((c) => c?.id));
+    // Once per connection and region, not per item: a connection made before KMS_ENDPOINT_HOSTS was narrowed, or
+    // before a regional endpoint had to serve all of the connection's regions.
+    const endpointProblems = new Map<string, string | undefined>();
+    const endpointProblem = (conn: KmsConnection, region: string) => {
+      if (!conn.endpoint) return undefined;
+      const key = `${conn.id}|${region}`;
+      if (!endpointProblems.has(key)) endpointProblems.set(key, kmsEndpointProblem(conn.endpoint, this.#endpoints, [region]));
+      return endpointProblems.get(key);
+    };
     const templateNames = [...new Set(reqs.map((r) => r.policytemplate).filter((t): t is string => t !== undefined))];
     const templates = new Map(await Promise.all(templateNames.map(async (t) => [t, await this.stores.templates.find(account, t)] as const)));
     const sourceRef = (r: UploadKeyRequest) => JSON.stringify([r.source_key_tier, r.source_connection]);
@@ -296,8 +304,9 @@ export class Intake {
       if (!conn) errors.push({ path: at(i, 'kms'), message: `No KMS connection named or with id "${req.kms}".` });
       else if (!conn.regions.includes(req.region)) {
         errors.push({ path: at(i, 'region'), message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
-      } else if (refusedEndpoint.has(conn.id)) {
-        errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service no longer allows (KMS_ENDPOINT_HOSTS).` });
+      } else {
+        const problem = endpointProblem(conn, req.region);
+        if (problem) errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service does not allow for ${req.region}: ${problem}` });
       }
       if (req.policytemplate && !templates.get(req.policytemplate)) {
         errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });

@@ -42,11 +42,13 @@ export function kmsEndpointPolicy(config: { KMS_ENDPOINT_HOSTS: readonly string[
 }
 
 /**
- * Why `endpoint` (a URL) may not be used, or undefined if it may: http unless `allowHttp`, or a host and port
- * that no pattern in `hosts` matches (case-insensitive; the host as the AWS SDK will connect to it, from the
- * same URL parser).
+ * Why `endpoint` (a URL) may not be used for requests signed for `regions`, or undefined if it may: http unless
+ * `allowHttp`, or a host and port that no pattern in `hosts` matches (case-insensitive; the host as the AWS SDK
+ * will connect to it, from the same URL parser). A host that only patterns with a `<region>` label match serves
+ * that region alone: AWS refuses a request signed for another region (a signature's scope names its region),
+ * so any other region in `regions` is refused here, before any request.
  */
-export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy): string | undefined {
+export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy, regions: readonly string[] = []): string | undefined {
   let url: URL;
   try {
     url = new URL(endpoint);
@@ -56,27 +58,29 @@ export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy):
   if (url.protocol === 'http:' && !policy.allowHttp) return 'Must be https (set ALLOW_HTTP_KMS_ENDPOINT=true for an emulator).';
   if (url.protocol !== 'https:' && url.protocol !== 'http:') return 'Must be https.';
   if (url.username || url.password) return 'Must not carry credentials.';
-  if (!policy.hosts.some((p) => p === '*' || matches(url, p))) {
-    return "Not one of AWS KMS's endpoints, nor a host and port the operator allows (KMS_ENDPOINT_HOSTS).";
-  }
-  return undefined;
+  const served = policy.hosts.map((p) => (p === '*' ? { region: undefined } : matches(url, p))).filter((m) => m !== undefined);
+  if (served.length === 0) return "Not one of AWS KMS's endpoints, nor a host and port the operator allows (KMS_ENDPOINT_HOSTS).";
+  if (served.some((m) => m.region === undefined || regions.every((r) => r === m.region))) return undefined;
+  const region = served[0]?.region as string;
+  const others = [...new Set(regions.filter((r) => r !== region))];
+  return `A regional endpoint of ${region}: it cannot serve ${others.join(', ')} (AWS refuses requests signed for another region).`;
 }
 
-function matches(url: URL, pattern: string): boolean {
+/** Whether `url`'s host and port match `pattern`; if so, the label its `<region>` matched, if it has one. */
+function matches(url: URL, pattern: string): { region: string | undefined } | undefined {
   const [hostPattern = '', portPattern] = pattern.toLowerCase().split(':');
   // URL leaves `port` empty for the scheme's own port.
   const port = url.port || (url.protocol === 'https:' ? '443' : '80');
   const portOk = portPattern === undefined ? url.port === '' : portPattern === '*' || portPattern === port;
-  if (!portOk) return false;
+  if (!portOk) return undefined;
   const labels = url.hostname.toLowerCase().split('.');
   const wanted = hostPattern.split('.');
-  return (
-    labels.length === wanted.length &&
-    wanted.every((w, i) => {
-      const label = labels[i] as string;
-      if (w === '*') return LABEL_RE.test(label);
-      if (w === '<region>') return REGION_RE.test(label);
-      return w === label;
-    })
-  );
+  if (labels.length !== wanted.length) return undefined;
+  let region: string | undefined;
+  for (const [i, w] of wanted.entries()) {
+    const label = labels[i] as string;
+    if (w === '*' ? !LABEL_RE.test(label) : w === '<region>' ? !REGION_RE.test(label) : w !== label) return undefined;
+    if (w === '<region>') region = label;
+  }
+  return { region };
 }

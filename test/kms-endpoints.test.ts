@@ -7,7 +7,7 @@ import { startApi } from '../api/server.js';
 import { loadConfig } from '../shared/config.js';
 import { AWS_KMS_ENDPOINT_HOSTS, kmsEndpointProblem } from '../shared/kms-endpoints.js';
 import { createLogger } from '../shared/logger.js';
-import { seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
+import { queuedJobs, seedKms, seedLocalKey, startStack, testEnv, waitForJob, type TestStack } from './helpers/stack.js';
 
 const aws = { hosts: AWS_KMS_ENDPOINT_HOSTS, allowHttp: false };
 
@@ -48,6 +48,21 @@ describe('kmsEndpointProblem', () => {
     expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1:4599'], allowHttp: true })).toBeUndefined();
     expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1'], allowHttp: true })).toEqual(expect.any(String));
     expect(kmsEndpointProblem('https://anything.example:8443', { hosts: ['*'], allowHttp: false })).toBeUndefined();
+  });
+
+  it("when an endpoint matches only through a `<region>` label, then it serves that region alone; hosts without one serve any", () => {
+    expect(kmsEndpointProblem('https://kms.us-east-1.amazonaws.com', aws, ['us-east-1'])).toBeUndefined();
+    expect(kmsEndpointProblem('https://kms.us-east-1.amazonaws.com', aws, ['us-east-1', 'eu-west-1', 'eu-west-1'])).toBe(
+      'A regional endpoint of us-east-1: it cannot serve eu-west-1 (AWS refuses requests signed for another region).',
+    );
+    expect(kmsEndpointProblem('https://vpce-0a1b-abcd.kms.eu-west-1.vpce.amazonaws.com', aws, ['us-east-1'])).toMatch(/of eu-west-1: it cannot serve us-east-1 /);
+    expect(kmsEndpointProblem('https://kms-fips.us-gov-west-1.amazonaws.com', aws, ['us-gov-east-1'])).toMatch(/of us-gov-west-1/);
+    // Refused for its host, whatever the regions.
+    expect(kmsEndpointProblem('https://kms.s3.amazonaws.com', aws, ['us-east-1'])).toMatch(/KMS_ENDPOINT_HOSTS/);
+    // A pattern without `<region>` says nothing of the host's region.
+    expect(kmsEndpointProblem('http://127.0.0.1:4599', { hosts: ['127.0.0.1:*'], allowHttp: true }, ['us-east-1', 'eu-west-1'])).toBeUndefined();
+    expect(kmsEndpointProblem('https://kms.us-east-1.amazonaws.com', { hosts: ['*'], allowHttp: false }, ['eu-west-1'])).toBeUndefined();
+    expect(kmsEndpointProblem('https://kms.us-east-1.amazonaws.com', { hosts: [...AWS_KMS_ENDPOINT_HOSTS, 'kms.us-east-1.amazonaws.com'], allowHttp: false }, ['eu-west-1'])).toBeUndefined();
   });
 
   it('when KMS_ENDPOINT_HOSTS is unset, then it is the AWS list; a bad pattern stops the start', () => {
@@ -107,5 +122,58 @@ describe('KMS connection endpoints', () => {
     } finally {
       await api.close();
     }
+  });
+});
+
+describe('regional KMS endpoints', () => {
+  const REGIONAL = 'kms.<region>.emulator.test:*';
+  let stack: TestStack;
+  let token: string;
+  let narrowed: Awaited<ReturnType<typeof startApi>>;
+  const post = async (path: string, body: unknown) => {
+    const res = await fetch(`${narrowed.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    return { status: res.status, body: (await res.json()) as { errors?: unknown } };
+  };
+  beforeAll(async () => {
+    // The stack's own API allows any host, as before a regional endpoint had to serve all of its connection's regions.
+    stack = await startStack({ name: 'kms-endpoints-regional', worker: false, env: { KMS_ENDPOINT_HOSTS: '*' } });
+    token = await stack.token('acme');
+    await seedLocalKey(stack, token, 'test-key');
+    await seedKms(stack, token, { name: 'old', regions: ['eu-west-1', 'us-east-1'], endpoint: 'http://kms.eu-west-1.emulator.test:4599' });
+    const { KMS_ENDPOINT_HOSTS: _, ...config } = stack.config;
+    narrowed = await startApi({ ...config, KMS_ENDPOINT_HOSTS: [REGIONAL] }, createLogger('silent'));
+  });
+  afterAll(async () => {
+    await narrowed?.close();
+    await stack?.close();
+  });
+
+  it("when a connection's regional endpoint is another region's than one of its regions, then 400 naming `endpoint` and that region; with its own region only, 201", async () => {
+    const body = { name: 'regional', account_id: '123456789012', regions: ['eu-west-1', 'ap-south-1'], endpoint: 'http://kms.eu-west-1.emulator.test:4599' };
+    const refused = await post('/api/v1/cckm/aws/kms', body);
+    expect(refused.status).toBe(400);
+    expect(refused.body.errors).toEqual([{ path: 'endpoint', message: expect.stringMatching(/of eu-west-1: it cannot serve ap-south-1 /) }]);
+    expect((await post('/api/v1/cckm/aws/kms', { ...body, regions: ['eu-west-1'] })).status).toBe(201);
+  });
+
+  it('when an upload names a connection made before for a region its regional endpoint does not serve, then 422 at that item\'s `kms`, and nothing is enqueued', async () => {
+    const item = (region: string) => ({ source_key_identifier: 'test-key', region, kms: 'old' });
+    const single = await post('/api/v1/cckm/aws/upload-key', item('us-east-1'));
+    expect(single.status).toBe(422);
+    expect(single.body.errors).toEqual([{ path: 'kms', message: expect.stringMatching(/for us-east-1: A regional endpoint of eu-west-1/) }]);
+    const batch = await post('/api/v1/cckm/aws/upload-key/batch', { items: [item('eu-west-1'), item('us-east-1')] });
+    expect(batch.status).toBe(422);
+    expect(batch.body.errors).toEqual([{ path: 'items[1].kms', message: expect.stringContaining('of eu-west-1') }]);
+    expect(await queuedJobs(stack)).toBe(0);
+  });
+
+  it('when a worker is given a job for a region its connection\'s regional endpoint does not serve, then the job fails with kms_endpoint_not_allowed before any KMS request', async () => {
+    const res = await stack.call('POST', '/api/v1/cckm/aws/upload-key', { token, body: { source_key_identifier: 'test-key', region: 'us-east-1', kms: 'old' } });
+    expect(res.status).toBe(202);
+    await stack.startWorker({ KMS_ENDPOINT_HOSTS: REGIONAL });
+    const job = await waitForJob(stack, token, res.body.id);
+    expect(job).toMatchObject({ status: 'failed', error: { code: 'kms_endpoint_not_allowed', message: expect.stringContaining('of eu-west-1: it cannot serve us-east-1') } });
+    expect(job.attempts).toBe(1);
+    expect(stack.emulator.callCount()).toBe(0);
   });
 });

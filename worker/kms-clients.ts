@@ -30,10 +30,11 @@ export class KmsClients {
 
   /**
    * The connection's client for `region`. Throws (a permanent `kms_endpoint_not_allowed`) for a connection whose
-   * endpoint the operator's settings refuse (made before they were narrowed), before any request.
+   * endpoint the operator's settings refuse (made before they were narrowed) or that is another region's, before
+   * any request.
    */
   get(conn: KmsConnection, region: string): KMSClient {
-    const problem = conn.endpoint ? kmsEndpointProblem(conn.endpoint, this.endpoints) : undefined;
+    const problem = conn.endpoint ? kmsEndpointProblem(conn.endpoint, this.endpoints, [region]) : undefined;
     if (problem) throw new PipelineError('kms_endpoint_not_allowed', `The KMS connection "${conn.name}": its endpoint is refused. ${problem}`, false);
     const cacheKey = `${conn.id}|${region}|${conn.updated_at}`;
     let client = this.#clients.get(cacheKey);

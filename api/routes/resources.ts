@@ -29,7 +29,7 @@ export function resourceRoutes(deps: { stores: Stores; endpoints: KmsEndpointPol
   router.post('/api/v1/cckm/aws/kms', async (req, res) => {
     const account = accountOf(req);
     const body = parseOrThrow(kmsConnectionSchema, req.body);
-    const endpointProblem = body.endpoint === undefined ? undefined : kmsEndpointProblem(body.endpoint, deps.endpoints);
+    const endpointProblem = body.endpoint === undefined ? undefined : kmsEndpointProblem(body.endpoint, deps.endpoints, body.regions);
     if (endpointProblem) throw new ValidationError([{ path: 'endpoint', message: endpointProblem }]);
     const id = randomUUID();
     const record: KmsConnection = {
