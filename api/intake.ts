@@ -306,7 +306,7 @@ export class Intake {
         errors.push({ path: at(i, 'region'), message: `The KMS connection "${conn.name}" does not serve ${req.region} (it serves ${conn.regions.join(', ')}).` });
       } else {
         const problem = endpointProblem(conn, req.region);
-        if (problem) errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service does not allow for ${req.region}: ${problem}` });
+        if (problem) errors.push({ path: at(i, 'kms'), message: `The KMS connection "${conn.name}" names an endpoint this service does not allow: ${problem}` });
       }
       if (req.policytemplate && !templates.get(req.policytemplate)) {
         errors.push({ path: at(i, 'policytemplate'), message: `No policy template named or with id "${req.policytemplate}".` });

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { AWS_KMS_ENDPOINT_HOSTS, HOST_PATTERN_RE } from './kms-endpoints.js';
+import { AWS_KMS_ENDPOINT_HOSTS, validHostPattern } from './kms-endpoints.js';
 import { kmsQuotaListSchema } from './kms-quotas.js';
 import { hsmTokenListSchema } from './source-connections.js';
 import { parseCidrs } from './ssrf.js';
@@ -103,14 +103,15 @@ export const configSchema = z.object({
   ALLOW_HTTP_KMS_ENDPOINT: boolFromEnv.default(false),
   /**
    * Hosts (and ports) a KMS connection's `endpoint` may name: comma-separated patterns (HOST_PATTERN_RE in
-   * shared/kms-endpoints.ts). Default: AWS KMS's own endpoints. The API refuses another endpoint, and workers
-   * refuse a connection whose endpoint is no longer allowed before any KMS request.
+   * shared/kms-endpoints.ts, at most one `<region>` each). Default: AWS KMS's own endpoints. The API refuses
+   * another endpoint, and workers refuse a connection whose endpoint is no longer allowed before any KMS request.
+   * A host that only patterns with `<region>` match serves that region alone (kmsEndpointProblem).
    */
   KMS_ENDPOINT_HOSTS: z
     .string()
     .default(AWS_KMS_ENDPOINT_HOSTS.join(','))
     .transform((v) => v.split(',').map((p) => p.trim().toLowerCase()))
-    .refine((ps) => ps.every((p) => HOST_PATTERN_RE.test(p)), 'comma-separated host patterns (labels, * or <region>, then optionally :PORT or :*; e.g. kms.<region>.amazonaws.com)'),
+    .refine((ps) => ps.every(validHostPattern), 'comma-separated host patterns (labels, * or at most one <region>, then optionally :PORT or :*; e.g. kms.<region>.amazonaws.com)'),
   /** Webhooks: allow http:// callback URLs (https only by default). */
   WEBHOOK_ALLOW_HTTP: boolFromEnv.default(false),
   /** Webhooks: comma-separated CIDRs that may be called although private/loopback/special (e.g. 127.0.0.1/32). */

@@ -31,6 +31,11 @@ export const HOST_PATTERN_RE = /^(\*|(\*|<region>|[a-z0-9-]+)(\.(\*|<region>|[a-
 
 const LABEL_RE = /^[a-z0-9-]+$/;
 
+/** A KMS_ENDPOINT_HOSTS entry: HOST_PATTERN_RE, with at most one `<region>` label (a host serves one region). */
+export function validHostPattern(pattern: string): boolean {
+  return HOST_PATTERN_RE.test(pattern) && pattern.split('<region>').length <= 2;
+}
+
 /** KMS_ENDPOINT_HOSTS and ALLOW_HTTP_KMS_ENDPOINT. */
 export interface KmsEndpointPolicy {
   hosts: readonly string[];
@@ -48,7 +53,7 @@ export function kmsEndpointPolicy(config: { KMS_ENDPOINT_HOSTS: readonly string[
  * that region alone: AWS refuses a request signed for another region (a signature's scope names its region),
  * so any other region in `regions` is refused here, before any request.
  */
-export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy, regions: readonly string[] = []): string | undefined {
+export function kmsEndpointProblem(endpoint: string, policy: KmsEndpointPolicy, regions: readonly string[]): string | undefined {
   let url: URL;
   try {
     url = new URL(endpoint);
