@@ -6,7 +6,7 @@ import express, { Router, type Request, type RequestHandler } from 'express';
 import { decodeJwt } from 'jose';
 import { isAdmin, verifyToken, type AuthOptions, type Principal } from '../shared/auth.js';
 import type { Config } from '../shared/config.js';
-import { UnauthorizedError } from '../shared/errors.js';
+import { UnauthorizedError, UnavailableError } from '../shared/errors.js';
 import type { WebhookJobData } from '../shared/webhooks.js';
 import { problem, sendProblem } from './problem.js';
 
@@ -143,8 +143,9 @@ function requireAdmin(auth: AuthOptions, group: string): RequestHandler {
     try {
       principal = await verifyToken(found.token, auth);
     } catch (err) {
-      // An expired or otherwise dead cookie is dropped, so the next visit starts clean.
-      if (found.from === 'cookie') res.clearCookie(ADMIN_COOKIE, cookieOptions(req));
+      // An expired or otherwise dead cookie is dropped, so the next visit starts clean (not when the keys that
+      // would verify it could not be fetched: 503).
+      if (found.from === 'cookie' && !(err instanceof UnavailableError)) res.clearCookie(ADMIN_COOKIE, cookieOptions(req));
       throw err;
     }
     if (!isAdmin(principal, group)) return sendProblem(res, notAdmin(req, group));
@@ -177,6 +178,7 @@ function login(auth: AuthOptions, group: string): RequestHandler {
       if (!TOKEN_RE.test(token)) throw new UnauthorizedError('Paste a bearer token (a JWT).');
       principal = await verifyToken(token, auth);
     } catch (err) {
+      if (err instanceof UnavailableError) throw err;
       const detail = err instanceof UnauthorizedError ? err.message : 'The token could not be verified.';
       return refuse(401, problem(401, 'unauthorized', detail, { instance: req.originalUrl }));
     }

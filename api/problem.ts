@@ -87,6 +87,10 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
       return;
     }
     if (err instanceof AppError) {
+      if (err instanceof UnavailableError && err.cause !== undefined) {
+        const cause = err.cause instanceof Error ? `${err.cause.name}: ${err.cause.message}` : String(err.cause);
+        requestLogger(req, logger).warn({ err: cause, path: req.path }, err.message);
+      }
       sendProblem(res, problem(err.status, err.code, err.message, { instance, ...(err.errors ? { errors: err.errors } : {}) }));
       return;
     }

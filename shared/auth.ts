@@ -1,6 +1,6 @@
-import { SignJWT, createRemoteJWKSet, jwtVerify, type JWTVerifyGetKey } from 'jose';
+import { SignJWT, createRemoteJWKSet, errors as joseErrors, jwtVerify, type JWTVerifyGetKey } from 'jose';
 import type { Config } from './config.js';
-import { UnauthorizedError } from './errors.js';
+import { UnauthorizedError, UnavailableError } from './errors.js';
 
 /** The asymmetric algorithms a JWK set may verify; HS256 is only ever checked against JWT_SECRET. */
 const JWKS_ALGORITHMS = ['RS256', 'ES256'];
@@ -67,6 +67,19 @@ export async function verifyTokenCached(token: string, opts: AuthOptions): Promi
   return principal;
 }
 
+/** The JWK set could not be had: not the token's fault, so the request answers 503, not 401. */
+class KeySetUnavailable extends Error {}
+
+/**
+ * Whether the JWK set's getter failed for want of the set (JWT_JWKS_URL refused, timed out, answered other than
+ * 200, or with what is not a JWK set), not for the token (no key or several keys of the set match its header).
+ * fetch's own failures are not jose's errors; jose's base JOSEError is the not-200 and not-JSON answers.
+ */
+export function keySetUnavailable(err: unknown): boolean {
+  if (err instanceof joseErrors.JWKSTimeout || err instanceof joseErrors.JWKSInvalid) return true;
+  return !(err instanceof joseErrors.JOSEError) || err.constructor === joseErrors.JOSEError;
+}
+
 /** verifyToken, with the token's `exp` (seconds; required). */
 async function verify(token: string, opts: AuthOptions): Promise<{ principal: Principal; exp: number }> {
   const secret = new TextEncoder().encode(opts.secret);
@@ -78,13 +91,27 @@ async function verify(token: string, opts: AuthOptions): Promise<{ principal: Pr
   const { jwks } = opts;
   try {
     const { payload } = jwks
-      ? await jwtVerify(token, (header, input) => (header.alg === 'HS256' ? secret : jwks(header, input)), { algorithms: ['HS256', ...JWKS_ALGORITHMS], ...claims })
+      ? await jwtVerify(
+          token,
+          async (header, input) => {
+            if (header.alg === 'HS256') return secret;
+            try {
+              return await jwks(header, input);
+            } catch (err) {
+              throw keySetUnavailable(err) ? new KeySetUnavailable('JWK set unavailable', { cause: err }) : err;
+            }
+          },
+          { algorithms: ['HS256', ...JWKS_ALGORITHMS], ...claims },
+        )
       : await jwtVerify(token, secret, { algorithms: ['HS256'], ...claims });
     if (typeof payload.acc !== 'string' || payload.acc.length === 0) throw new Error('no acc claim');
     const cust = payload.cust as { groups?: unknown } | undefined;
     const groups = Array.isArray(cust?.groups) ? cust.groups.filter((g): g is string => typeof g === 'string') : [];
     return { principal: { account: payload.acc, subject: payload.sub, groups }, exp: payload.exp as number };
-  } catch {
+  } catch (err) {
+    if (err instanceof KeySetUnavailable) {
+      throw new UnavailableError('The keys that verify RS256 and ES256 tokens (JWT_JWKS_URL) could not be fetched; try again shortly.', err.cause);
+    }
     throw new UnauthorizedError('The bearer token is missing, malformed, expired or not signed by a trusted key.');
   }
 }

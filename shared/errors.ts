@@ -50,8 +50,10 @@ export class UnprocessableError extends AppError {
 }
 
 export class UnavailableError extends AppError {
-  constructor(message = 'A backing service is unavailable; try again shortly.') {
+  constructor(message = 'A backing service is unavailable; try again shortly.', cause?: unknown) {
     super(503, 'service_unavailable', message);
+    // Logged by the API's problem handler, never sent.
+    if (cause !== undefined) this.cause = cause;
   }
 }
 

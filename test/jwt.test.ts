@@ -3,6 +3,9 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { SignJWT, exportJWK, exportSPKI, generateKeyPair, type CryptoKey, type JWTPayload } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { authOptions, verifyToken } from '../shared/auth.js';
+import { UnauthorizedError, UnavailableError } from '../shared/errors.js';
+import { freePort } from './helpers/redis-server.js';
 import { startStack, type TestStack } from './helpers/stack.js';
 
 /**
@@ -29,7 +32,12 @@ beforeAll(async () => {
     { ...(await exportJWK(ec.publicKey)), kid: 'ec-1', alg: 'ES256', use: 'sig' },
     { ...(await exportJWK(rsaNoAlg.publicKey)), kid: 'rsa-no-alg', use: 'sig' },
   ];
-  jwks = createServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ keys })));
+  jwks = createServer((req, res) => {
+    // Two broken sets for the tests of a JWK set that cannot be had: an error, and a document that is not a set.
+    if (req.url === '/broken') return void res.writeHead(500).end();
+    if (req.url === '/not-a-set') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"keys":"none"}');
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ keys }));
+  });
   await new Promise<void>((resolve) => jwks.listen(0, '127.0.0.1', resolve));
   const jwksUrl = `http://127.0.0.1:${(jwks.address() as AddressInfo).port}/.well-known/jwks.json`;
   const env = { JWT_ISSUER: ISSUER, JWT_AUDIENCE: AUDIENCE };
@@ -124,6 +132,45 @@ describe('rejected tokens: 401 problem', () => {
       expect(await statusWith(withJwks, await sign('RS256', rsa.privateKey, { kid: 'rsa-1', claims }))).toBe(401);
       expect(await statusWith(withJwks, await sign('ES256', ec.privateKey, { kid: 'ec-1', claims }))).toBe(401);
       expect(await statusWith(withJwks, await sign('HS256', hmac(withJwks), { claims }))).toBe(401);
+    }
+  });
+});
+
+describe('a JWK set that cannot be had: 503, not 401', () => {
+  const options = (path: string) =>
+    authOptions({ JWT_SECRET: hsOnly.config.JWT_SECRET, JWT_ISSUER: ISSUER, JWT_AUDIENCE: AUDIENCE, JWT_JWKS_URL: `http://127.0.0.1:${(jwks.address() as AddressInfo).port}${path}` });
+
+  it('when JWT_JWKS_URL answers 500 or with what is not a JWK set, then an RS256 token is not verified for want of the keys (503); HS256 tokens still are', async () => {
+    const token = await sign('RS256', rsa.privateKey, { kid: 'rsa-1' });
+    for (const path of ['/broken', '/not-a-set']) {
+      const opts = options(path);
+      await expect(verifyToken(token, opts), path).rejects.toBeInstanceOf(UnavailableError);
+      expect((await verifyToken(await sign('HS256', hmac(hsOnly)), opts)).account).toBe('acme');
+    }
+    // With the set in reach, a key the set does not hold is the token's fault.
+    await expect(verifyToken(await sign('RS256', outsider.privateKey, { kid: 'unknown' }), options('/.well-known/jwks.json'))).rejects.toBeInstanceOf(UnauthorizedError);
+  });
+
+  it('when JWT_JWKS_URL refuses connections, then the API answers 503 problem with Retry-After and logs why; the admin login too; HS256 tokens are still accepted', async () => {
+    const down = await startStack({ name: 'jwt-jwks-down', worker: false, env: { JWT_ISSUER: ISSUER, JWT_AUDIENCE: AUDIENCE, JWT_JWKS_URL: `http://127.0.0.1:${await freePort()}/jwks.json` } });
+    try {
+      const token = await sign('RS256', rsa.privateKey, { kid: 'rsa-1' });
+      const res = await down.call('GET', '/api/v1/cckm/aws/kms', { token });
+      expect(res.status).toBe(503);
+      expect(res.headers.get('retry-after')).toBe('5');
+      expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      expect(res.body).toMatchObject({ code: 'service_unavailable', detail: expect.stringContaining('JWT_JWKS_URL') });
+      expect(down.logs.lines.some((l) => l.includes('JWT_JWKS_URL') && l.includes('fetch failed'))).toBe(true);
+      const login = await fetch(`${down.api.url}/admin/login`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', origin: down.api.url },
+        body: new URLSearchParams({ token }).toString(),
+        redirect: 'manual',
+      });
+      expect(login.status).toBe(503);
+      expect((await down.call('GET', '/api/v1/cckm/aws/kms', { token: await sign('HS256', hmac(down)) })).status).toBe(200);
+    } finally {
+      await down.close();
     }
   });
 });
