@@ -169,8 +169,11 @@ function login(auth: AuthOptions, group: string): RequestHandler {
   return async (req, res) => {
     const body = req.body as { token?: unknown } | undefined;
     const token = typeof body?.token === 'string' ? body.token.trim() : '';
-    const refuse = (status: 401 | 403, p: ReturnType<typeof problem>) => {
-      if (req.accepts(['json', 'html']) === 'html') return void res.status(status).type('html').send(loginHtml({ error: p.detail }));
+    const refuse = (status: 401 | 403 | 503, p: ReturnType<typeof problem>) => {
+      if (req.accepts(['json', 'html']) === 'html') {
+        if (status === 503) res.setHeader('Retry-After', '5');
+        return void res.status(status).type('html').send(loginHtml({ error: p.detail }));
+      }
       sendProblem(res, p);
     };
     let principal: Principal;
@@ -178,7 +181,7 @@ function login(auth: AuthOptions, group: string): RequestHandler {
       if (!TOKEN_RE.test(token)) throw new UnauthorizedError('Paste a bearer token (a JWT).');
       principal = await verifyToken(token, auth);
     } catch (err) {
-      if (err instanceof UnavailableError) throw err;
+      if (err instanceof UnavailableError) return refuse(503, problem(503, err.code, err.message, { instance: req.originalUrl }));
       const detail = err instanceof UnauthorizedError ? err.message : 'The token could not be verified.';
       return refuse(401, problem(401, 'unauthorized', detail, { instance: req.originalUrl }));
     }

@@ -88,7 +88,9 @@ export function problemHandler(logger: Logger): ErrorRequestHandler {
     }
     if (err instanceof AppError) {
       if (err instanceof UnavailableError && err.cause !== undefined) {
-        const cause = err.cause instanceof Error ? `${err.cause.name}: ${err.cause.message}` : String(err.cause);
+        // fetch's failures keep the reason (ECONNREFUSED, ENOTFOUND, …) in their own cause.
+        const inner = (err.cause as { cause?: { code?: unknown } } | undefined)?.cause?.code;
+        const cause = `${err.cause instanceof Error ? `${err.cause.name}: ${err.cause.message}` : String(err.cause)}${typeof inner === 'string' ? ` (${inner})` : ''}`;
         requestLogger(req, logger).warn({ err: cause, path: req.path }, err.message);
       }
       sendProblem(res, problem(err.status, err.code, err.message, { instance, ...(err.errors ? { errors: err.errors } : {}) }));

@@ -77,6 +77,9 @@ class KeySetUnavailable extends Error {}
  */
 export function keySetUnavailable(err: unknown): boolean {
   if (err instanceof joseErrors.JWKSTimeout || err instanceof joseErrors.JWKSInvalid) return true;
+  // WebCrypto refusing to import the key of the set the token names (its key_ops, a bad point): that key is
+  // unusable, the set was had. fetch's own timeouts are JWKSTimeout by now.
+  if (err instanceof DOMException) return false;
   return !(err instanceof joseErrors.JOSEError) || err.constructor === joseErrors.JOSEError;
 }
 

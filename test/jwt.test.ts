@@ -160,7 +160,7 @@ describe('a JWK set that cannot be had: 503, not 401', () => {
       expect(res.headers.get('retry-after')).toBe('5');
       expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
       expect(res.body).toMatchObject({ code: 'service_unavailable', detail: expect.stringContaining('JWT_JWKS_URL') });
-      expect(down.logs.lines.some((l) => l.includes('JWT_JWKS_URL') && l.includes('fetch failed'))).toBe(true);
+      expect(down.logs.lines.some((l) => l.includes('JWT_JWKS_URL') && l.includes('fetch failed (ECONNREFUSED)'))).toBe(true);
       const login = await fetch(`${down.api.url}/admin/login`, {
         method: 'POST',
         headers: { 'content-type': 'application/x-www-form-urlencoded', origin: down.api.url },
@@ -168,6 +168,14 @@ describe('a JWK set that cannot be had: 503, not 401', () => {
         redirect: 'manual',
       });
       expect(login.status).toBe(503);
+      const page = await fetch(`${down.api.url}/admin/login`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/x-www-form-urlencoded', origin: down.api.url, accept: 'text/html' },
+        body: new URLSearchParams({ token }).toString(),
+        redirect: 'manual',
+      });
+      expect([page.status, page.headers.get('retry-after'), page.headers.get('content-type')]).toEqual([503, '5', expect.stringMatching(/^text\/html/)]);
+      expect(await page.text()).toContain('JWT_JWKS_URL');
       expect((await down.call('GET', '/api/v1/cckm/aws/kms', { token: await sign('HS256', hmac(down)) })).status).toBe(200);
     } finally {
       await down.close();
