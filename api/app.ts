@@ -18,7 +18,7 @@ import { StreamLimit } from './sse.js';
 import { requestLogging } from './request-id.js';
 import type { Notifier } from '../shared/notifier.js';
 import type { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
-import { createWebhookQueue, type WebhookDeliveries } from '../shared/webhooks.js';
+import { createWebhookQueue, type GoneUrls, type WebhookDeliveries } from '../shared/webhooks.js';
 import { batchRoutes } from './routes/batches.js';
 import { jobRoutes } from './routes/jobs.js';
 import { webhookRoutes } from './routes/webhooks.js';
@@ -38,6 +38,7 @@ export interface AppDeps {
   notifier: Notifier;
   webhookSecrets: WebhookSecretStore;
   deliveries: WebhookDeliveries;
+  goneUrls: GoneUrls;
 }
 
 /**
@@ -107,6 +108,7 @@ export function createApp(deps: AppDeps): Express {
       stores: deps.stores,
       secrets: deps.webhookSecrets,
       deliveries: deps.deliveries,
+      gone: deps.goneUrls,
       graceSeconds: deps.config.WEBHOOK_SECRET_GRACE_SECONDS,
       ownsBatch: async (account, id) => (await deps.stores.batches.getOwned(account, id)) !== undefined,
     }),

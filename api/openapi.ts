@@ -384,6 +384,22 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     },
   });
 
+  route({
+    method: 'get',
+    path: '/api/v1/webhooks/gone',
+    tags: ['webhooks'],
+    summary: 'The callback URLs that answered 410 Gone: events to them are skipped',
+    responses: { 200: json(z.object({ urls: z.array(z.string()) }), 'Sorted; each is forgotten 30 days after its last 410.'), ...authErrors },
+  });
+  route({
+    method: 'delete',
+    path: '/api/v1/webhooks/gone',
+    tags: ['webhooks'],
+    summary: 'Deliver to a gone URL again (later events only; skipped ones are not sent again)',
+    request: { query: z.object({ url: z.string().openapi({ description: 'The URL, exactly as listed.' }) }) },
+    responses: { 204: { description: 'Cleared.' }, 400: problemResponse('No `url`.'), 404: problemResponse('Not among the gone URLs.'), ...authErrors },
+  });
+
   return new OpenApiGeneratorV31(registry.definitions).generateDocument({
     openapi: '3.1.0',
     info: {

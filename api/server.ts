@@ -8,7 +8,7 @@ import { createUploadQueue } from '../shared/queues.js';
 import { Notifier } from '../shared/notifier.js';
 import { createRedis } from '../shared/redis.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
-import { createWebhookQueue, enqueueWebhook, WebhookDeliveries } from '../shared/webhooks.js';
+import { createWebhookQueue, enqueueWebhook, GoneUrls, WebhookDeliveries } from '../shared/webhooks.js';
 import { createApp } from './app.js';
 import { Intake } from './intake.js';
 import { JobWaiter, uploadQueueWaiting } from './job-waiter.js';
@@ -45,6 +45,7 @@ export async function startApi(config: Config, logger: Logger = createLogger(con
     notifier,
     webhookSecrets: new WebhookSecretStore(redis, stores.keys, stores.box),
     deliveries: new WebhookDeliveries(redis, stores.keys),
+    goneUrls: new GoneUrls(redis, stores.keys),
   });
 
   const server = await new Promise<Server>((resolve, reject) => {

@@ -90,6 +90,42 @@ export interface DeliveryRecord {
   next_attempt_at: string | null;
 }
 
+/** How long an account's gone URLs are remembered after the last 410. */
+const GONE_TTL_SECONDS = 30 * 86_400;
+
+/**
+ * URLs that answered 410 Gone, per account: later events to them are skipped, not sent, until the account
+ * clears one (DELETE /api/v1/webhooks/gone) or 30 days pass without another 410.
+ */
+export class GoneUrls {
+  constructor(
+    private readonly redis: RedisClient,
+    private readonly keys: Keyspace,
+  ) {}
+
+  #key(account: string): string {
+    return this.keys.webhookGone(account);
+  }
+
+  async has(account: string, url: string): Promise<boolean> {
+    return (await this.redis.sismember(this.#key(account), url)) === 1;
+  }
+
+  async add(account: string, url: string): Promise<void> {
+    await this.redis.multi().sadd(this.#key(account), url).expire(this.#key(account), GONE_TTL_SECONDS).exec();
+  }
+
+  /** The account's gone URLs, sorted. */
+  async list(account: string): Promise<string[]> {
+    return (await this.redis.smembers(this.#key(account))).sort();
+  }
+
+  /** Forgets one; false if it was not listed. */
+  async remove(account: string, url: string): Promise<boolean> {
+    return (await this.redis.srem(this.#key(account), url)) === 1;
+  }
+}
+
 /** The deliveries list of a job or a batch: oldest first, the last 1000 attempts, kept 30 days after the last one. */
 export class WebhookDeliveries {
   static readonly MAX_ENTRIES = 1000;

@@ -80,6 +80,7 @@ describe('OpenAPI document', () => {
       notifier: stub,
       webhookSecrets: stub,
       deliveries: stub,
+      goneUrls: stub,
     };
     const served = appRoutes(createApp(deps));
     const documented = documentedRoutes();

@@ -15,6 +15,7 @@ import { createLogger } from '../shared/logger.js';
 import { deleteKeyspace } from '../shared/stores/keyspace.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import {
+  GoneUrls,
   WebhookDeliveries,
   createWebhookQueue,
   enqueueWebhook,
@@ -293,7 +294,8 @@ describe('webhook routes', () => {
   const call = async (method: string, path: string, account?: string) => {
     const headers: Record<string, string> = account ? { authorization: `Bearer ${await signToken({ secret: main.config.JWT_SECRET, account })}` } : {};
     const res = await fetch(`${url}${path}`, { method, headers });
-    return { status: res.status, headers: res.headers, body: (await res.json()) as any };
+    const text = await res.text();
+    return { status: res.status, headers: res.headers, body: (text ? JSON.parse(text) : undefined) as any };
   };
 
   beforeAll(async () => {
@@ -304,6 +306,7 @@ describe('webhook routes', () => {
         stores: main.stores,
         secrets: main.secrets,
         deliveries: main.deliveries,
+        gone: new GoneUrls(redis, main.stores.keys),
         graceSeconds: GRACE,
         ownsBatch: async (account, id) => batchOwners[id] === account,
       }),
@@ -367,8 +370,32 @@ describe('webhook routes', () => {
     expect((await call('GET', '/api/v1/batches/nope/deliveries', 'acme')).status).toBe(404);
   });
 
+  it('when a URL answered 410, then its account lists it; once cleared, later events are delivered to it again', async () => {
+    receiver.answer('/back', { status: 410 });
+    const first = event('/back');
+    await enqueueWebhook(main.queue, first);
+    expect((await waitForDeliveries(main, first.ownerId, settled)).map((d) => d.outcome)).toEqual(['gone']);
+    const gone = receiver.url('/back');
+    expect(await call('GET', '/api/v1/webhooks/gone', 'acme')).toMatchObject({ status: 200, body: { urls: expect.arrayContaining([gone]) } });
+    expect(await call('GET', '/api/v1/webhooks/gone', 'intruder')).toMatchObject({ status: 200, body: { urls: [] } });
+
+    const clear = (account: string, u?: string) => call('DELETE', `/api/v1/webhooks/gone${u === undefined ? '' : `?url=${encodeURIComponent(u)}`}`, account);
+    expect((await clear('intruder', gone)).status).toBe(404); // another account's list is its own
+    const missing = await clear('acme');
+    expect([missing.status, missing.body.errors]).toEqual([400, [{ path: 'url', message: expect.any(String) }]]);
+    expect((await clear('acme', gone)).status).toBe(204);
+    expect((await clear('acme', gone)).status).toBe(404);
+    expect((await call('GET', '/api/v1/webhooks/gone', 'acme')).body.urls).not.toContain(gone);
+
+    const later = event('/back');
+    await enqueueWebhook(main.queue, later);
+    expect((await waitForDeliveries(main, later.ownerId, settled)).map((d) => [d.outcome, d.status_code])).toEqual([['delivered', 200]]);
+    expect(receiver.at('/back')).toHaveLength(2);
+  });
+
   it('when there is no bearer token, then 401', async () => {
     expect((await call('POST', '/api/v1/webhooks/secret')).status).toBe(401);
+    expect((await call('GET', '/api/v1/webhooks/gone')).status).toBe(401);
   });
 });
 

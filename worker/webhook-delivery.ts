@@ -7,38 +7,14 @@ import type { Config } from '../shared/config.js';
 import { createStores } from '../shared/context.js';
 import { createLogger, type Logger } from '../shared/logger.js';
 import { webhookDeliveries } from '../shared/metrics.js';
-import { createRedis, type RedisClient } from '../shared/redis.js';
+import { createRedis } from '../shared/redis.js';
 import { dnsResolver, ForbiddenAddressError, parseCidrs, resolveAllowed, type HostResolver, type ResolvedAddresses } from '../shared/ssrf.js';
 import { bullTelemetry } from '../shared/tracing.js';
-import type { Keyspace } from '../shared/stores/keyspace.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
-import { WEBHOOK_QUEUE, WebhookDeliveries, type DeliveryOutcome, type DeliveryRecord, type WebhookJobData } from '../shared/webhooks.js';
+import { GoneUrls, WEBHOOK_QUEUE, WebhookDeliveries, type DeliveryOutcome, type DeliveryRecord, type WebhookJobData } from '../shared/webhooks.js';
 
 /** A Retry-After longer than this is cut to it. */
 const MAX_RETRY_AFTER_MS = 86_400_000;
-/** How long an account's gone URLs are remembered after the last 410. */
-const GONE_TTL_SECONDS = 30 * 86_400;
-
-/** URLs that answered 410 Gone, per account: later events to them are skipped, not sent. */
-export class GoneUrls {
-  constructor(
-    private readonly redis: RedisClient,
-    private readonly keys: Keyspace,
-  ) {}
-
-  #key(account: string): string {
-    return this.keys.webhookGone(account);
-  }
-
-  async has(account: string, url: string): Promise<boolean> {
-    return (await this.redis.sismember(this.#key(account), url)) === 1;
-  }
-
-  async add(account: string, url: string): Promise<void> {
-    await this.redis.multi().sadd(this.#key(account), url).expire(this.#key(account), GONE_TTL_SECONDS).exec();
-  }
-}
-
 export interface DeliveryDeps {
   secrets: WebhookSecretStore;
   deliveries: WebhookDeliveries;
