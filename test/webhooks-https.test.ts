@@ -6,7 +6,6 @@
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TLSSocket } from 'node:tls';
@@ -14,6 +13,7 @@ import { Webhook } from 'standardwebhooks';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { runEntry, type Child } from './helpers/child.js';
 import { makePki, type CertAndKey } from './helpers/pykmip.js';
+import { listenOnLoopback } from './helpers/receiver.js';
 import { seedKms, startStack, type TestStack } from './helpers/stack.js';
 
 interface TlsReceiver {
@@ -22,27 +22,20 @@ interface TlsReceiver {
   close(): Promise<void>;
 }
 
-/** An https server on 127.0.0.1 that records each request and the SNI it came with, and answers 200. */
+/** An https server on loopback that records each request and the SNI it came with, and answers 200. */
 async function tlsReceiver(creds: CertAndKey): Promise<TlsReceiver> {
   const received: TlsReceiver['received'] = [];
-  const server = https.createServer(creds, (req, res) => {
-    const chunks: Buffer[] = [];
-    req.on('data', (c: Buffer) => chunks.push(c));
-    req.on('end', () => {
-      received.push({ servername: (req.socket as TLSSocket).servername, headers: req.headers as Record<string, string>, body: Buffer.concat(chunks).toString('utf8') });
-      res.writeHead(200).end();
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return {
-    port: (server.address() as AddressInfo).port,
-    received,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
-      }),
-  };
+  const servers = await listenOnLoopback(() =>
+    https.createServer(creds, (req, res) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        received.push({ servername: (req.socket as TLSSocket).servername, headers: req.headers as Record<string, string>, body: Buffer.concat(chunks).toString('utf8') });
+        res.writeHead(200).end();
+      });
+    }),
+  );
+  return { port: servers.port, received, close: servers.close };
 }
 
 let dir: string;
@@ -74,7 +67,7 @@ beforeAll(async () => {
   const res = await stack.call('POST', '/api/v1/webhooks/secret', { token });
   expect(res.status).toBe(201);
   secret = res.body.secret;
-  worker = runEntry('worker/main.ts', stack.childEnv({ NODE_EXTRA_CA_CERTS: trusted }));
+  worker = runEntry('worker/main.ts', stack.childEnv({ NODE_EXTRA_CA_CERTS: trusted, WORKER_SHUTDOWN_GRACE_MS: '2000' }));
   await worker.waitForLog('worker started', 30_000);
 }, 60_000);
 

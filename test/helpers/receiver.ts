@@ -1,4 +1,4 @@
-import http from 'node:http';
+import http, { type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 export interface Answer {
@@ -14,12 +14,67 @@ export interface Received {
   at: number;
 }
 
-/** A webhook receiver on 127.0.0.1: answers each path with its scripted answers in turn, then 200. */
+/** Servers on one port of both loopback addresses, as listenOnLoopback made them. */
+export interface LoopbackServers {
+  port: number;
+  close(): Promise<void>;
+}
+
+const listenOn = (server: Server, port: number, host: string) =>
+  new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+
+/**
+ * One server of `create`'s on 127.0.0.1 and another on ::1, on the same free port (only the first where the
+ * machine has no IPv6 loopback): `localhost` resolves to both, and a client that tries ::1 first (Node's
+ * happy eyeballs, whose 250 ms per address a loaded machine can overrun) must not be refused. Loopback only.
+ */
+export async function listenOnLoopback(create: () => Server): Promise<LoopbackServers> {
+  for (let tries = 0; ; tries++) {
+    const v4 = create();
+    await listenOn(v4, 0, '127.0.0.1');
+    const port = (v4.address() as AddressInfo).port;
+    const servers = [v4];
+    const v6 = create();
+    try {
+      await listenOn(v6, port, '::1');
+      servers.push(v6);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EADDRINUSE' && tries < 5) {
+        await new Promise((resolve) => v4.close(resolve));
+        continue;
+      }
+      if (code !== 'EADDRNOTAVAIL' && code !== 'EAFNOSUPPORT') throw err;
+    }
+    const close = async () => {
+      await Promise.all(
+        servers.map(
+          (s) =>
+            new Promise<void>((resolve) => {
+              s.close(() => resolve());
+              (s as { closeAllConnections?: () => void }).closeAllConnections?.(); // http's and https's servers
+            }),
+        ),
+      );
+    };
+    return { port, close };
+  }
+}
+
+/** A webhook receiver on loopback: answers each path with its scripted answers in turn, then 200. */
 export class Receiver {
   readonly received: Received[] = [];
   port = 0;
   readonly #answers = new Map<string, Answer[]>();
-  readonly #server = http.createServer((req, res) => {
+  #servers: LoopbackServers | undefined;
+
+  readonly #handle = (req: http.IncomingMessage, res: http.ServerResponse) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
@@ -28,14 +83,14 @@ export class Receiver {
       const answer = this.#answers.get(path)?.shift() ?? { status: 200 };
       setTimeout(() => res.writeHead(answer.status, answer.headers).end(), answer.delayMs ?? 0);
     });
-  });
+  };
 
   async start(): Promise<void> {
-    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve));
-    this.port = (this.#server.address() as AddressInfo).port;
+    this.#servers = await listenOnLoopback(() => http.createServer(this.#handle));
+    this.port = this.#servers.port;
   }
 
-  /** A URL whose host name resolves to 127.0.0.1 (not an IP literal). */
+  /** A URL whose host name resolves to loopback (not an IP literal). */
   url(path: string): string {
     return `http://localhost:${this.port}${path}`;
   }
@@ -49,7 +104,6 @@ export class Receiver {
   }
 
   async close(): Promise<void> {
-    this.#server.closeAllConnections();
-    await new Promise((resolve) => this.#server.close(resolve));
+    await this.#servers?.close();
   }
 }
