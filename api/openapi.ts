@@ -389,7 +389,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     path: '/api/v1/webhooks/gone',
     tags: ['webhooks'],
     summary: 'The callback URLs that answered 410 Gone: events to them are skipped',
-    responses: { 200: json(z.object({ urls: z.array(z.string()) }), 'Sorted; each is forgotten 30 days after its last 410.'), ...authErrors },
+    responses: { 200: json(z.object({ urls: z.array(z.string()) }), 'Sorted, at most 1,000; each is forgotten 30 days after its own last 410.'), ...authErrors },
   });
   route({
     method: 'delete',

@@ -90,12 +90,15 @@ export interface DeliveryRecord {
   next_attempt_at: string | null;
 }
 
-/** How long an account's gone URLs are remembered after the last 410. */
-const GONE_TTL_SECONDS = 30 * 86_400;
+/** How long a gone URL is remembered after its last 410. */
+const GONE_TTL_MS = 30 * 86_400_000;
+/** At most this many gone URLs are listed (those forgotten last first, then sorted). */
+export const GONE_LIST_MAX = 1000;
 
 /**
  * URLs that answered 410 Gone, per account: later events to them are skipped, not sent, until the account
- * clears one (DELETE /api/v1/webhooks/gone) or 30 days pass without another 410.
+ * clears one (DELETE /api/v1/webhooks/gone) or 30 days pass without another 410 from it. A sorted set, each
+ * URL scored by when it is forgotten; adding one drops those already forgotten.
  */
 export class GoneUrls {
   constructor(
@@ -108,21 +111,25 @@ export class GoneUrls {
   }
 
   async has(account: string, url: string): Promise<boolean> {
-    return (await this.redis.sismember(this.#key(account), url)) === 1;
+    const until = await this.redis.zscore(this.#key(account), url);
+    return until !== null && Number(until) > Date.now();
   }
 
   async add(account: string, url: string): Promise<void> {
-    await this.redis.multi().sadd(this.#key(account), url).expire(this.#key(account), GONE_TTL_SECONDS).exec();
+    const key = this.#key(account);
+    const now = Date.now();
+    await this.redis.multi().zadd(key, now + GONE_TTL_MS, url).zremrangebyscore(key, '-inf', now).pexpire(key, GONE_TTL_MS).exec();
   }
 
-  /** The account's gone URLs, sorted. */
+  /** The account's gone URLs not yet forgotten, sorted; at most GONE_LIST_MAX. */
   async list(account: string): Promise<string[]> {
-    return (await this.redis.smembers(this.#key(account))).sort();
+    const urls = await this.redis.zrevrangebyscore(this.#key(account), '+inf', `(${Date.now()}`, 'LIMIT', 0, GONE_LIST_MAX);
+    return urls.sort();
   }
 
   /** Forgets one; false if it was not listed. */
   async remove(account: string, url: string): Promise<boolean> {
-    return (await this.redis.srem(this.#key(account), url)) === 1;
+    return (await this.redis.zrem(this.#key(account), url)) === 1;
   }
 }
 

@@ -376,13 +376,17 @@ describe('webhook routes', () => {
     await enqueueWebhook(main.queue, first);
     expect((await waitForDeliveries(main, first.ownerId, settled)).map((d) => d.outcome)).toEqual(['gone']);
     const gone = receiver.url('/back');
-    expect(await call('GET', '/api/v1/webhooks/gone', 'acme')).toMatchObject({ status: 200, body: { urls: expect.arrayContaining([gone]) } });
+    const listed = await call('GET', '/api/v1/webhooks/gone', 'acme');
+    expect(listed).toMatchObject({ status: 200, body: { urls: expect.arrayContaining([gone]) } });
+    expect(listed.headers.get('cache-control')).toBe('no-store');
     expect(await call('GET', '/api/v1/webhooks/gone', 'intruder')).toMatchObject({ status: 200, body: { urls: [] } });
 
     const clear = (account: string, u?: string) => call('DELETE', `/api/v1/webhooks/gone${u === undefined ? '' : `?url=${encodeURIComponent(u)}`}`, account);
     expect((await clear('intruder', gone)).status).toBe(404); // another account's list is its own
     const missing = await clear('acme');
     expect([missing.status, missing.body.errors]).toEqual([400, [{ path: 'url', message: expect.any(String) }]]);
+    const twice = await call('DELETE', `/api/v1/webhooks/gone?url=${encodeURIComponent(gone)}&url=${encodeURIComponent(gone)}`, 'acme');
+    expect(twice.status).toBe(400);
     expect((await clear('acme', gone)).status).toBe(204);
     expect((await clear('acme', gone)).status).toBe(404);
     expect((await call('GET', '/api/v1/webhooks/gone', 'acme')).body.urls).not.toContain(gone);
@@ -391,6 +395,20 @@ describe('webhook routes', () => {
     await enqueueWebhook(main.queue, later);
     expect((await waitForDeliveries(main, later.ownerId, settled)).map((d) => [d.outcome, d.status_code])).toEqual([['delivered', 200]]);
     expect(receiver.at('/back')).toHaveLength(2);
+  });
+
+  it('when one gone URL answered 410 over 30 days ago and another since, then only the older is forgotten', async () => {
+    const gone = new GoneUrls(redis, main.stores.keys);
+    const [old, recent] = ['https://old.example/hook', 'https://recent.example/hook'];
+    await gone.add('aging', old);
+    await gone.add('aging', recent);
+    // 30 days on for the older one, as its score says: its own last 410 was that long ago.
+    await redis.zadd(main.stores.keys.webhookGone('aging'), Date.now() - 1, old);
+    expect([await gone.has('aging', old), await gone.has('aging', recent)]).toEqual([false, true]);
+    expect(await gone.list('aging')).toEqual([recent]);
+    // The next 410 drops the forgotten one from Redis.
+    await gone.add('aging', 'https://third.example/hook');
+    expect((await redis.zrange(main.stores.keys.webhookGone('aging'), 0, -1)).sort()).toEqual([recent, 'https://third.example/hook']);
   });
 
   it('when there is no bearer token, then 401', async () => {

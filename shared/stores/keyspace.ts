@@ -91,9 +91,13 @@ export class Keyspace {
     return `${this.prefix}:acct:{${account}}:idem:${keyHash}`;
   }
 
-  /** Set of callback URLs that answered 410 Gone for an account (skipped from then on). */
+  /**
+   * Callback URLs that answered 410 Gone for an account (skipped from then on), each scored by when it is
+   * forgotten (ms). Until 2026-12-08 a set under `webhook-gone`, which is no longer read: a URL listed there is
+   * tried once more, and listed here if it answers 410 again.
+   */
   webhookGone(account: string): string {
-    return `${this.prefix}:acct:{${account}}:webhook-gone`;
+    return `${this.prefix}:acct:{${account}}:webhook-gone-until`;
   }
 
   /**
