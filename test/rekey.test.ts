@@ -6,6 +6,7 @@ import { kmsSecretContext, localKeyContext } from '../shared/resources.js';
 import { hsmPinContext } from '../shared/source-connections.js';
 import { WebhookSecretStore } from '../shared/stores/webhook-secret-store.js';
 import { runEntry } from './helpers/child.js';
+import { freePort } from './helpers/redis-server.js';
 import { EMULATOR_SECRET_KEY, seedKms, seedLocalKey, startStack, testEnv, type TestStack } from './helpers/stack.js';
 
 let stack: TestStack;
@@ -69,6 +70,19 @@ describe('master key rotation', () => {
     expect(await again.exited).toEqual({ code: 0, signal: null });
     expect(again.output.join('\n')).toContain('"kms_connections":0,"local_keys":0,"hsm_connections":0,"dsm_connections":0,"webhook_secrets":0');
   });
+});
+
+describe('rekey against a Redis Cluster that is away', () => {
+  it('when no node of REDIS_CLUSTER_NODES answers, then it exits 1 within seconds, saying so, instead of trying for ever', async () => {
+    const nodes = (await Promise.all([freePort(), freePort()])).map((p) => `127.0.0.1:${p}`).join(',');
+    const started = Date.now();
+    const child = runEntry('shared/rekey-main.ts', { ...testEnv('rekey-away'), REDIS_CLUSTER_NODES: nodes });
+    const exited = await Promise.race([child.exited, new Promise<'still running'>((r) => setTimeout(() => r('still running'), 25_000))]);
+    if (exited === 'still running') child.proc.kill('SIGKILL');
+    expect(exited).toEqual({ code: 1, signal: null });
+    expect(Date.now() - started).toBeLessThan(20_000);
+    expect(child.output.join('\n')).toContain('Redis did not answer within 10 s; nothing was re-sealed.');
+  }, 30_000);
 });
 
 describe('re-sealing while the service runs', () => {
