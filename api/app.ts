@@ -22,6 +22,7 @@ import { createWebhookQueue, type GoneUrls, type WebhookDeliveries } from '../sh
 import { batchRoutes } from './routes/batches.js';
 import { jobRoutes } from './routes/jobs.js';
 import { webhookRoutes } from './routes/webhooks.js';
+import { traceRequests } from './request-tracing.js';
 import { keyRoutes } from './routes/keys.js';
 import { resourceRoutes } from './routes/resources.js';
 import { sourceConnectionRoutes } from './routes/source-connections.js';
@@ -61,6 +62,9 @@ export function createApp(deps: AppDeps): Express {
   app.set('trust proxy', false);
   // First: every response (probes and 404s included) carries X-Request-Id, and every request gets an access line.
   app.use(requestLogging(deps.logger));
+  // A span per request, only while tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
+  const tracing = traceRequests();
+  if (tracing) app.use(tracing);
 
   app.get('/healthz', (_req, res) => void res.json({ status: 'ok' }));
   // The OpenAPI document and its Swagger UI page, unauthenticated like /healthz.

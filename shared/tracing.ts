@@ -1,8 +1,10 @@
+import type { Tracer } from '@opentelemetry/api';
 import type { Telemetry } from 'bullmq';
 import type { Config } from './config.js';
 
 /**
- * Optional OpenTelemetry tracing of the BullMQ queues (bullmq-otel), exported over OTLP/HTTP (JSON).
+ * Optional OpenTelemetry tracing of the BullMQ queues (bullmq-otel), the API's requests (api/request-tracing.ts)
+ * and the workers' KMS requests (worker/kms-clients.ts), exported over OTLP/HTTP (JSON).
  *
  * Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set: then nothing of the OpenTelemetry SDK is even loaded
  * (the imports below are dynamic) and queues and workers are built without a `telemetry` option, so BullMQ
@@ -24,6 +26,14 @@ export interface Tracing {
 
 /** The telemetry every BullMQ Queue and Worker of this process gets; undefined while tracing is off. */
 let telemetry: Telemetry | undefined;
+
+/** The OpenTelemetry API and keyferry's tracer while tracing is on; undefined while it is off. */
+let spans: { otel: typeof import('@opentelemetry/api'); tracer: Tracer } | undefined;
+
+/** The OpenTelemetry API and keyferry's tracer, for spans of its own; undefined while tracing is off. */
+export function tracingApi(): typeof spans {
+  return spans;
+}
 
 /** Spread into BullMQ Queue and Worker options: `{ telemetry }` when tracing is on, `{}` otherwise. */
 export function bullTelemetry(): { telemetry?: Telemetry } {
@@ -52,12 +62,13 @@ export async function startTracing(
   const endpoint = config.OTEL_EXPORTER_OTLP_ENDPOINT;
   if (!endpoint) return undefined;
   if (telemetry) throw new Error('tracing is already started in this process');
-  const [{ NodeTracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { defaultResource, detectResources, envDetector, resourceFromAttributes }, { BullMQOtel }] =
+  const [{ NodeTracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { defaultResource, detectResources, envDetector, resourceFromAttributes }, { BullMQOtel }, otel] =
     await Promise.all([
       import('@opentelemetry/sdk-trace-node'),
       import('@opentelemetry/exporter-trace-otlp-http'),
       import('@opentelemetry/resources'),
       import('bullmq-otel'),
+      import('@opentelemetry/api'),
     ]);
   // Later merges win: the SDK's defaults, our name, OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME of the
   // environment, then OTEL_SERVICE_NAME of the parsed config.
@@ -71,6 +82,7 @@ export async function startTracing(
   const provider = new NodeTracerProvider({ resource, spanProcessors: [new BatchSpanProcessor(exporter)] });
   provider.register();
   telemetry = new BullMQOtel({ tracerName: 'keyferry', version: '0.1.0' });
+  spans = { otel, tracer: otel.trace.getTracer('keyferry', '0.1.0') };
 
   let stopped: Promise<void> | undefined;
   return {

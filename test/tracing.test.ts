@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { readFileSync } from 'node:fs';
@@ -23,6 +24,8 @@ interface ReceivedSpan {
   attributes: Record<string, unknown>;
 }
 
+const SPAN_KIND_SERVER = 2;
+const SPAN_KIND_CLIENT = 3;
 const SPAN_KIND_PRODUCER = 4;
 const SPAN_KIND_CONSUMER = 5;
 
@@ -128,9 +131,11 @@ describe('tracing on: the API and a worker as real processes', () => {
     expect((await api.waitForLog('tracing on')).service_name).toBe('keyferry-api');
     expect((await worker.waitForLog('tracing on')).service_name).toBe('keyferry-worker');
 
+    // The caller's own trace, which the API's span continues.
+    const [callerTrace, callerSpan] = [randomBytes(16).toString('hex'), randomBytes(8).toString('hex')];
     const res = await fetch(`${url}/api/v1/cckm/aws/upload-key`, {
       method: 'POST',
-      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', traceparent: `00-${callerTrace}-${callerSpan}-01` },
       body: JSON.stringify({ ...example, aws_param: { Alias: 'traced-upload' } }),
     });
     expect(res.status).toBe(202);
@@ -157,6 +162,32 @@ describe('tracing on: the API and a worker as real processes', () => {
     expect(a.traceId).not.toBe('0'.repeat(32));
     expect(p.traceId).toBe(a.traceId);
     expect(p.parentSpanId).toBe(a.spanId);
+
+    // The request's span: in the caller's trace, the parent of the add span.
+    const server = collector.spans.filter((s) => s.kind === SPAN_KIND_SERVER && s.traceId === callerTrace);
+    expect(server).toHaveLength(1);
+    expect(server[0]).toMatchObject({
+      service: 'keyferry-api',
+      name: 'POST /api/v1/cckm/aws/upload-key',
+      parentSpanId: callerSpan,
+      attributes: { 'http.request.method': 'POST', 'http.route': '/api/v1/cckm/aws/upload-key', 'url.path': '/api/v1/cckm/aws/upload-key', 'http.response.status_code': 202 },
+    });
+    expect(a.traceId).toBe(callerTrace);
+    expect(a.parentSpanId).toBe(server[0]?.spanId);
+
+    // The worker's KMS requests: one span each, children of the process span, none of them failed.
+    const kms = collector.spans.filter((s) => s.service === 'keyferry-worker' && s.name.startsWith('KMS ') && s.traceId === callerTrace);
+    expect(kms.map((s) => s.name).sort()).toEqual(
+      ['CreateAlias', 'CreateKey', 'DescribeKey', 'GetKeyPolicy', 'GetKeyRotationStatus', 'GetParametersForImport', 'ImportKeyMaterial', 'ListAliases', 'ListResourceTags'].map((o) => `KMS ${o}`),
+    );
+    for (const k of kms) {
+      expect(k).toMatchObject({ kind: SPAN_KIND_CLIENT, parentSpanId: p.spanId, attributes: { 'rpc.service': 'KMS', 'cloud.region': example.region } });
+      expect(k.attributes['aws.request_id']).toEqual(expect.any(String));
+      expect(k.attributes['error.type']).toBeUndefined();
+    }
+    // Nothing of the key material or the token went into any span.
+    const everything = JSON.stringify(collector.spans);
+    expect(everything).not.toContain(token);
   });
 });
 

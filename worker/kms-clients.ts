@@ -3,10 +3,44 @@ import type { SecretBox } from '../shared/crypto.js';
 import { PipelineError } from '../shared/errors.js';
 import { kmsEndpointProblem, type KmsEndpointPolicy } from '../shared/kms-endpoints.js';
 import { kmsSecretContext, type KmsConnection } from '../shared/resources.js';
+import { tracingApi } from '../shared/tracing.js';
 
 /** The HTTP settings of keyferry's KMS clients for a deadline of `timeoutMs` per call (see KmsClients). */
 export function kmsRequestHandler(timeoutMs: number) {
   return { requestTimeout: timeoutMs, throwOnRequestTimeout: true, socketTimeout: timeoutMs, connectionTimeout: Math.min(timeoutMs, 5000) };
+}
+
+/**
+ * While tracing is on, a CLIENT span per KMS request (`KMS <Operation>`), a child of the job's `process` span:
+ * the operation, the region, the request id AWS answered with, and the error's name when it failed. Nothing
+ * of the request or the answer (key material is wrapped in ImportKeyMaterial's body) is recorded.
+ */
+function traceKmsRequests(client: KMSClient, region: string): void {
+  const api = tracingApi();
+  if (!api) return;
+  const { otel, tracer } = api;
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      const operation = String(context.commandName ?? 'unknown').replace(/Command$/, '');
+      const span = tracer.startSpan(`KMS ${operation}`, {
+        kind: otel.SpanKind.CLIENT,
+        attributes: { 'rpc.system': 'aws-api', 'rpc.service': 'KMS', 'rpc.method': operation, 'cloud.region': region },
+      });
+      try {
+        const out = await next(args);
+        const requestId = (out.output as { $metadata?: { requestId?: string } }).$metadata?.requestId;
+        if (requestId) span.setAttribute('aws.request_id', requestId);
+        return out;
+      } catch (err) {
+        span.setAttribute('error.type', (err as Error).name);
+        span.setStatus({ code: otel.SpanStatusCode.ERROR });
+        throw err;
+      } finally {
+        span.end();
+      }
+    },
+    { step: 'initialize', name: 'keyferryTracing' },
+  );
 }
 
 /**
@@ -55,6 +89,7 @@ export class KmsClients {
             }
           : {}),
       });
+      traceKmsRequests(client, region);
       this.#clients.set(cacheKey, client);
     }
     return client;
