@@ -14,7 +14,7 @@ export function requestIdFrom(header: string | string[] | undefined): string {
 }
 
 /** Operational endpoints (probes, scrapes, API docs): their access lines are logged at debug only. */
-const QUIET = /^\/(?:healthz|readyz|metrics|openapi\.json|docs(?:\/|$))/;
+export const QUIET = /^\/(?:healthz|readyz|metrics|openapi\.json|docs(?:\/|$))/;
 
 /** The path without the query string: queries are never logged. */
 function pathOf(req: Request): string {

@@ -131,6 +131,8 @@ describe('tracing on: the API and a worker as real processes', () => {
     expect((await api.waitForLog('tracing on')).service_name).toBe('keyferry-api');
     expect((await worker.waitForLog('tracing on')).service_name).toBe('keyferry-worker');
 
+    // Probes get no span.
+    expect((await fetch(`${url}/healthz`)).status).toBe(200);
     // The caller's own trace, which the API's span continues.
     const [callerTrace, callerSpan] = [randomBytes(16).toString('hex'), randomBytes(8).toString('hex')];
     const res = await fetch(`${url}/api/v1/cckm/aws/upload-key`, {
@@ -185,6 +187,7 @@ describe('tracing on: the API and a worker as real processes', () => {
       expect(k.attributes['aws.request_id']).toEqual(expect.any(String));
       expect(k.attributes['error.type']).toBeUndefined();
     }
+    expect(collector.spans.filter((s) => s.kind === SPAN_KIND_SERVER).map((s) => s.name)).toEqual(['POST /api/v1/cckm/aws/upload-key']);
     // Nothing of the key material or the token went into any span.
     const everything = JSON.stringify(collector.spans);
     expect(everything).not.toContain(token);
