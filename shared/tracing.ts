@@ -79,7 +79,8 @@ export async function startTracing(
   const serviceName = String(resource.attributes['service.name']);
 
   const exporter = new OTLPTraceExporter({ url: tracesUrl(endpoint) });
-  const provider = new NodeTracerProvider({ resource, spanProcessors: [new BatchSpanProcessor(exporter)] });
+  // Attribute values are cut at 1 KiB (a path no route matched can be 16 KiB long).
+  const provider = new NodeTracerProvider({ resource, spanProcessors: [new BatchSpanProcessor(exporter)], spanLimits: { attributeValueLengthLimit: 1024 } });
   provider.register();
   telemetry = new BullMQOtel({ tracerName: 'keyferry', version: '0.1.0' });
   spans = { otel, tracer: otel.trace.getTracer('keyferry', '0.1.0') };

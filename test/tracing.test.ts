@@ -137,11 +137,14 @@ describe('tracing on: the API and a worker as real processes', () => {
     const [callerTrace, callerSpan] = [randomBytes(16).toString('hex'), randomBytes(8).toString('hex')];
     const res = await fetch(`${url}/api/v1/cckm/aws/upload-key`, {
       method: 'POST',
-      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', traceparent: `00-${callerTrace}-${callerSpan}-01` },
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', traceparent: `00-${callerTrace}-${callerSpan}-01`, baggage: 'stowaway=big-enough-to-matter' },
       body: JSON.stringify({ ...example, aws_param: { Alias: 'traced-upload' } }),
     });
     expect(res.status).toBe(202);
     const job = (await res.json()) as { id: string };
+    // A request the rate limit or a body check answers is named by its method (the limit's route has two paths).
+    const refused = await fetch(`${url}/api/v1/cckm/aws/upload-key`, { method: 'POST', headers: { authorization: `Bearer ${token}`, 'content-type': 'text/plain' }, body: 'x' });
+    expect(refused.status).toBe(415);
     expect((await waitForJob(stack, token, job.id)).status).toBe('succeeded');
 
     // The batch processor would wait up to 5 s; closing the processes must flush what is left.
@@ -187,7 +190,15 @@ describe('tracing on: the API and a worker as real processes', () => {
       expect(k.attributes['aws.request_id']).toEqual(expect.any(String));
       expect(k.attributes['error.type']).toBeUndefined();
     }
-    expect(collector.spans.filter((s) => s.kind === SPAN_KIND_SERVER).map((s) => s.name)).toEqual(['POST /api/v1/cckm/aws/upload-key']);
+    expect(collector.spans.filter((s) => s.kind === SPAN_KIND_SERVER).map((s) => [s.name, s.attributes['http.response.status_code']])).toEqual([
+      ['POST /api/v1/cckm/aws/upload-key', 202],
+      ['POST', 415],
+    ]);
+    // The job carries the caller's trace context, not its baggage.
+    // (BullMQ stores opts.telemetry.metadata, the serialised context, as `tm`.)
+    const opts = JSON.parse((await stack.redis.hget(`{${stack.config.KEYFERRY_PREFIX}}:upload-key:${job.id}`, 'opts')) ?? '{}') as { tm?: string };
+    expect(opts.tm).toContain(callerTrace);
+    expect(JSON.stringify(opts)).not.toContain('stowaway');
     // Nothing of the key material or the token went into any span.
     const everything = JSON.stringify(collector.spans);
     expect(everything).not.toContain(token);

@@ -32,6 +32,8 @@ function traceKmsRequests(client: KMSClient, region: string): void {
         if (requestId) span.setAttribute('aws.request_id', requestId);
         return out;
       } catch (err) {
+        const requestId = (err as { $metadata?: { requestId?: string } }).$metadata?.requestId;
+        if (requestId) span.setAttribute('aws.request_id', requestId);
         span.setAttribute('error.type', (err as Error).name);
         span.setStatus({ code: otel.SpanStatusCode.ERROR });
         throw err;
