@@ -7,6 +7,8 @@ import { rekeyAll } from './rekey.js';
 const config = loadConfigOrExit();
 /** How long a Redis Cluster may take to answer at first: its client keeps trying to connect for as long as it is away. */
 const CONNECT_WITHIN_MS = 10_000;
+/** Redis never answered: said in one line, not as a stack trace. */
+class RedisAway extends Error {}
 
 // Fails rather than waits while Redis is away: a standalone Redis's commands fail at once; a Cluster's, once it
 // has been ready, and before that this command gives up after CONNECT_WITHIN_MS.
@@ -16,11 +18,15 @@ try {
   await Promise.race([
     redis.ping(),
     new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`Redis did not answer within ${CONNECT_WITHIN_MS / 1000} s; nothing was re-sealed.`)), CONNECT_WITHIN_MS);
+      timer = setTimeout(() => reject(new RedisAway(`Redis did not answer within ${CONNECT_WITHIN_MS / 1000} s; nothing was re-sealed.`)), CONNECT_WITHIN_MS);
     }),
   ]).finally(() => clearTimeout(timer));
   const counts = await rekeyAll(redis, createStores(config, redis));
   process.stdout.write(`${JSON.stringify({ resealed: counts })}\n`);
+} catch (err) {
+  if (!(err instanceof RedisAway)) throw err;
+  process.stderr.write(`rekey: ${err.message}\n`);
+  process.exitCode = 1;
 } finally {
   redis.disconnect();
 }
