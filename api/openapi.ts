@@ -185,7 +185,10 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
   const authErrors = {
     401: problemResponse('Missing or invalid bearer token.'),
     429: problemResponse('Rate limited.'),
-    503: problemResponse('Redis is unavailable; retry later.'),
+    503: {
+      ...problemResponse('Redis is unavailable, or (RS256/ES256 tokens) the JWT_JWKS_URL key set cannot be fetched; retry after Retry-After.'),
+      headers: { 'Retry-After': { description: 'Seconds to wait before retrying.', schema: { type: 'integer' as const } } },
+    },
   };
   const tooManyStreams = problemResponse('The account holds SSE_MAX_STREAMS_PER_ACCOUNT event streams open on this server already (`too_many_streams`).');
   const idParam = (what: string) => z.object({ id: z.string().openapi({ param: { description: `The ${what} id.` } }) });
@@ -397,7 +400,7 @@ function generate(): ReturnType<OpenApiGeneratorV31['generateDocument']> {
     tags: ['webhooks'],
     summary: 'Deliver to a gone URL again (later events only; skipped ones are not sent again)',
     request: { query: z.object({ url: z.string().openapi({ description: 'The URL, exactly as listed.' }) }) },
-    responses: { 204: { description: 'Cleared.' }, 400: problemResponse('No `url`.'), 404: problemResponse('Not among the gone URLs.'), ...authErrors },
+    responses: { 204: { description: 'Cleared.' }, 400: problemResponse('Not one non-empty `url` query parameter.'), 404: problemResponse('Not among the gone URLs.'), ...authErrors },
   });
 
   return new OpenApiGeneratorV31(registry.definitions).generateDocument({

@@ -127,9 +127,12 @@ export class GoneUrls {
     return urls.sort();
   }
 
-  /** Forgets one; false if it was not listed. */
+  /** Forgets one; false if it was not listed (or was already forgotten: its 30 days are over). */
   async remove(account: string, url: string): Promise<boolean> {
-    return (await this.redis.zrem(this.#key(account), url)) === 1;
+    const key = this.#key(account);
+    const [, removed] = (await this.redis.multi().zremrangebyscore(key, '-inf', Date.now()).zrem(key, url).exec()) ?? [];
+    if (removed?.[0]) throw removed[0];
+    return removed?.[1] === 1;
   }
 }
 

@@ -406,6 +406,8 @@ describe('webhook routes', () => {
     await redis.zadd(main.stores.keys.webhookGone('aging'), Date.now() - 1, old);
     expect([await gone.has('aging', old), await gone.has('aging', recent)]).toEqual([false, true]);
     expect(await gone.list('aging')).toEqual([recent]);
+    // Clearing a forgotten one says it was not listed, as GET says.
+    expect(await gone.remove('aging', old)).toBe(false);
     // The next 410 drops the forgotten one from Redis.
     await gone.add('aging', 'https://third.example/hook');
     expect((await redis.zrange(main.stores.keys.webhookGone('aging'), 0, -1)).sort()).toEqual([recent, 'https://third.example/hook']);
