@@ -6,11 +6,10 @@ import { QUIET } from './request-id.js';
  * A SERVER span per request while tracing is on (undefined while it is off, so that nothing is added): it
  * continues the caller's trace when the request carries W3C `traceparent`, and is the active span while the
  * request is handled, so the BullMQ `add` span of an accepted upload is its child. Any caller, before its token
- * is checked, chooses the trace id and the sampled flag of its own request's trace (W3C trace context); its
- * baggage is dropped. Named `METHOD /route` once
- * the router matched one (the method alone otherwise), with the method, the path (never the query), the
- * route and the status; a 5xx marks it as an error. Headers and bodies are not recorded. Probes, scrapes and
- * the API docs (those whose access lines are debug only) get none.
+ * is checked, chooses the trace id and the sampled flag of its own request's trace; its baggage is dropped.
+ * Named `METHOD /route` once a route answered (the method alone otherwise), with the method, the path (never
+ * the query), the route and the status; a 5xx marks it as an error. Headers and bodies are not recorded.
+ * Probes, scrapes and the API docs (those whose access lines are debug only) get none.
  */
 export function traceRequests(): RequestHandler | undefined {
   const api = tracingApi();

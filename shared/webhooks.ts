@@ -93,7 +93,7 @@ export interface DeliveryRecord {
 /** How long a gone URL is remembered after its last 410. */
 const GONE_TTL_MS = 30 * 86_400_000;
 /** At most this many gone URLs are listed (those forgotten last first, then sorted). */
-export const GONE_LIST_MAX = 1000;
+const GONE_LIST_MAX = 1000;
 
 /**
  * URLs that answered 410 Gone, per account: later events to them are skipped, not sent, until the account

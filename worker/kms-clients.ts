@@ -26,14 +26,17 @@ function traceKmsRequests(client: KMSClient, region: string): void {
         kind: otel.SpanKind.CLIENT,
         attributes: { 'rpc.system': 'aws-api', 'rpc.service': 'KMS', 'rpc.method': operation, 'cloud.region': region },
       });
+      // AWS's request id, on an answer's output or on an error alike.
+      const noteRequestId = (answer: unknown) => {
+        const requestId = (answer as { $metadata?: { requestId?: string } } | undefined)?.$metadata?.requestId;
+        if (requestId) span.setAttribute('aws.request_id', requestId);
+      };
       try {
         const out = await next(args);
-        const requestId = (out.output as { $metadata?: { requestId?: string } }).$metadata?.requestId;
-        if (requestId) span.setAttribute('aws.request_id', requestId);
+        noteRequestId(out.output);
         return out;
       } catch (err) {
-        const requestId = (err as { $metadata?: { requestId?: string } }).$metadata?.requestId;
-        if (requestId) span.setAttribute('aws.request_id', requestId);
+        noteRequestId(err);
         span.setAttribute('error.type', (err as Error).name);
         span.setStatus({ code: otel.SpanStatusCode.ERROR });
         throw err;
@@ -70,11 +73,13 @@ export class KmsClients {
    * any request.
    */
   get(conn: KmsConnection, region: string): KMSClient {
-    const problem = conn.endpoint ? kmsEndpointProblem(conn.endpoint, this.endpoints, [region]) : undefined;
-    if (problem) throw new PipelineError('kms_endpoint_not_allowed', `The KMS connection "${conn.name}": its endpoint is refused. ${problem}`, false);
     const cacheKey = `${conn.id}|${region}|${conn.updated_at}`;
     let client = this.#clients.get(cacheKey);
     if (!client) {
+      // Checked once per client: the settings are the process's, and a connection's endpoint is part of its
+      // record as of updated_at; a refused connection gets no client, so it is checked again at every call.
+      const problem = conn.endpoint ? kmsEndpointProblem(conn.endpoint, this.endpoints, [region]) : undefined;
+      if (problem) throw new PipelineError('kms_endpoint_not_allowed', `The KMS connection "${conn.name}": its endpoint is refused. ${problem}`, false);
       const creds = conn.credentials;
       client = new KMSClient({
         region,

@@ -3,13 +3,13 @@ import { JOB_STATUSES, type JobRecord, type JobStatus } from '../jobs.js';
 import { defineScript, type RedisClient, type RedisScript } from '../redis.js';
 import type { Keyspace } from './keyspace.js';
 
+/** Who undoes or enqueues a batch: the request that made it, or a recovery that took it over (BatchStore.beginRecovery). */
+export type BatchOwner = 'request' | 'recovery';
+
 /**
  * Batches: the batch hash, its counts hash and per-status indexes, and its jobs' records all share the
  * batch id's hash tag, so a batch and all its job records are written in one MULTI.
  */
-/** Who undoes or enqueues a batch: the request that made it, or a recovery that took it over (BatchStore.beginRecovery). */
-export type BatchOwner = 'request' | 'recovery';
-
 export class BatchStore {
   readonly #list: RedisScript;
   readonly #markEnqueued: RedisScript;
